@@ -1,0 +1,161 @@
+"""Typed configuration. Hydra composes YAML over these dataclasses (registered in ConfigStore);
+`Config.from_dictconfig` turns the result into plain dataclasses, so nothing below the launcher
+ever sees a DictConfig. Validation lives in `__post_init__`; derived values are properties.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+DEFAULT_MODEL = "models/mmhpc-toy"
+
+
+@dataclass
+class ModelConfig:
+    path: str = DEFAULT_MODEL          # a Hugging Face checkpoint directory
+    name: Optional[str] = None         # served model name; defaults to the directory's name
+    dtype: str = "auto"                # auto: float32 on CPU, bfloat16 on CUDA
+    random_weights: bool = False       # build weights on the device instead of reading them
+    max_model_len: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.max_model_len < 16:
+            raise ValueError(f"model.max_model_len must be >= 16, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    cpu_kv_cache_gb: float = 0.25      # KV pool on the CPU
+    gpu_memory_utilization: float = 0.85   # fraction of free device memory after weights
+    num_blocks: Optional[int] = None   # overrides the memory budget (tests force preemption)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"cache.block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("cache.gpu_memory_utilization must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"cache.num_blocks must be >= 2, got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64             # running requests per step
+    max_num_batched_tokens: int = 2048 # token budget per step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("scheduler.max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000                   # 0: a free port
+    request_timeout_s: float = 600.0   # a request's whole deadline
+    max_concurrent_requests: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class MediaConfig:
+    allowed_local_path: str = ""       # "" : local files refused
+    allow_private_urls: bool = False   # loopback / private / link-local hosts
+    fetch_timeout_s: float = 10.0
+    max_image_mb: float = 20.0         # bytes fetched per image
+    max_redirects: int = 3
+    max_image_pixels: int = 50_000_000 # decompression-bomb cap
+    max_file_size_mb: float = 50.0     # pre-computed embedding files
+    max_images_per_request: int = 16
+
+
+@dataclass
+class GroupConfig:
+    instances: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        if self.instances < 0 or self.tp < 1 or self.ep < 1:
+            raise ValueError(f"bad group sizes: instances={self.instances} tp={self.tp} ep={self.ep}")
+
+    @property
+    def num_ranks(self) -> int:
+        return self.instances * self.tp
+
+
+@dataclass
+class DeploymentConfig:
+    """Groups of instances. `agg` uses `aggregated` only; `ep_d` prefill(+encode) and decode;
+    `e_p_d` encode, prefill and decode."""
+    name: str = "agg"
+    aggregated: GroupConfig = field(default_factory=lambda: GroupConfig(instances=1))
+    encode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
+    prefill: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
+    decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
+    frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
+    allow_cross_node_instances: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 0             # 0: CPU
+    frontend_port: int = 8000
+    zmq_port_base: int = 0             # 0: free ports
+
+
+@dataclass
+class TimeoutConfig:
+    encode_s: float = 60.0
+    prefill_s: float = 120.0
+    kv_transfer_s: float = 30.0
+    kv_lease_s: float = 60.0           # prefill frees unclaimed blocks after this
+    heartbeat_s: float = 2.0
+    dead_rank_s: float = 10.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _build(cls, d)
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """Recursively build a dataclass from a plain dict, rejecting unknown keys."""
+    if not dataclasses.is_dataclass(tp):
+        return value
+    if isinstance(value, tp):
+        return value
+    hints = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = set(value) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown config keys for {tp.__name__}: {sorted(unknown)}")
+    kwargs = {}
+    for name, f in hints.items():
+        if name not in value:
+            continue
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        kwargs[name] = _build(type(sub), value[name]) if dataclasses.is_dataclass(sub) else value[name]
+    return tp(**kwargs)
