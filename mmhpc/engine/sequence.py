@@ -89,6 +89,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache (first admission)
+    error: str | None = None          # why, when finish_reason is ERROR
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,0 +1,163 @@
+"""Paged KV blocks: a fixed pool, reference counts, and prefix caching (no torch).
+
+A sequence's `block_table` maps its token i to slot `block_table[i // block_size] * block_size
++ i % block_size`. With prefix caching, every FULL block whose KV is computed gets a chained
+hash over (parent hash, its token ids, the content hashes of the images whose placeholders it
+holds); a later prompt with the same prefix reuses those blocks instead of recomputing them.
+Freed blocks keep their hash and stay reusable until the pool needs them (LRU eviction).
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from mmhpc.engine.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_hash(parent: int | None, token_ids: list[int], mm_keys: list[str]) -> int:
+    """128-bit chained hash: equal only for equal prefixes with equal images."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"root" if parent is None else parent.to_bytes(16, "little"))
+    h.update(array("q", token_ids).tobytes())
+    for key in mm_keys:
+        h.update(key.encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hashes: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Blocks with ref count 0, evicted from the front; cached (hashed) ones sit at the back.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._seq_hashes: dict[str, list[int]] = {}   # request_id -> hashes of its full blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (including cached ones that would be evicted)."""
+        return len(self.free_blocks)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.num_blocks_needed(seq, num_new_tokens) <= len(self.free_blocks)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> list[int]:
+        """Give tokens [0, num_computed_tokens + num_new_tokens) slots; returns the new block ids."""
+        return self.allocate_for_tokens(seq, seq.num_computed_tokens + num_new_tokens)
+
+    def allocate_for_tokens(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Give tokens [0, num_tokens) slots (e.g. for KV that arrives from another rank)."""
+        num_needed = cdiv(num_tokens, self.block_size) - len(seq.block_table)
+        if num_needed > len(self.free_blocks):
+            raise RuntimeError(f"out of KV blocks: {seq.request_id} needs {num_needed}, "
+                               f"{len(self.free_blocks)} free (call can_allocate first)")
+        new = [self._take_free() for _ in range(max(0, num_needed))]
+        seq.block_table.extend(new)
+        return new
+
+    def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """Tokens [0, num_tokens) now hold valid KV (written by a transfer): cache full blocks."""
+        assert num_tokens <= len(seq.block_table) * self.block_size, "mark_computed past the blocks"
+        seq.num_computed_tokens = num_tokens
+        self.cache_blocks(seq)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the seq's references. Its tail blocks are freed first, so they are evicted first."""
+        self._drop_blocks(seq)
+        self._seq_hashes.pop(seq.request_id, None)
+
+    def _drop_blocks(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
+            if self.ref_counts[block_id] == 0:
+                self.free_blocks[block_id] = None
+                if self.hashes[block_id] is None:   # worthless: reuse before cached ones
+                    self.free_blocks.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    # ---- prefix caching ---------------------------------------------------------------------
+
+    def lookup_prefix(self, seq: Sequence) -> int:
+        """Reuse cached blocks for the longest cached prefix of a seq that holds no blocks.
+
+        Takes a reference on each hit, sets and returns `seq.num_computed_tokens`. The last token
+        is never a hit, so the model always computes at least one token (its logits)."""
+        assert not seq.block_table, f"lookup_prefix on {seq.request_id} that holds blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        num_full = (seq.num_tokens - 1) // self.block_size
+        hashes = self._hashes(seq, num_full)
+        for h in hashes:
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            if self.ref_counts[block_id] == 0:
+                del self.free_blocks[block_id]
+            self.ref_counts[block_id] += 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
+
+    def undo_lookup(self, seq: Sequence) -> None:
+        """Give back what lookup_prefix took (admission failed); keeps the seq's hashes."""
+        self._drop_blocks(seq)
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Register the full blocks whose KV is computed, so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        for i, h in enumerate(self._hashes(seq, num_full)):
+            block_id = seq.block_table[i]
+            if self.hashes[block_id] is not None:
+                continue                    # already cached (or a shared hit)
+            if h in self.hash_to_block:
+                continue                    # the same content computed twice: keep the first
+            self.hashes[block_id] = h
+            self.hash_to_block[h] = block_id
+
+    def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
+        """Chained hashes of the seq's first `num_full` blocks (memoized per request)."""
+        hashes = self._seq_hashes.setdefault(seq.request_id, [])
+        bs = self.block_size
+        token_ids = seq.token_ids if len(hashes) < num_full else None
+        while len(hashes) < num_full:
+            i = len(hashes)
+            start, end = i * bs, (i + 1) * bs
+            mm_keys = [f"{it.content_hash}@{it.offset - start}/{it.num_tokens}"
+                       for it in seq.mm_items if it.offset < end and it.offset + it.num_tokens > start]
+            hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[start:end], mm_keys))
+        return hashes[:num_full]
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free_blocks.popitem(last=False)
+        h = self.hashes[block_id]
+        if h is not None:                   # evict the cached content
+            self.hashes[block_id] = None
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def block_ids(self, seq: Sequence) -> list[int]:
+        return list(seq.block_table)
