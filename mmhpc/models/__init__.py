@@ -1,0 +1,52 @@
+"""Model families, registered by config.json `model_type`. See README.md to add one."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+# model_type → "module:Class"; the module also defines WEIGHT_RULES
+FAMILIES = {
+    "llava": "mmhpc.models.llava:LlavaForCausalLM",
+    "qwen2_vl": "mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_hf_config(path: str | Path):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               random_weights: bool = False, seed: int = 0, tp_rank: int = 0, tp_size: int = 1):
+    """Build the family's module on `device` and fill it from the checkpoint (or randomly)."""
+    hf_config = load_hf_config(path)
+    if hf_config.model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {hf_config.model_type!r}; known: {sorted(FAMILIES)}")
+    module_name, cls_name = FAMILIES[hf_config.model_type].split(":")
+    module = importlib.import_module(module_name)
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(module, cls_name)(hf_config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to(dtype)
+    tie = getattr(hf_config, "tie_word_embeddings", False) or \
+        getattr(hf_config.text_config, "tie_word_embeddings", False)
+    if random_weights:
+        if tie:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+    else:
+        from mmhpc.models.loader import load_weights
+        load_weights(model, path, module.WEIGHT_RULES, tp_rank, tp_size, tie_word_embeddings=tie)
+    return model.eval()

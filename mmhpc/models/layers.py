@@ -1,0 +1,215 @@
+"""Decoder building blocks in plain torch: RMSNorm, rotary (1-D and M-RoPE), paged attention,
+and the Llama/Qwen2 decoder both families share (they differ in q/k/v bias and rope only).
+
+Paged KV cache per rank: `[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`.
+A token's slot is `block_id * block_size + offset`; the runner computes the slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat batch of T tokens splits into sequences and where their KV lives."""
+    slot_mapping: torch.Tensor        # [T] long: cache slot of each new token
+    query_start_loc: list[int]        # [B + 1]: seq i's tokens are [start[i], start[i+1])
+    context_lens: list[int]           # [B]: KV length of seq i after this step (cached + new)
+    block_tables: list[list[int]]     # [B][num_blocks_i]
+    block_size: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_params(text_config) -> dict:
+    """rope_parameters (HF >= 5) or rope_scaling + rope_theta (older configs)."""
+    params = dict(getattr(text_config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(text_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(text_config, "rope_theta", 10000.0))
+    params.setdefault("rope_theta", 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = "default" if kind == "mrope" else kind
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for positions [T] (1-D) or [3, T] (M-RoPE with `mrope_section`)."""
+
+    def __init__(self, text_config, head_dim: int):
+        super().__init__()
+        params = rope_params(text_config)
+        self.mrope_section = params.get("mrope_section")
+        if params["rope_type"] == "default":
+            theta = params["rope_theta"]
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            self.attention_scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](text_config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(device=positions.device, dtype=torch.float32)
+        freqs = positions[..., None].float() * inv_freq          # [T, D/2] or [3, T, D/2]
+        if positions.dim() == 2:                                   # M-RoPE: t/h/w sections
+            chunks = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)                    # [T, D]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, D]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor, block_size: int) -> None:
+    # layer_cache: [2, num_blocks, KVH, bs, D]; k, v: [T, KVH, D]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    layer_cache[0, blocks, :, offsets] = k.to(layer_cache.dtype)
+    layer_cache[1, blocks, :, offsets] = v.to(layer_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Reference paged attention (CPU, exact): per sequence, gather its blocks and run SDPA.
+    The new queries sit at the END of the context, so query j sees keys 0..ctx-q_len+j."""
+    num_heads, num_kv_heads = q.shape[1], layer_cache.shape[2]
+    out = torch.empty_like(q)                                      # [T, H, D]
+    for i, ctx in enumerate(meta.context_lens):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        q_len = end - start
+        num_blocks = (ctx + meta.block_size - 1) // meta.block_size
+        table = torch.tensor(meta.block_tables[i][:num_blocks], device=q.device, dtype=torch.long)
+        kv = layer_cache[:, table]                                 # [2, nb, KVH, bs, D]
+        kv = kv.transpose(1, 2).flatten(2, 3)[:, :, :ctx]          # [2, KVH, ctx, D]
+        k, v = kv[0].to(q.dtype), kv[1].to(q.dtype)
+        if num_heads != num_kv_heads:
+            k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
+            v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        qi = q[start:end].transpose(0, 1)                          # [H, q_len, D]
+        mask = None
+        if q_len > 1:
+            qpos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos   # [q_len, ctx]
+        o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+def _act(name: str):
+    if name == "silu":
+        return F.silu
+    from transformers.activations import ACT2FN
+    return ACT2FN[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_bias)
+        # TP hint for the loader: column-parallel q/k/v (dim 0), row-parallel o (dim 1).
+        for p in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
+            p.tp_dim = 0
+        self.o_proj.weight.tp_dim = 1
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, layer_cache) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(layer_cache, k, v, meta.slot_mapping, meta.block_size)
+        o = paged_attention(q, layer_cache, meta, self.scale)     # [T, H, D]
+        return self.o_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_proj.weight.tp_dim = self.up_proj.weight.tp_dim = 0
+        self.down_proj.weight.tp_dim = 1
+        self.act = _act(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False):
+        super().__init__()
+        self.self_attn = Attention(cfg, qkv_bias, o_bias)
+        self.mlp = MLP(cfg, mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, meta, layer_cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, layer_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Llama-style decoder over the paged cache. Parameter names match HF's text model."""
+
+    def __init__(self, cfg, qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias, mlp_bias)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg, self.layers[0].self_attn.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)                            # [T, hidden]
+        if mm_embeds is not None:
+            rows, values = mm_embeds                                # [R], [R, hidden]
+            h[rows] = values.to(h.dtype)
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, meta, kv_cache[i])
+        return self.norm(h)
+
+
+def kv_cache_shape(text_config, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple:
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return (text_config.num_hidden_layers, 2, num_blocks, max(1, kv_heads // tp_size), block_size, head_dim)

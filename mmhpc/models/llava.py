@@ -1,0 +1,73 @@
+"""LLaVA-1.5: CLIP vision tower (HF module) + linear-gelu-linear projector + our Llama decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmhpc.models.layers import AttentionMetadata, Decoder
+
+# checkpoint prefix → our parameter prefix (HF 5.x names first, then legacy ones)
+WEIGHT_RULES = [
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
+
+
+class Projector(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        layers = config.vision_feature_layer
+        num = 1 if isinstance(layers, int) else len(layers)
+        bias = getattr(config, "multimodal_projector_bias", True)
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * num, hidden, bias=bias)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+        from transformers.activations import ACT2FN
+        self.act = ACT2FN[config.projector_hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForCausalLM(nn.Module):
+    uses_mrope = False
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import AutoModel
+        self.config = config
+        self.text_config = config.text_config
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = Decoder(config.text_config,
+                                      qkv_bias=getattr(config.text_config, "attention_bias", False),
+                                      o_bias=getattr(config.text_config, "attention_bias", False),
+                                      mlp_bias=getattr(config.text_config, "mlp_bias", False))
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head.weight.tp_dim = 0
+
+    @torch.inference_mode()
+    def encode(self, mm_items) -> list[torch.Tensor]:
+        """Pixel values of all items in one batch → [num_tokens, hidden] per item."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        pixels = [it.pixel_values if it.pixel_values.dim() == 4 else it.pixel_values[None]
+                  for it in mm_items]
+        pixels = torch.cat(pixels).to(device=self.lm_head.weight.device, dtype=dtype)
+        out = self.vision_tower(pixels, output_hidden_states=True)
+        layers, strategy = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        feats = [out.hidden_states[i] for i in layers]
+        if strategy == "default":                                   # drop CLS
+            feats = [f[:, 1:] for f in feats]
+        embeds = self.multi_modal_projector(torch.cat(feats, dim=-1))   # [N, tokens, hidden]
+        return list(embeds.unbind(0))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, meta, kv_cache, mm_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,71 @@
+"""Weights from a checkpoint's safetensors, one tensor at a time, by name mapping.
+
+Each family lists prefix rewrites from checkpoint names (HF 5.x `model.language_model.…`,
+legacy `language_model.model.…`) to its own parameter names. Tensors are read through
+`safe_open(...).get_slice`, so a tensor-parallel rank reads only its shard: a parameter that
+carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def map_name(name: str, rules: list[tuple[str, str]], params: dict) -> str | None:
+    """First matching prefix rule; the vision tower's optional `vision_model.` level is
+    added or dropped to fit the model at hand (CLIPVisionModel differs across HF versions)."""
+    for src, dst in rules:
+        if name.startswith(src):
+            name = dst + name[len(src):]
+            break
+    if name in params:
+        return name
+    for a, b in (("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower.vision_model.")):
+        if name.startswith(a) and b + name[len(a):] in params:
+            return b + name[len(a):]
+    return None
+
+
+def _read(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    dim = getattr(param, "tp_dim", None)
+    if tp_size == 1 or dim is None:
+        return slice_[:]
+    size = slice_.get_shape()[dim] // tp_size
+    index = [slice(None)] * len(slice_.get_shape())
+    index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return slice_[tuple(index)]
+
+
+def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]],
+                 tp_rank: int = 0, tp_size: int = 1, tie_word_embeddings: bool = False) -> None:
+    path = Path(path)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else [p.name for p in sorted(path.glob("*.safetensors"))]
+    loaded: set[str] = set()
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for key in f.keys():
+                name = map_name(key, rules, params)
+                if name is None:
+                    continue
+                param = params[name]
+                tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor.to(param.dtype))
+                loaded.add(name)
+    if tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = [n for n, _ in model.named_parameters() if n not in loaded]
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")

@@ -1,0 +1,93 @@
+"""Qwen2-VL: its ViT (HF module) + our Qwen2 decoder (q/k/v bias) with M-RoPE."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmhpc.models.layers import AttentionMetadata, Decoder
+
+WEIGHT_RULES = [
+    ("model.language_model.", "language_model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("lm_head.", "lm_head."),
+    ("model.", "language_model."),                 # legacy: model.layers.N…
+]
+
+
+def _vision_cls():
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as m
+    for name in ("Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionModel"):
+        if hasattr(m, name):
+            return getattr(m, name)
+    raise ImportError("no Qwen2-VL vision transformer in this transformers version")
+
+
+def mrope_positions(token_ids, grid_thws, config) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, T] and the delta of generated positions (HF's get_rope_index).
+    Text runs count up on all three axes; an image's tokens take (t, h, w) grid positions
+    offset by the text before it; the text after resumes at max + 1."""
+    image_token_id = config.image_token_id
+    merge = config.vision_config.spatial_merge_size
+    ids = list(token_ids)
+    grids = iter(grid_thws)
+    rows: list[torch.Tensor] = []
+    pos, i, text_start = 0, 0, 0
+
+    def flush_text(end: int) -> None:
+        nonlocal pos
+        if end > text_start:
+            rows.append(torch.arange(pos, pos + end - text_start).expand(3, -1))
+            pos += end - text_start
+
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            i += 1
+            continue
+        flush_text(i)
+        t, h, w = (int(x) for x in next(grids))
+        gh, gw = h // merge, w // merge
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        rows.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
+        pos += max(gh, gw)
+        i += t * gh * gw
+        text_start = i
+    flush_text(len(ids))
+    positions = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
+    delta = int(positions.max()) + 1 - len(ids) if len(ids) else 0
+    return positions.long(), delta
+
+
+class Qwen2VLForCausalLM(nn.Module):
+    uses_mrope = True
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.text_config = config.text_config
+        self.visual = _vision_cls()._from_config(config.vision_config)
+        self.language_model = Decoder(config.text_config, qkv_bias=True)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head.weight.tp_dim = 0
+
+    def mrope_positions(self, token_ids, grid_thws) -> tuple[torch.Tensor, int]:
+        return mrope_positions(token_ids, grid_thws, self.config)
+
+    @torch.inference_mode()
+    def encode(self, mm_items) -> list[torch.Tensor]:
+        """All items' patches in one ViT call (cu_seqlens keeps images apart)."""
+        dtype = next(self.visual.parameters()).dtype
+        device = self.lm_head.weight.device
+        pixels = torch.cat([it.pixel_values for it in mm_items]).to(device=device, dtype=dtype)
+        grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
+        out = self.visual(pixels, grid_thw=grid)
+        embeds = getattr(out, "pooler_output", out)                 # 5.x output vs bare tensor
+        sizes = (grid.prod(-1) // self.config.vision_config.spatial_merge_size ** 2).tolist()
+        return list(embeds.split(sizes))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, meta, kv_cache, mm_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

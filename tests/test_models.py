@@ -1,0 +1,119 @@
+"""Layer/family oracles: our decoders over the paged cache vs HF forward, float32 CPU.
+Checkpoints are built here with HF `save_pretrained` so these tests need nothing else."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmhpc.engine.sequence import MMItem
+from mmhpc.models import load_model
+from mmhpc.models.layers import AttentionMetadata, kv_cache_shape
+from mmhpc.models.qwen2_vl import mrope_positions
+
+torch.set_num_threads(1)
+IMAGE = 250
+
+
+def _llava(tmp, tie=False):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         tie_word_embeddings=tie),
+        image_token_id=IMAGE, vision_feature_layer=-2, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(cfg).eval()
+    m.save_pretrained(tmp)
+    return m
+
+
+def _qwen(tmp):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2),
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256,
+                         rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=1e4)),
+        image_token_id=IMAGE, vision_start_token_id=251, vision_end_token_id=252)
+    torch.manual_seed(0)
+    m = Qwen2VLForConditionalGeneration(cfg).eval()
+    m.save_pretrained(tmp)
+    return m
+
+
+def _run(model, ids, positions, embeds_rows, chunks, block_size=4):
+    """Prefill `ids` in the given chunk sizes over a fresh paged cache; logits of every token."""
+    num_blocks = 16
+    cache = torch.zeros(kv_cache_shape(model.text_config, num_blocks, block_size))
+    table = list(range(num_blocks - 1, -1, -1))          # non-contiguous blocks on purpose
+    out, start = [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size
+                              for p in range(start, start + n)])
+        meta = AttentionMetadata(slots, [0, n], [start + n], [table], block_size)
+        mm = None
+        if embeds_rows is not None:
+            rows, vals = embeds_rows
+            keep = (rows >= start) & (rows < start + n)
+            mm = (rows[keep] - start, vals[keep])
+        pos = positions[..., sl]
+        out.append(model.compute_logits(model(torch.tensor(ids[sl]), pos, meta, cache, mm)))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llava_matches_hf_forward(tmp_path, tie):
+    hf = _llava(tmp_path, tie)
+    ours = load_model(tmp_path)
+    ids = [1, 5, 7] + [IMAGE] * 4 + [9, 11, 13, 17, 19]
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+        [emb] = ours.encode([MMItem("h", 3, 4, pixel_values=pixels)])
+        rows = torch.arange(3, 7)
+        for chunks in ([len(ids)], [2, 3, 5, 2], [1] * len(ids)):
+            got = _run(ours, ids, torch.arange(len(ids)), (rows, emb), chunks)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen2_vl_matches_hf_forward(tmp_path):
+    hf = _qwen(tmp_path)
+    ours = load_model(tmp_path)
+    grid = (1, 4, 6)                                   # 24 patches → 6 tokens
+    ids = [1, 5, 251] + [IMAGE] * 6 + [252, 9, 11, 13]
+    pixels = torch.randn(24, 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        ref = hf(input_ids=t, pixel_values=pixels, image_grid_thw=torch.tensor([grid]),
+                 mm_token_type_ids=(t == IMAGE).int()).logits[0]
+        [emb] = ours.encode([MMItem("h", 3, 6, grid_thw=grid, pixel_values=pixels)])
+        pos, delta = mrope_positions(ids, [grid], ours.config)
+        for chunks in ([len(ids)], [4, 4, 5]):
+            got = _run(ours, ids, pos, (torch.arange(3, 9), emb), chunks)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mrope_positions_match_hf_get_rope_index(tmp_path):
+    hf = _qwen(tmp_path)
+    grids = [(1, 4, 6), (1, 2, 2), (1, 6, 4)]
+    ids = [3, 251] + [IMAGE] * 6 + [252, 251] + [IMAGE] + [252, 7, 8, 251] + [IMAGE] * 6 + [252, 9]
+    t = torch.tensor([ids])
+    try:
+        ref, ref_delta = hf.model.get_rope_index(t, (t == IMAGE).int(), torch.tensor(grids))
+    except TypeError:                                          # older signature
+        ref, ref_delta = hf.model.get_rope_index(t, torch.tensor(grids))
+    pos, delta = mrope_positions(ids, grids, hf.config)
+    assert torch.equal(pos, ref[:, 0]) and delta == int(ref_delta)
+    pos, delta = mrope_positions([1, 2, 3], [], hf.config)
+    assert torch.equal(pos, torch.arange(3).expand(3, -1)) and delta == 0
+
+
+def test_random_weights_build_without_files(tmp_path):
+    _qwen(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    model = load_model(tmp_path, random_weights=True)
+    assert model.lm_head.weight.shape == (256, 64)
