@@ -32,7 +32,7 @@ def block_hash(parent: int | None, token_ids: list[int], mm_keys: list[str]) -> 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(f"need num_blocks, block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -60,7 +60,7 @@ class BlockManager:
         return self.num_blocks_needed(seq, num_new_tokens) <= len(self.free_blocks)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[int]:
-        """Give tokens [0, num_computed_tokens + num_new_tokens) slots; returns the new block ids."""
+        """Slots for tokens [0, num_computed_tokens + num_new_tokens); returns new block ids."""
         return self.allocate_for_tokens(seq, seq.num_computed_tokens + num_new_tokens)
 
     def allocate_for_tokens(self, seq: Sequence, num_tokens: int) -> list[int]:
@@ -145,7 +145,8 @@ class BlockManager:
             i = len(hashes)
             start, end = i * bs, (i + 1) * bs
             mm_keys = [f"{it.content_hash}@{it.offset - start}/{it.num_tokens}"
-                       for it in seq.mm_items if it.offset < end and it.offset + it.num_tokens > start]
+                       for it in seq.mm_items
+                       if it.offset < end and it.offset + it.num_tokens > start]
             hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[start:end], mm_keys))
         return hashes[:num_full]
 
