@@ -94,10 +94,17 @@ class GroupConfig:
         return self.instances * self.tp
 
 
+DEPLOYMENT_GROUPS = {   # deployment name -> the groups it uses, in rank order
+    "agg": ("aggregated",),
+    "ep_d": ("prefill", "decode"),          # prefill also encodes
+    "e_p_d": ("encode", "prefill", "decode"),
+}
+
+
 @dataclass
 class DeploymentConfig:
     """Groups of instances. `agg` uses `aggregated` only; `ep_d` prefill(+encode) and decode;
-    `e_p_d` encode, prefill and decode."""
+    `e_p_d` encode, prefill and decode. Groups a deployment does not use must have 0 instances."""
     name: str = "agg"
     aggregated: GroupConfig = field(default_factory=lambda: GroupConfig(instances=1))
     encode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
@@ -105,6 +112,35 @@ class DeploymentConfig:
     decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
     allow_cross_node_instances: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in DEPLOYMENT_GROUPS:
+            raise ValueError(f"deployment.name must be one of {sorted(DEPLOYMENT_GROUPS)}, "
+                             f"got {self.name!r}")
+        used = DEPLOYMENT_GROUPS[self.name]
+        for g in ("aggregated", "encode", "prefill", "decode"):
+            n = getattr(self, g).instances
+            if g in used and n < 1:
+                raise ValueError(f"deployment {self.name} needs deployment.{g}.instances >= 1")
+            if g not in used and n:
+                raise ValueError(f"deployment {self.name} does not use {g}: "
+                                 f"set deployment.{g}.instances=0")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return DEPLOYMENT_GROUPS[self.name]
+
+    def group(self, name: str) -> GroupConfig:
+        return getattr(self, name)
+
+    @property
+    def num_worker_ranks(self) -> int:
+        return sum(self.group(g).num_ranks for g in self.groups)
+
+    @property
+    def num_ranks(self) -> int:
+        """Ranks the deployment needs: workers, plus rank 0 alone if it does not share."""
+        return self.num_worker_ranks + (0 if self.frontend_shares_rank else 1)
 
 
 @dataclass
@@ -114,6 +150,21 @@ class ClusterConfig:
     gpus_per_node: int = 0             # 0: CPU
     frontend_port: int = 8000
     zmq_port_base: int = 0             # 0: free ports
+    host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"cluster.nodes must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        for k in ("frontend_port", "zmq_port_base"):
+            if not 0 <= getattr(self, k) < 65536:
+                raise ValueError(f"cluster.{k} must be in [0, 65535], got {getattr(self, k)}")
+
+    @property
+    def world_size(self) -> int | None:
+        """Ranks of a full allocation (one per GPU); None on CPU clusters (the launcher decides)."""
+        return self.nodes * self.gpus_per_node if self.gpus_per_node else None
 
 
 @dataclass
@@ -124,6 +175,14 @@ class TimeoutConfig:
     kv_lease_s: float = 60.0           # prefill frees unclaimed blocks after this
     heartbeat_s: float = 2.0
     dead_rank_s: float = 10.0
+    startup_s: float = 600.0           # model load + the start-up exchange
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"timeouts.{f.name} must be > 0, got {getattr(self, f.name)}")
+        if self.dead_rank_s <= self.heartbeat_s:
+            raise ValueError("timeouts.dead_rank_s must exceed timeouts.heartbeat_s")
 
 
 @dataclass
@@ -140,6 +199,12 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         return _build(cls, d)
+
+    @classmethod
+    def from_dictconfig(cls, cfg: Any) -> "Config":
+        """From Hydra's composed DictConfig (interpolations resolved)."""
+        from omegaconf import OmegaConf
+        return cls.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _build(tp: Any, value: Any) -> Any:

@@ -1,0 +1,229 @@
+"""The rank layout: (world size, ranks per node, deployment) -> a role for every rank.
+
+Rules, applied in this order:
+1. Ranks are numbered node by node (block distribution, what `srun` and `mpirun` do by
+   default): rank r lives on node r // ranks_per_node with local rank r % ranks_per_node.
+   The launcher checks the real placement against this at start-up.
+2. Rank 0 hosts the frontend (HTTP, tokenizer, routing). With
+   `deployment.frontend_shares_rank=true` it also runs the first worker (rank 0 of the first
+   instance of the deployment's first group); otherwise it runs the frontend alone.
+3. Instances are placed in group order (agg: aggregated; ep_d: prefill, decode; e_p_d:
+   encode, prefill, decode), instance 0 first, each on `tp` consecutive ranks of the first
+   node (from node 0) that still has `tp` free ranks: an instance never straddles nodes. An
+   instance larger than a node takes whole empty nodes, only with
+   `deployment.allow_cross_node_instances=true`.
+4. The deployment must fill the world exactly.
+
+Examples (one node): agg on 1 rank: rank 0 = frontend + aggregated. ep_d (default, frontend
+alone) on 3 ranks: 0 frontend | 1 prefill (encodes its images) | 2 decode; with
+frontend_shares_rank=true on 2 ranks: 0 frontend + prefill | 1 decode. e_p_d on 4 ranks:
+0 frontend | 1 encode | 2 prefill | 3 decode.
+
+Devices: on GPU clusters (gpus_per_node > 0) a rank drives GPU `local_rank`; on CPU, -1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmhpc.config import DeploymentConfig
+
+FRONTEND = "frontend"
+ROLES = (FRONTEND, "encode", "prefill", "decode", "aggregated")
+_TP_GROUPS = ("prefill", "decode", "aggregated")   # groups whose tp splits the LLM's heads
+
+
+class LayoutError(ValueError):
+    """An impossible layout; the message is one line that says what would fit."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    role: str                  # one of ROLES; "frontend" only for a frontend-only rank 0
+    instance: int              # index within the role's group; -1 for the frontend-only rank
+    rank_in_instance: int      # the TP rank; 0 for the frontend
+    tp: int
+    node: int
+    local_rank: int
+    device: int                # CUDA device index; -1: CPU
+    hosts_frontend: bool = False
+
+    @property
+    def is_instance_leader(self) -> bool:
+        return self.rank_in_instance == 0
+
+    def __repr__(self) -> str:
+        role = f"{FRONTEND}+{self.role}" if self.hosts_frontend and self.role != FRONTEND \
+            else self.role
+        return (f"rank={self.rank}({self.world_size}) role={role} inst={self.instance} "
+                f"tp_rank={self.rank_in_instance}/{self.tp} node={self.node} "
+                f"local={self.local_rank} dev={self.device if self.device >= 0 else 'cpu'}")
+
+
+@dataclass
+class Layout:
+    world_size: int
+    ranks_per_node: int
+    deployment: str
+    ranks: list[RankInfo] = field(default_factory=list)
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.world_size // self.ranks_per_node)
+
+    @property
+    def frontend_rank(self) -> int:
+        return 0
+
+    def __getitem__(self, rank: int) -> RankInfo:
+        return self.ranks[rank]
+
+    def instances(self, role: str) -> list[list[int]]:
+        """The ranks of each instance of `role`, TP rank order."""
+        out: dict[int, list[int]] = {}
+        for r in self.ranks:
+            if r.role == role and r.instance >= 0:
+                out.setdefault(r.instance, []).append(r.rank)
+        return [out[i] for i in sorted(out)]
+
+    def leaders(self, role: str) -> list[int]:
+        return [ranks[0] for ranks in self.instances(role)]
+
+    def _validate(self) -> None:
+        assert len(self.ranks) == self.world_size
+        assert [r.rank for r in self.ranks] == list(range(self.world_size))
+        assert self.ranks[0].hosts_frontend and sum(r.hosts_frontend for r in self.ranks) == 1
+        for role in ROLES[1:]:
+            for inst in self.instances(role):
+                infos = [self.ranks[r] for r in inst]
+                assert [i.rank_in_instance for i in infos] == list(range(infos[0].tp))
+
+    def table(self) -> str:
+        head = ("rank", "node", "local", "device", "role", "instance", "tp_rank")
+        rows = [head]
+        for r in self.ranks:
+            role = f"{FRONTEND}+{r.role}" if r.hosts_frontend and r.role != FRONTEND else r.role
+            rows.append((str(r.rank), str(r.node), str(r.local_rank),
+                         "cpu" if r.device < 0 else str(r.device), role,
+                         "-" if r.instance < 0 else str(r.instance),
+                         "-" if r.instance < 0 else f"{r.rank_in_instance}/{r.tp}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        return (f"deployment={self.deployment} world_size={self.world_size} "
+                f"nodes={self.num_nodes} ranks_per_node={self.ranks_per_node}\n"
+                + "\n".join(lines) + "\n")
+
+    def __repr__(self) -> str:
+        return (f"Layout({self.deployment}, world={self.world_size}, "
+                f"nodes={self.num_nodes}x{self.ranks_per_node})")
+
+
+def describe(dep: DeploymentConfig) -> str:
+    """'1 frontend + 1 encode + 1 prefill×tp1 + 1 decode×tp1'."""
+    parts = [] if dep.frontend_shares_rank else ["1 frontend"]
+    for g in dep.groups:
+        gc = dep.group(g)
+        parts.append(f"{gc.instances} {g}" + (f"×tp{gc.tp}" if g in _TP_GROUPS or gc.tp > 1 else ""))
+    return " + ".join(parts)
+
+
+def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConfig, *,
+                gpus_per_node: int = 0, num_heads: int | None = None,
+                num_kv_heads: int | None = None) -> Layout:
+    """Every rank's role; raises LayoutError (one line) when the deployment cannot fit."""
+    dep = deployment
+    if world_size < 1 or ranks_per_node < 1:
+        raise LayoutError(f"world size and ranks per node must be >= 1, got {world_size}, "
+                          f"{ranks_per_node}")
+    ranks_per_node = min(ranks_per_node, world_size)
+    if world_size % ranks_per_node:
+        raise LayoutError(f"world size {world_size} is not a multiple of {ranks_per_node} "
+                          f"ranks per node: launch the same number of ranks on every node")
+    if gpus_per_node and ranks_per_node > gpus_per_node:
+        raise LayoutError(f"{ranks_per_node} ranks per node but {gpus_per_node} GPUs per node: "
+                          f"launch at most {gpus_per_node} ranks per node (one per GPU)")
+    _check_heads(dep, num_heads, num_kv_heads)
+
+    need = dep.num_ranks
+    if need != world_size:
+        hint = f"run with -n {need}"
+        if not dep.frontend_shares_rank and world_size == need - 1:
+            hint += " or set deployment.frontend_shares_rank=true"
+        elif dep.frontend_shares_rank and world_size == need + 1:
+            hint += " or set deployment.frontend_shares_rank=false"
+        elif world_size > need:
+            spare = world_size - need
+            g = dep.groups[-1]
+            gc = dep.group(g)
+            if spare % gc.tp == 0:
+                hint += f" or set deployment.{g}.instances={gc.instances + spare // gc.tp}"
+        raise LayoutError(f"deployment {dep.name} needs {need} ranks ({describe(dep)}), "
+                          f"got {world_size}: {hint}")
+
+    num_nodes = world_size // ranks_per_node
+    free = [ranks_per_node] * num_nodes          # free ranks left per node
+    slots: list[tuple[int, str, int, int, int]] = []   # (rank, role, inst, tp_rank, tp)
+
+    def take(n: int, what: str) -> int:
+        """First rank of n consecutive free ranks that don't straddle nodes."""
+        if n <= ranks_per_node:
+            for node in range(num_nodes):
+                if free[node] >= n:
+                    start = node * ranks_per_node + ranks_per_node - free[node]
+                    free[node] -= n
+                    return start
+            raise LayoutError(f"{what} (tp={n}) does not fit on one node without straddling "
+                              f"({num_nodes} nodes × {ranks_per_node} ranks): make tp divide "
+                              f"{ranks_per_node} or reorder instance sizes")
+        if not dep.allow_cross_node_instances:
+            raise LayoutError(f"{what} needs {n} ranks but a node has {ranks_per_node}: lower tp "
+                              f"or set deployment.allow_cross_node_instances=true")
+        span = -(-n // ranks_per_node)
+        for node in range(num_nodes - span + 1):
+            if all(free[k] == ranks_per_node for k in range(node, node + span)):
+                left = n
+                for k in range(node, node + span):
+                    used = min(left, ranks_per_node)
+                    free[k] -= used
+                    left -= used
+                if n % ranks_per_node:
+                    raise LayoutError(f"{what} spans nodes with {n} ranks: make it a multiple "
+                                      f"of {ranks_per_node} ranks per node")
+                return node * ranks_per_node
+        raise LayoutError(f"{what} needs {span} empty nodes in a row; none left")
+
+    if not dep.frontend_shares_rank:
+        take(1, FRONTEND)
+        slots.append((0, FRONTEND, -1, 0, 1))
+    for g in dep.groups:
+        gc = dep.group(g)
+        for inst in range(gc.instances):
+            start = take(gc.tp, f"{g} instance {inst}")
+            slots += [(start + i, g, inst, i, gc.tp) for i in range(gc.tp)]
+
+    slots.sort()
+    ranks = [RankInfo(rank=r, world_size=world_size, role=role, instance=inst,
+                      rank_in_instance=tp_rank, tp=tp, node=r // ranks_per_node,
+                      local_rank=r % ranks_per_node,
+                      device=(r % ranks_per_node) if gpus_per_node else -1,
+                      hosts_frontend=(r == 0))
+             for r, role, inst, tp_rank, tp in slots]
+    layout = Layout(world_size, ranks_per_node, dep.name, ranks)
+    layout._validate()
+    return layout
+
+
+def _check_heads(dep: DeploymentConfig, num_heads: int | None, num_kv_heads: int | None) -> None:
+    for g in dep.groups:
+        tp = dep.group(g).tp
+        if g not in _TP_GROUPS or tp == 1:
+            continue
+        if num_heads is not None and num_heads % tp:
+            ok = [t for t in range(1, num_heads + 1) if num_heads % t == 0]
+            raise LayoutError(f"deployment.{g}.tp={tp} does not divide the model's {num_heads} "
+                              f"attention heads: use tp in {ok}")
+        # GQA: KV heads are split (kv % tp == 0) or replicated (tp % kv == 0).
+        if num_kv_heads is not None and num_kv_heads % tp and tp % num_kv_heads:
+            raise LayoutError(f"deployment.{g}.tp={tp} neither divides nor is a multiple of the "
+                              f"model's {num_kv_heads} KV heads")
