@@ -1,0 +1,192 @@
+"""Prompt + images → token ids with expanded image placeholders and one `MMItem` per image.
+
+Loads only the tokenizer and the image processor config of a Hugging Face checkpoint (no
+weights). The ids match HF's own processor (`AutoProcessor(text=..., images=...)`) token for
+token: each placeholder token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL) becomes
+`num_tokens` copies of itself, starting at `MMItem.offset`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from mmhpc.engine.sequence import MMItem
+
+FAMILIES = ("llava", "qwen2_vl")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _smart_resize():
+    try:    # transformers >= 5.2x: PIL backend module (no torchvision import)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    return smart_resize
+
+
+def image_hash(image) -> str:
+    """sha256 over the decoded RGB pixels and the size: same picture, same hash, any encoding."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    h = hashlib.sha256(f"rgb:{rgb.width}x{rgb.height}:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+def tensor_hash(tensor) -> str:
+    """sha256 over a tensor's dtype, shape and bytes."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class InputProcessor:
+    """Chat template, tokenizer and image preprocessing of one checkpoint.
+
+    `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
+    `grid_thw` for Qwen2-VL) or a tensor of pre-computed embeddings `[n, hidden]` (then
+    `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
+    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches).
+    """
+
+    def __init__(self, model_path: str | Path):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.path = Path(model_path)
+        config = _read_json(self.path / "config.json")
+        self.family: str = config.get("model_type", "")
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.path}: model_type {self.family!r} is not one of {FAMILIES}")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.image_processor = AutoImageProcessor.from_pretrained(self.path)
+        proc_cfg = _read_json(self.path / "processor_config.json")
+        if self.family == "llava":
+            self.image_token = proc_cfg.get("image_token", "<image>")
+            self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
+            self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
+            self.feature_strategy = proc_cfg.get(
+                "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
+            self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
+        else:
+            self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+            self.image_token_id = config.get("image_token_id")
+            self.patch_size = self.image_processor.patch_size
+            self.merge_size = self.image_processor.merge_size
+        if self.image_token_id is None:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.eos_token_ids: list[int] = self._eos_ids(config)
+
+    def _eos_ids(self, config: dict[str, Any]) -> list[int]:
+        eos = _read_json(self.path / "generation_config.json").get("eos_token_id")
+        if eos is None:
+            eos = config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return list(dict.fromkeys(ids))
+
+    # ------------------------------------------------------------------ text
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """OpenAI-style messages → prompt text; image parts ({"type": "image"} or "image_url")
+        become the family's placeholder."""
+        norm = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = [{**p, "type": "image"} if p.get("type") in ("image_url", "input_image")
+                           else dict(p) for p in content]
+            norm.append({**m, "content": "" if content is None else content})
+        return self.tokenizer.apply_chat_template(norm, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ---------------------------------------------------------------- images
+    def num_image_tokens(self, width: int, height: int) -> int:
+        if self.family == "llava":
+            crop = getattr(self.image_processor, "crop_size", None) or {}
+            size = getattr(self.image_processor, "size", None) or {}
+            h = _get(crop, "height") or _get(size, "height") or _get(size, "shortest_edge")
+            w = _get(crop, "width") or _get(size, "width") or _get(size, "shortest_edge")
+            n = (h // self.patch_size) * (w // self.patch_size) + self.num_additional_tokens
+            return n - 1 if self.feature_strategy == "default" else n
+        grid_h, grid_w = self._qwen_grid(width, height)
+        return grid_h * grid_w // self.merge_size**2
+
+    def _qwen_grid(self, width: int, height: int) -> tuple[int, int]:
+        ip = self.image_processor
+        size = getattr(ip, "size", None) or {}
+        min_pixels = _get(size, "shortest_edge") or getattr(ip, "min_pixels", None)
+        max_pixels = _get(size, "longest_edge") or getattr(ip, "max_pixels", None)
+        h, w = _smart_resize()(height, width, factor=self.patch_size * self.merge_size,
+                               min_pixels=min_pixels, max_pixels=max_pixels)
+        return h // self.patch_size, w // self.patch_size
+
+    def _image_item(self, image) -> MMItem:
+        out = self.image_processor(images=[image], return_tensors="pt")
+        pixel_values = out["pixel_values"]
+        if self.family == "llava":
+            # pixel_values: [1, 3, H, W]
+            h, w = pixel_values.shape[-2:]
+            n = (h // self.patch_size) * (w // self.patch_size) + self.num_additional_tokens
+            n -= 1 if self.feature_strategy == "default" else 0
+            return MMItem(content_hash=image_hash(image), offset=-1, num_tokens=int(n),
+                          pixel_values=pixel_values)
+        # pixel_values: [num_patches, C * T * P * P]; grid in patches
+        grid = tuple(int(x) for x in out["image_grid_thw"][0])
+        n = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        return MMItem(content_hash=image_hash(image), offset=-1, num_tokens=n, grid_thw=grid,
+                      pixel_values=pixel_values)
+
+    def _embedding_item(self, item: Any) -> MMItem:
+        grid = None
+        if isinstance(item, dict):
+            grid = tuple(int(x) for x in item["grid_thw"]) if item.get("grid_thw") else None
+            item = item["embeddings"]
+        if item.dim() != 2:
+            raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
+        n = int(item.shape[0])
+        if self.family == "qwen2_vl":
+            m = self.merge_size
+            grid = grid or (1, m, n * m)
+            if grid[0] * grid[1] * grid[2] // m**2 != n:
+                raise ValueError(f"grid_thw {grid} does not hold {n} merged tokens")
+        return MMItem(content_hash=tensor_hash(item), offset=-1, num_tokens=n, grid_thw=grid,
+                      embeddings=item)
+
+    # --------------------------------------------------------------- prompts
+    def process(self, prompt: str, images: list[Any] = ()) -> tuple[list[int], list[MMItem]]:
+        """Tokenize `prompt` and expand its image placeholders, one per image, in order."""
+        ids: list[int] = self.tokenizer(prompt)["input_ids"]
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        images = list(images or [])
+        if len(positions) != len(images):
+            raise ValueError(f"the prompt has {len(positions)} image placeholder(s) "
+                             f"({self.image_token}) but {len(images)} image(s) were given")
+        items = [self._image_item(im) if _is_image(im) else self._embedding_item(im) for im in images]
+        out: list[int] = []
+        start = 0
+        for pos, item in zip(positions, items):
+            out += ids[start:pos]
+            item.offset = len(out)
+            out += [self.image_token_id] * item.num_tokens
+            start = pos + 1
+        out += ids[start:]
+        return out, items
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+
+def _is_image(x: Any) -> bool:
+    from PIL import Image
+    return isinstance(x, Image.Image)
