@@ -1,0 +1,180 @@
+"""LLMEngine: one rank's engine. `step()` = schedule → encode new images → run → sample →
+append + stop checks → RequestOutputs. No I/O; one thread owns it.
+
+Disaggregated roles reuse the same object:
+- encode:  `LLMEngine(config, encode_only=True).encode(items)` (no KV pool, no scheduler);
+- prefill: `add_request(..., prefill_only=True)`: after the first token the request leaves
+  the batch with its KV blocks retained (`retained_block_ids`), until `release_request`;
+- decode:  `add_prefilled_request(...)` reserves blocks for the prompt's KV and returns their
+  ids; a transfer writes them into `kv_cache`; `activate_request` then lets it decode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmhpc.config import Config
+from mmhpc.engine.detokenizer import IncrementalDetokenizer
+from mmhpc.engine.model_runner import ModelRunner
+from mmhpc.engine.outputs import RequestOutput, TokenLogprob
+from mmhpc.engine.sampler import Sampler
+from mmhpc.engine.scheduler import Scheduler
+from mmhpc.engine.sequence import FinishReason, MMItem, SamplingParams, Sequence
+
+PROMPT_TAIL = 4        # prompt ids the detokenizer sees first (leading-space handling)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    prefill_only: bool = False
+
+
+class LLMEngine:
+    def __init__(self, config: Config, processor=None, encode_only: bool = False, device=None):
+        self.config = config
+        if processor is None:
+            from mmhpc.multimodal.processor import InputProcessor
+            processor = InputProcessor(config.model.path)
+        self.processor = processor
+        self.runner = ModelRunner(config, device=device, allocate_kv=not encode_only)
+        self.encode_only = encode_only
+        eos = list(processor.eos_token_ids)
+        self.sampler = Sampler(eos, seed=config.model.seed)
+        self.scheduler = None if encode_only else Scheduler(
+            config.scheduler, config.cache, self.runner.num_blocks, eos_token_ids=eos,
+            max_model_len=config.model.max_model_len)
+        self.requests: dict[str, _Request] = {}
+        self.num_preemptions = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _new_seq(self, request_id, prompt_token_ids, params, mm_items) -> Sequence:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, list(prompt_token_ids), params or SamplingParams(),
+                       sorted(mm_items, key=lambda it: it.offset))
+        if self.runner.uses_mrope and seq.mm_items:
+            seq.mrope_positions, seq.mrope_delta = self.runner.mrope_positions(
+                seq.prompt_token_ids, seq.mm_items)
+        return seq
+
+    def _detok(self, seq: Sequence) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.processor.tokenizer, seq.params.stop,
+                                      prompt_tail=seq.prompt_token_ids[-PROMPT_TAIL:])
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, mm_items=(),
+                    prefill_only: bool = False) -> None:
+        """Queue a request. Items with pixel values are encoded when first scheduled (batched
+        across the step); items with `embeddings` are used as they are."""
+        seq = self._new_seq(request_id, prompt_token_ids, params, mm_items)
+        self.requests[request_id] = _Request(seq, self._detok(seq), prefill_only)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop the request wherever it is (waiting, running, reserved, retained); frees blocks."""
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+        self.sampler.release(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        return dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                    num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+                    num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
+
+    # ---- disaggregated roles -----------------------------------------------------------------
+
+    def encode(self, mm_items: list[MMItem]) -> list[MMItem]:
+        """Encode-only: embeddings of all items (one batch) set on them in place."""
+        self.runner.encode(list(mm_items))
+        return list(mm_items)
+
+    def retained_block_ids(self, request_id: str) -> list[int] | None:
+        """Prefill side: blocks holding a prefill-only request's prompt KV (None: not retained)."""
+        seq = self.scheduler.retained.get(request_id)
+        return None if seq is None else list(seq.block_table)
+
+    def release_request(self, request_id: str) -> bool:
+        """Prefill side: decode has pulled the KV (or the lease expired): free the blocks."""
+        return self.scheduler.release(request_id)
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int],
+                              params: SamplingParams | None, first_token_id: int,
+                              mm_items=()) -> list[int] | None:
+        """Decode side: reserve blocks for the prompt's KV (prefilled elsewhere; its first
+        token already sent). Returns the block ids to write, in order; None: no room now,
+        try again later. Items need only offsets/grids (no pixels, no embeddings)."""
+        seq = self._new_seq(request_id, prompt_token_ids, params, mm_items)
+        seq.output_token_ids.append(first_token_id)
+        blocks = self.scheduler.reserve_remote(seq)
+        if blocks is None:
+            if seq.error:
+                raise ValueError(seq.error)
+            return None
+        detok = self._detok(seq)
+        detok.add(first_token_id)
+        detok.sent = len(detok.text)           # the prefill rank streamed this text
+        self.requests[request_id] = _Request(seq, detok)
+        return blocks
+
+    def activate_request(self, request_id: str) -> None:
+        """Decode side: the reserved blocks hold the KV; decode from the next step."""
+        if self.scheduler.activate_remote(request_id) is None:
+            raise KeyError(f"no reserved request {request_id!r}")
+
+    @property
+    def kv_cache(self):
+        return self.runner.kv_cache
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
+        outputs = [self._finish_output(seq, "") for seq in out.finished]
+        if out.is_empty:
+            return outputs
+        self.runner.encode([it for s in out.scheduled for it in s.seq.mm_items
+                            if it.embeddings is None])
+        logits, seqs = self.runner.execute(out.scheduled)
+        sampled = self.sampler(logits, seqs)
+        for seq in self.scheduler.update(out, {rid: t for rid, (t, _) in sampled.items()}):
+            token, logprob = sampled[seq.request_id]
+            outputs.append(self._postprocess(seq, token, logprob))
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        req = self.requests[seq.request_id]
+        delta = req.detok.add(token)
+        reason = FinishReason.STOP if req.detok.stopped else self.scheduler.check_stop(seq)
+        out = RequestOutput(seq.request_id, [token], delta,
+                            [logprob] if logprob is not None else None,
+                            num_prompt_tokens=seq.num_prompt_tokens,
+                            num_cached_tokens=seq.num_cached_tokens)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        elif req.prefill_only:                 # hand-off: not finished for the client
+            self.scheduler.finish(seq, FinishReason.LENGTH, retain_blocks=True)
+            self._forget(seq.request_id)
+            return out
+        else:
+            return out
+        out.text_delta += req.detok.flush()
+        out.finished, out.finish_reason = True, reason.value
+        self._forget(seq.request_id)
+        return out
+
+    def _finish_output(self, seq: Sequence, delta: str) -> RequestOutput:
+        self._forget(seq.request_id)
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        return RequestOutput(seq.request_id, [], delta, finished=True, finish_reason=reason,
+                             num_prompt_tokens=seq.num_prompt_tokens, error=seq.error)
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.sampler.release(request_id)

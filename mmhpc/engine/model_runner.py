@@ -1,0 +1,114 @@
+"""SchedulerOutput → flat tensors → model → logits of the seqs that sample this step.
+
+Owns the model and the paged KV pool of this rank. A scheduled entry computes tokens
+[start, start + num_new_tokens) of its seq; their KV goes to the slots of the seq's block
+table, and attention covers everything cached before them (chunked prefill, prefix hits).
+"""
+from __future__ import annotations
+
+import torch
+
+from mmhpc.config import Config
+from mmhpc.engine.kv_cache import allocate_kv_cache, num_blocks_for
+from mmhpc.engine.sequence import MMItem, Sequence
+from mmhpc.models import load_model, resolve_dtype
+from mmhpc.models.layers import AttentionMetadata
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class ModelRunner:
+    def __init__(self, config: Config, device: torch.device | str | None = None,
+                 allocate_kv: bool = True, tp_rank: int = 0, tp_size: int = 1):
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model.path, self.dtype, self.device,
+                                random_weights=config.model.random_weights, seed=config.model.seed,
+                                tp_rank=tp_rank, tp_size=tp_size)
+        self.uses_mrope = getattr(self.model, "uses_mrope", False)
+        self.num_blocks = 0
+        self.kv_cache: torch.Tensor | None = None
+        if allocate_kv:
+            text = self.model.text_config
+            self.num_blocks = num_blocks_for(config.cache, text, self.dtype, self.device, tp_size)
+            self.kv_cache = allocate_kv_cache(text, self.num_blocks, self.block_size, self.dtype,
+                                              self.device, tp_size)
+
+    # ---- encode ------------------------------------------------------------------------------
+
+    def encode(self, items: list[MMItem]) -> None:
+        """Vision + projector for items with pixels, one batch; embeddings stay on the items."""
+        todo = [it for it in items if it.embeddings is None]
+        if not todo:
+            return
+        for it, emb in zip(todo, self.model.encode(todo)):
+            if emb.shape[0] != it.num_tokens:
+                raise ValueError(f"image {it.content_hash[:12]}: {emb.shape[0]} embeddings for "
+                                 f"{it.num_tokens} placeholder tokens")
+            it.embeddings = emb
+
+    def mrope_positions(self, token_ids: list[int], mm_items: list[MMItem]):
+        grids = [it.grid_thw for it in sorted(mm_items, key=lambda it: it.offset)]
+        return self.model.mrope_positions(token_ids, grids)
+
+    # ---- prefill / decode --------------------------------------------------------------------
+
+    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        if not self.uses_mrope:
+            return torch.arange(start, end)
+        if seq.mrope_positions is None:                  # text only: t = h = w
+            return torch.arange(start, end).expand(3, -1)
+        num_prompt = seq.num_prompt_tokens
+        parts = []
+        if start < num_prompt:
+            parts.append(seq.mrope_positions[:, start:min(end, num_prompt)])
+        if end > num_prompt:
+            gen = torch.arange(max(start, num_prompt), end) + seq.mrope_delta
+            parts.append(gen.expand(3, -1))
+        return torch.cat(parts, dim=1)
+
+    @torch.inference_mode()
+    def execute(self, scheduled) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step's `ScheduledSeq`s; returns (logits [N, V] float32, the N seqs to sample)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions, slots, mm_rows, mm_vals = [], [], [], []
+        query_start, context_lens, tables = [0], [], []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for s in scheduled:
+            seq, start = s.seq, s.start
+            end = start + s.num_new_tokens
+            base = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(self._positions(seq, start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            for it in seq.mm_items:                      # placeholder rows inside this chunk
+                lo, hi = max(start, it.offset), min(end, it.offset + it.num_tokens)
+                if lo < hi:
+                    mm_rows.append(torch.arange(lo - start + base, hi - start + base))
+                    mm_vals.append(it.embeddings[lo - it.offset:hi - it.offset])
+            query_start.append(len(input_ids))
+            context_lens.append(end)
+            tables.append(table)
+            if s.sample:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), query_start,
+                                 context_lens, tables, bs)
+        mm = None
+        if mm_rows:
+            mm = (torch.cat(mm_rows).to(dev), torch.cat(mm_vals).to(device=dev, dtype=self.dtype))
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
+                            torch.cat(positions, dim=-1).to(dev), meta, self.kv_cache, mm)
+        if not sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return logits.float(), sample_seqs

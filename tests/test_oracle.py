@@ -1,0 +1,150 @@
+"""The oracle: our engine's greedy tokens == HF `generate(do_sample=False)`, float32 CPU, on
+the tiny checkpoints, for every case below (each request vs its own HF generate)."""
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from mmhpc.config import CacheConfig, Config, ModelConfig, SchedulerConfig
+from mmhpc.engine.engine import LLMEngine
+from mmhpc.engine.sequence import MMItem, SamplingParams
+
+torch.set_num_threads(1)
+N = 6                                                  # new tokens per request
+
+
+class Oracle:
+    """HF model + processor for one tiny checkpoint; builds matching engine inputs."""
+
+    def __init__(self, family: str):
+        from transformers import AutoModelForImageTextToText, GenerationConfig
+        from mmhpc.tools.tiny import hf_processor, tiny_checkpoint
+        self.family = family
+        self.path = tiny_checkpoint(family)
+        self.proc = hf_processor(self.path)
+        self.hf = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32).eval()
+        self.image_token_id = self.hf.config.image_token_id
+        self.gen = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+        eos = self.hf.generation_config.eos_token_id
+        self.stub = SimpleNamespace(tokenizer=self.proc.tokenizer,
+                                    eos_token_ids=eos if isinstance(eos, list) else [eos])
+
+    def inputs(self, text: str, images: list[Image.Image]) -> dict:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = self.proc.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True, tokenize=False)
+        return dict(self.proc(text=[prompt], images=images or None, return_tensors="pt"))
+
+    def expected(self, inputs: dict, n: int = N) -> list[int]:
+        with torch.no_grad():
+            out = self.hf.generate(**inputs, generation_config=self.gen, max_new_tokens=n)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def request(self, inputs: dict) -> tuple[list[int], list[MMItem]]:
+        """The same prompt as engine input: ids and one MMItem per placeholder run."""
+        ids = inputs["input_ids"][0].tolist()
+        runs, i = [], 0
+        while i < len(ids):
+            if ids[i] == self.image_token_id:
+                j = i
+                while j < len(ids) and ids[j] == self.image_token_id:
+                    j += 1
+                runs.append((i, j - i))
+                i = j
+            else:
+                i += 1
+        items, pv, start = [], inputs.get("pixel_values"), 0
+        grids = inputs.get("image_grid_thw")
+        for k, (offset, n) in enumerate(runs):
+            if grids is None:
+                pixels, grid = pv[k:k + 1], None
+            else:
+                grid = tuple(int(x) for x in grids[k])
+                pixels = pv[start:start + grid[0] * grid[1] * grid[2]]
+                start += pixels.shape[0]
+            h = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+            items.append(MMItem(h, offset, n, grid_thw=grid, pixel_values=pixels))
+        return ids, items
+
+    def engine(self, **cache) -> LLMEngine:
+        cfg = Config(model=ModelConfig(path=str(self.path)),
+                     cache=CacheConfig(block_size=4, **({"num_blocks": 256} | cache)),
+                     scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64))
+        return LLMEngine(cfg, processor=self.stub)
+
+
+def run(engine: LLMEngine, requests: dict, arrivals: dict[int, list[str]] | None = None,
+        params: SamplingParams | None = None) -> dict[str, list[int]]:
+    """Feed requests (all at step 0, or per `arrivals`) and collect their tokens."""
+    params = params or SamplingParams(max_tokens=N, ignore_eos=True)
+    arrivals = arrivals or {0: list(requests)}
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished_requests():
+        for rid in arrivals.get(step, []):
+            ids, items = requests[rid]
+            engine.add_request(rid, ids, params, items)
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+        step += 1
+    return got
+
+
+def image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def oracle(request):
+    return Oracle(request.param)
+
+
+CASES = {
+    "text": ("tell me a story about the sea", []),
+    "one_image": ("what is in the picture?", [(32, 32, 1)]),
+    "two_images": ("compare these two", [(32, 32, 2), (48, 40, 3)]),
+    "sizes": ("describe", [(112, 56, 4), (28, 84, 5), (70, 70, 6)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_oracle_single(oracle, case):
+    text, sizes = CASES[case]
+    inputs = oracle.inputs(text, [image(*s) for s in sizes])
+    got = run(oracle.engine(), {"r": oracle.request(inputs)})
+    assert got["r"] == oracle.expected(inputs)
+
+
+def test_oracle_mixed_arrivals_with_preemption(oracle):
+    texts = ["hello there", "a cat on a mat", "numbers one two three", "why is the sky blue"]
+    requests, expected = {}, {}
+    for i in range(16):
+        sizes = [] if i % 3 == 0 else [(32 + 8 * (i % 4), 32 + 16 * (i % 2), 100 + i)]
+        inputs = oracle.inputs(texts[i % 4] + " " * (i % 2), [image(*s) for s in sizes])
+        requests[f"r{i}"] = oracle.request(inputs)
+        expected[f"r{i}"] = oracle.expected(inputs)
+    longest = max(len(ids) for ids, _ in requests.values()) + N
+    engine = oracle.engine(num_blocks=3 * (longest // 4 + 1), enable_prefix_caching=False)
+    arrivals = {2 * k: [f"r{i}" for i in range(4 * k, 4 * k + 4)] for k in range(4)}
+    got = run(engine, requests, arrivals)
+    assert engine.num_preemptions > 0
+    assert got == expected
+    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
+
+
+def test_oracle_prefix_cache_hit(oracle):
+    inputs = oracle.inputs("the same prompt twice, please", [image(32, 32, 7)])
+    engine = oracle.engine()
+    first = run(engine, {"a": oracle.request(inputs)})["a"]
+    ids, items = oracle.request(inputs)                 # fresh items: encoded again, same hash
+    outs = []
+    engine.add_request("b", ids, SamplingParams(max_tokens=N, ignore_eos=True), items)
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[0].num_cached_tokens >= 4
+    assert [t for o in outs for t in o.new_token_ids] == first == oracle.expected(inputs)
