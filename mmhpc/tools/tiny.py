@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("llava", "qwen2_vl")
-BUILD_VERSION = 1   # bump when the builder's output changes: cached builds are keyed on it
+BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "llava": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
@@ -233,6 +233,19 @@ def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> Non
     (out / "chat_template.jinja").write_text(tokenizer.chat_template)
 
 
+def _portable_configs(out: Path) -> None:
+    """Keep the files loadable by older transformers 5.x: the generic fast-tokenizer class
+    name, and no vision rope entry (newer releases fill in their own default)."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    path = out / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.get("vision_config", {}).pop("rope_parameters", None)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 # ------------------------------------------------------------------------------- builds
 def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     """Write a complete tiny checkpoint of `family` into `out` (created) and return its path."""
@@ -254,6 +267,7 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     model.generation_config = GenerationConfig(do_sample=False, **gen)
     model.save_pretrained(out, safe_serialization=True)
     _save_processor(family, s, tokenizer, out)
+    _portable_configs(out)
     (out / "tiny_sizes.json").write_text(json.dumps({"family": family, **s}, indent=2) + "\n")
     return out
 
