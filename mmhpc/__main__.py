@@ -1,0 +1,5 @@
+import sys
+
+from mmhpc.launch.main import main
+
+sys.exit(main())

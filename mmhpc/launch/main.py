@@ -1,0 +1,225 @@
+"""`python -m mmhpc [hydra overrides] [--dry-run [--world-size N]] [--cfg job]`.
+
+Start-up, in order (every failure before `run` is ONE line from rank 0 and exit code 2 on
+every rank, never a hang):
+1. compose the config (Hydra compose API; no chdir), `--cfg job` prints it, `--dry-run`
+   prints the layout table: neither imports torch nor MPI;
+2. MPI (mpi4py; a singleton works), JobEnv, the layout, validated before any model loads;
+3. one rank, aggregated: `mmhpc.server.app.serve(config, LocalEngineClient(LLMEngine))`;
+4. otherwise each rank binds its mailbox, makes its NIXL agent, runs `mmhpc.roles.<role>.setup`
+   (optional: load the model, register pools), then ONE allgather of (ZeroMQ address, NIXL
+   metadata, error), loads the peers' metadata, barrier, and `mmhpc.roles.<role>.run(ctx)`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mmhpc.launch.hydra import ConfigError, compose_dictconfig, to_config
+from mmhpc.launch.layout import Layout, LayoutError, make_layout
+
+EXIT_USAGE = 2
+USAGE = ("usage: python -m mmhpc [key=value ...] [--dry-run [--world-size N]] [--cfg job]\n"
+         "  e.g. mpirun -n 4 python -m mmhpc deployment=e_p_d model=tiny_llava\n"
+         "       python -m mmhpc cluster=h200 cluster.nodes=4 --dry-run")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    opts: dict[str, Any] = {"dry_run": False, "cfg": None, "world_size": None, "help": False}
+    overrides: list[str] = []
+    it = iter(argv)
+    for a in it:
+        key, eq, val = a.partition("=")
+        if a in ("-h", "--help"):
+            opts["help"] = True
+        elif a == "--dry-run":
+            opts["dry_run"] = True
+        elif key in ("--cfg", "-c"):
+            opts["cfg"] = val if eq else next(it, "")
+            if opts["cfg"] != "job":
+                raise UsageError(f"--cfg takes 'job', got {opts['cfg']!r}")
+        elif key == "--world-size":
+            val = val if eq else next(it, "")
+            if not val.isdigit() or int(val) < 1:
+                raise UsageError(f"--world-size takes a positive integer, got {val!r}")
+            opts["world_size"] = int(val)
+        elif a.startswith("-"):
+            raise UsageError(f"unknown option {a!r}")
+        else:
+            overrides.append(a)
+    return opts, overrides
+
+
+def _fail(msg: str, rank: int = 0) -> int:
+    if rank == 0:
+        print(f"mmhpc: error: {msg}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def model_heads(path: str) -> dict[str, int]:
+    """num_heads / num_kv_heads of the text model from config.json, when the file is there."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    text = cfg.get("text_config") or cfg
+    heads = text.get("num_attention_heads") or cfg.get("num_attention_heads")
+    kv = text.get("num_key_value_heads") or cfg.get("num_key_value_heads") or heads
+    return {"num_heads": heads, "num_kv_heads": kv} if heads else {}
+
+
+def resolve_model_path(config) -> None:
+    """`tiny:<family>` paths: build (once, cached) the tiny checkpoint now."""
+    if config.model.path.startswith("tiny:"):
+        from mmhpc.tools.tiny import tiny_checkpoint
+        config.model.path = str(tiny_checkpoint(config.model.path.split(":", 1)[1]))
+
+
+def dry_run_layout(config, world_size: int | None) -> Layout:
+    cl = config.cluster
+    ws = world_size or cl.world_size or config.deployment.num_ranks
+    rpn = cl.gpus_per_node or -(-ws // cl.nodes)
+    return make_layout(ws, rpn, config.deployment, gpus_per_node=cl.gpus_per_node,
+                       **model_heads(config.model.path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, overrides = parse_args(argv)
+    except UsageError as e:
+        return _fail(f"{e} (see python -m mmhpc --help)")
+    if opts["help"]:
+        print(USAGE)
+        return 0
+    try:
+        dcfg = compose_dictconfig(overrides)
+        if opts["cfg"] == "job":
+            from omegaconf import OmegaConf
+            print(OmegaConf.to_yaml(dcfg), end="")
+            return 0
+        config = to_config(dcfg)
+        if opts["dry_run"]:
+            print(dry_run_layout(config, opts["world_size"]).table(), end="")
+            return 0
+    except (ConfigError, LayoutError) as e:
+        return _fail(str(e))
+    return _run(config)
+
+
+def _run(config) -> int:
+    from mpi4py import MPI
+
+    from mmhpc.launch.env import JobEnv
+    comm = MPI.COMM_WORLD
+    job = JobEnv.from_mpi(comm, host_addr=config.cluster.host_addr or None)
+    err = None
+    try:
+        layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
+                             gpus_per_node=config.cluster.gpus_per_node,
+                             **model_heads(config.model.path))
+        info = layout[comm.rank]
+        if (info.node, info.local_rank) != (job.node_index, job.local_rank):
+            raise LayoutError(f"rank {comm.rank} runs on node {job.node_index} as local rank "
+                              f"{job.local_rank}, the layout expects blocks of "
+                              f"{layout.ranks_per_node} ranks per node: launch with "
+                              f"srun --distribution=block or mpirun --map-by core")
+    except (LayoutError, ValueError) as e:
+        err = str(e)
+    errors = comm.allgather(err)
+    if any(errors):
+        return _fail(next(e for e in errors if e), comm.rank)
+
+    if comm.size == 1 and config.deployment.name == "agg":
+        return _serve_aggregated(config)
+    try:
+        return _run_role(config, comm, job, layout)
+    except SystemExit:
+        raise
+    except BaseException:
+        # A rank that dies alone would leave the others waiting: take the job down.
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1
+
+
+def _serve_aggregated(config) -> int:
+    try:
+        resolve_model_path(config)
+        from mmhpc.engine.engine import LLMEngine
+        from mmhpc.server.app import serve
+        from mmhpc.server.engine_client import LocalEngineClient
+    except ImportError as e:
+        return _fail(f"aggregated serving is not available: {e}")
+    engine = LLMEngine(config)
+    serve(config, LocalEngineClient(engine), engine.processor)
+    return 0
+
+
+def _import_role(role: str):
+    name = f"mmhpc.roles.{role}"
+    try:
+        return importlib.import_module(name), None
+    except ModuleNotFoundError as e:
+        if e.name not in (name, "mmhpc.roles"):
+            raise
+        return None, f"role {role!r} is not implemented yet (no module {name})"
+
+
+def _run_role(config, comm, job, layout: Layout) -> int:
+    from mmhpc.launch.context import Peer, RuntimeContext
+    from mmhpc.transport.zmq_io import AsyncMailbox, Mailbox
+    import mmhpc.messages  # noqa: F401  (registers every message with the codec)
+
+    info = layout[comm.rank]
+    port = config.cluster.zmq_port_base + comm.rank if config.cluster.zmq_port_base else 0
+    mailbox = (AsyncMailbox if info.hosts_frontend else Mailbox)(comm.rank, job.host_addr, port)
+    ctx = RuntimeContext(config, job, layout, info, mailbox, comm=comm)
+
+    module, err = _import_role(info.role)
+    metadata = b""
+    if err is None:
+        try:
+            if info.role != "frontend":
+                from mmhpc.transport.nixl_agent import NixlAgent
+                ctx.nixl = NixlAgent(f"mmhpc-r{comm.rank}")
+            resolve_model_path(config)
+            if hasattr(module, "setup"):
+                module.setup(ctx)     # load the model, register NIXL pools
+            metadata = ctx.nixl.metadata() if ctx.nixl else b""
+        except Exception as e:
+            traceback.print_exc()
+            err = f"rank {comm.rank} ({info.role}) failed to start: {type(e).__name__}: {e}"
+
+    book = comm.allgather((mailbox.address, ctx.nixl.name if ctx.nixl else None, metadata,
+                           job.node_name, err))
+    errors = [b[4] for b in book if b[4]]
+    if errors:
+        mailbox.close()
+        return _fail(errors[0], comm.rank)
+    ctx.peers = [Peer(r, layout[r].role, layout[r].instance, layout[r].rank_in_instance,
+                      addr, agent, node) for r, (addr, agent, _, node, _) in enumerate(book)]
+    mailbox.set_peers([p.address for p in ctx.peers])
+    if ctx.nixl:
+        for r, (_, agent, md, _, _) in enumerate(book):
+            if agent and r != comm.rank:
+                ctx.nixl.add_peer(md)
+    comm.Barrier()
+    try:
+        module.run(ctx)
+    finally:
+        mailbox.close()
+        if ctx.nixl:
+            ctx.nixl.close()
+    return 0
