@@ -129,7 +129,7 @@ def test_oracle_mixed_arrivals_with_preemption(oracle):
         requests[f"r{i}"] = oracle.request(inputs)
         expected[f"r{i}"] = oracle.expected(inputs)
     longest = max(len(ids) for ids, _ in requests.values()) + N
-    engine = oracle.engine(num_blocks=3 * (longest // 4 + 1), enable_prefix_caching=False)
+    engine = oracle.engine(num_blocks=3 * (longest // 4 + 1))
     arrivals = {2 * k: [f"r{i}" for i in range(4 * k, 4 * k + 4)] for k in range(4)}
     got = run(engine, requests, arrivals)
     assert engine.num_preemptions > 0
@@ -148,3 +148,30 @@ def test_oracle_prefix_cache_hit(oracle):
         outs += engine.step()
     assert outs[0].num_cached_tokens >= 4
     assert [t for o in outs for t in o.new_token_ids] == first == oracle.expected(inputs)
+
+
+def test_oracle_prefill_decode_handoff(oracle):
+    """Prefill-only engine → KV blocks copied → decode engine: same tokens as HF."""
+    inputs = oracle.inputs("hand me off", [image(40, 32, 9)])
+    ids, items = oracle.request(inputs)
+    params = SamplingParams(max_tokens=N, ignore_eos=True)
+    prefill, decode = oracle.engine(), oracle.engine(num_blocks=64)
+    prefill.add_request("p", ids, params, items, prefill_only=True)
+    outs = []
+    while prefill.has_unfinished_requests():
+        outs += prefill.step()
+    assert len(outs) == 1 and not outs[0].finished
+    first = outs[0].new_token_ids[0]
+    src = prefill.retained_block_ids("p")
+    for it in items:                                    # decode needs offsets and grids only
+        it.pixel_values = it.embeddings = None
+    dst = decode.add_prefilled_request("p", ids, params, first, items)
+    assert len(dst) == len(src)
+    decode.kv_cache[:, :, dst] = prefill.kv_cache[:, :, src]
+    assert prefill.release_request("p")
+    decode.activate_request("p")
+    toks = [first]
+    while decode.has_unfinished_requests():
+        toks += [t for o in decode.step() for t in o.new_token_ids]
+    assert toks == oracle.expected(inputs)
+    assert prefill.stats()["num_free_blocks"] == prefill.stats()["num_total_blocks"]

@@ -140,7 +140,8 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self.runner.encode([it for s in out.scheduled for it in s.seq.mm_items
-                            if it.embeddings is None])
+                            if it.embeddings is None and it.offset < s.start + s.num_new_tokens
+                            and it.offset + it.num_tokens > s.start])
         logits, seqs = self.runner.execute(out.scheduled)
         sampled = self.sampler(logits, seqs)
         for seq in self.scheduler.update(out, {rid: t for rid, (t, _) in sampled.items()}):

@@ -46,6 +46,8 @@ class ModelRunner:
         todo = [it for it in items if it.embeddings is None]
         if not todo:
             return
+        if any(it.pixel_values is None for it in todo):
+            raise ValueError("an image item has neither pixel values nor embeddings")
         for it, emb in zip(todo, self.model.encode(todo)):
             if emb.shape[0] != it.num_tokens:
                 raise ValueError(f"image {it.content_hash[:12]}: {emb.shape[0]} embeddings for "
