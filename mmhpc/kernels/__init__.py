@@ -1,0 +1,54 @@
+"""Attention and fused small ops for the engine: Triton on CUDA, plain torch (`reference`) elsewhere.
+
+Each function below picks the Triton kernel when its tensors are on CUDA and Triton imports (and
+the shapes suit it), else the reference. Signatures and shapes: see `paged_attention.py`.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmhpc.kernels import reference
+
+try:  # triton is absent on CPU-only machines
+    from mmhpc.kernels import paged_attention as _triton
+except ImportError:  # pragma: no cover - depends on the machine
+    _triton = None
+
+HAS_TRITON = _triton is not None
+
+__all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention", "write_kv",
+           "rms_norm", "silu_and_mul", "reference"]
+
+
+def _on_gpu(t: torch.Tensor, head_dim: int | None = None) -> bool:
+    # tl.dot needs K >= 16; head_dim <= 256 keeps the tiles in registers/shared memory
+    return HAS_TRITON and t.is_cuda and (head_dim is None or 16 <= head_dim <= 256)
+
+
+def paged_decode_attention(q, kv_cache_layer, block_tables, context_lens, scale,
+                           max_context_len=None, out=None):
+    impl = _triton if _on_gpu(q, q.shape[-1]) else reference
+    return impl.paged_decode_attention(q, kv_cache_layer, block_tables, context_lens, scale,
+                                       max_context_len=max_context_len, out=out)
+
+
+def paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables, context_lens,
+                            scale, max_seqlen_q=None, out=None):
+    impl = _triton if _on_gpu(q, q.shape[-1]) else reference
+    return impl.paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables,
+                                        context_lens, scale, max_seqlen_q=max_seqlen_q, out=out)
+
+
+def write_kv(k, v, kv_cache_layer, slot_mapping):
+    impl = _triton if _on_gpu(k) else reference
+    return impl.write_kv(k, v, kv_cache_layer, slot_mapping)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    impl = _triton if _on_gpu(x) else reference
+    return impl.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x):
+    impl = _triton if _on_gpu(x) else reference
+    return impl.silu_and_mul(x)

@@ -1,0 +1,239 @@
+"""Triton kernels (mmhpc.kernels.paged_attention) against the plain-torch reference in float64.
+
+GPU tests are marked `gpu` (run them on the GPU machine: bench/gpu_run.sh). The CPU test at the
+end checks the reference itself against dense SDPA. Every check draws fresh random inputs,
+poisons the output with NaN first, and compares ||out - ref|| / ||ref||.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmhpc.kernels import reference
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    from mmhpc.kernels import paged_attention as triton_impl
+except ImportError:
+    triton_impl = None
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_CUDA or triton_impl is None, reason="needs CUDA + triton")
+
+# relative-error bounds (METHOD.md): fp32 arithmetic far under 1e-3, bf16/fp16 operands < 1e-2
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+# (batch, Hq, Hkv, head_dim, context lengths) -- GQA ratios 1/4/8, lengths off the block size
+DECODE_CASES = [
+    (1, 8, 8, 128, [1]),
+    (1, 32, 32, 128, [616]),
+    (3, 16, 4, 64, [17, 1000, 33]),
+    (4, 32, 4, 128, [2049, 5, 300, 16]),
+    (8, 32, 8, 128, [8191, 1, 777, 4000, 15, 64, 129, 2500]),
+    (2, 28, 4, 128, [3000, 0]),          # Qwen2-VL-7B heads (G=7); a padding row (len 0)
+]
+PREFILL_CASES = [   # (Hq, Hkv, D, [(chunk_len, prior_len)])
+    (8, 8, 128, [(1, 0), (17, 0), (100, 0)]),
+    (16, 4, 64, [(37, 20), (5, 0), (64, 300)]),
+    (32, 4, 128, [(130, 0), (1, 999), (200, 33)]),
+]
+BLOCK_SIZE = 16
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN (unwritten or bad) output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _paged(lens, num_kv_heads, head_dim, dtype, device, spare=7):
+    """A random cache with shuffled blocks; returns (kv_cache_layer, block_tables int32)."""
+    blocks_per_seq = [max(1, math.ceil(n / BLOCK_SIZE)) for n in lens]
+    num_blocks = sum(blocks_per_seq) + spare
+    kv = torch.randn(2, num_blocks, num_kv_heads, BLOCK_SIZE, head_dim, device=device).to(dtype)
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    max_blocks = max(blocks_per_seq) + 2
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int32, device=device)
+    i = 0
+    for b, nb in enumerate(blocks_per_seq):
+        tables[b, :nb] = perm[i:i + nb]
+        i += nb
+    tables[tables < 0] = perm[-1]   # unused entries point at a real (spare) block
+    return kv, tables
+
+
+def check_decode(impl, device, dtype, batch, num_heads, num_kv_heads, head_dim, lens,
+                 num_splits=None) -> float:
+    lens = (lens * batch)[:batch]
+    kv, tables = _paged(lens, num_kv_heads, head_dim, dtype, device)
+    q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    kwargs = {} if num_splits is None else {"num_splits": num_splits}
+    impl.paged_decode_attention(q, kv, tables, context_lens, scale, max_context_len=max(lens),
+                                out=out, **kwargs)
+    ref = reference.paged_decode_attention(q.double(), kv.double(), tables, context_lens, scale)
+    err = _rel(out, ref)
+    assert err < TOL[dtype], (dtype, batch, num_heads, num_kv_heads, head_dim, lens, err)
+    return err
+
+
+def check_prefill(impl, device, dtype, num_heads, num_kv_heads, head_dim, chunks) -> float:
+    lens = [c + p for c, p in chunks]
+    kv, tables = _paged(lens, num_kv_heads, head_dim, dtype, device)
+    num_tokens = sum(c for c, _ in chunks)
+    q = torch.randn(num_tokens, num_heads, head_dim, device=device).to(dtype)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
+    slots, cu = [], [0]
+    for b, (c, p) in enumerate(chunks):
+        for pos in range(p, p + c):
+            slots.append(int(tables[b, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE)
+        cu.append(cu[-1] + c)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    impl.write_kv(k, v, kv, slot_mapping)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    impl.paged_prefill_attention(q, k, v, cu_seqlens, kv, tables, context_lens, scale,
+                                 max_seqlen_q=max(c for c, _ in chunks), out=out)
+    ref = reference.paged_prefill_attention(q.double(), k.double(), v.double(), cu_seqlens,
+                                            kv.double(), tables, context_lens, scale)
+    err = _rel(out, ref)
+    assert err < TOL[dtype], (dtype, num_heads, num_kv_heads, head_dim, chunks, err)
+    return err
+
+
+def check_write_kv(impl, device, dtype) -> None:
+    kv, _ = _paged([100], 4, 128, dtype, device, spare=10)
+    num_slots = kv.shape[1] * BLOCK_SIZE
+    slots = torch.randperm(num_slots, device=device)[:50]
+    slots[::7] = -1                                   # padding entries are skipped
+    k = torch.randn(50, 4, 128, device=device).to(dtype)
+    v = torch.randn(50, 4, 128, device=device).to(dtype)
+    got, want = kv.clone(), kv.clone()
+    impl.write_kv(k, v, got, slots.to(torch.int32))
+    reference.write_kv(k, v, want, slots)
+    assert torch.equal(got, want)
+
+
+def check_rms_norm(impl, device, dtype) -> None:
+    for rows, hidden in [(1, 4096), (37, 3584), (5, 100)]:
+        x = torch.randn(rows, hidden, device=device).to(dtype)
+        res = torch.randn(rows, hidden, device=device).to(dtype)
+        w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+        ref = reference.rms_norm(x.double(), w.double(), 1e-6)
+        assert _rel(impl.rms_norm(x, w, 1e-6), ref) < TOL[dtype]
+        out, res_out = impl.rms_norm(x, w, 1e-6, residual=res)
+        ref_out, ref_res = reference.rms_norm(x, w, 1e-6, residual=res)   # same dtype as HF
+        assert torch.equal(res_out, ref_res)
+        assert _rel(out, reference.rms_norm(ref_res.double(), w.double(), 1e-6)) < TOL[dtype]
+
+
+def check_silu_and_mul(impl, device, dtype) -> None:
+    for rows, inter in [(1, 11008), (9, 18944), (3, 100)]:
+        x = torch.randn(rows, 2 * inter, device=device).to(dtype)
+        assert _rel(impl.silu_and_mul(x), reference.silu_and_mul(x.double())) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+def test_decode_attention():
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for case in DECODE_CASES:
+            check_decode(triton_impl, "cuda", dtype, *case)
+
+
+@gpu
+@needs_gpu
+def test_decode_attention_forced_splits():
+    for num_splits in (1, 3, 16, 64):
+        check_decode(triton_impl, "cuda", torch.bfloat16, 2, 32, 8, 128, [3001, 700],
+                     num_splits=num_splits)
+
+
+@gpu
+@needs_gpu
+def test_decode_attention_cuda_graph():
+    """Captured once, replayed with new queries and lengths (the runner's decode graphs)."""
+    dtype, batch, lens = torch.bfloat16, 4, [900, 17, 2000, 1]
+    kv, tables = _paged([2048] * batch, 8, 128, dtype, "cuda")
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    call = lambda: triton_impl.paged_decode_attention(  # noqa: E731
+        q, kv, tables, context_lens, 128 ** -0.5, max_context_len=2048, out=out)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for new_lens in ([5, 2048, 33, 1000], [1, 1, 1, 0]):
+        q.copy_(torch.randn_like(q))
+        context_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference.paged_decode_attention(q.double(), kv.double(), tables, context_lens,
+                                               128 ** -0.5)
+        assert _rel(out, ref) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+def test_prefill_attention():
+    for dtype in (torch.bfloat16, torch.float32):
+        for case in PREFILL_CASES:
+            check_prefill(triton_impl, "cuda", dtype, *case)
+
+
+@gpu
+@needs_gpu
+def test_write_kv():
+    for dtype in (torch.bfloat16, torch.float32):
+        check_write_kv(triton_impl, "cuda", dtype)
+
+
+@gpu
+@needs_gpu
+def test_rms_norm_and_silu():
+    for dtype in (torch.bfloat16, torch.float32):
+        check_rms_norm(triton_impl, "cuda", dtype)
+        check_silu_and_mul(triton_impl, "cuda", dtype)
+
+
+@gpu
+@needs_gpu
+def test_dispatch_picks_triton_on_cuda():
+    import mmhpc.kernels as kernels
+    assert kernels.HAS_TRITON
+    check_decode(kernels, "cuda", torch.bfloat16, 2, 8, 2, 64, [40, 3])
+
+
+def test_reference_matches_dense_sdpa():
+    """The CPU path: paged reference == dense causal SDPA over the same keys."""
+    torch.manual_seed(0)
+    num_heads, num_kv_heads, head_dim = 8, 2, 32
+    prior, chunk = 21, 13
+    kv, tables = _paged([prior + chunk], num_kv_heads, head_dim, torch.float64, "cpu")
+    q = torch.randn(chunk, num_heads, head_dim, dtype=torch.float64)
+    k = torch.randn(chunk, num_kv_heads, head_dim, dtype=torch.float64)
+    v = torch.randn(chunk, num_kv_heads, head_dim, dtype=torch.float64)
+    slots = torch.tensor([int(tables[0, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE
+                          for p in range(prior, prior + chunk)])
+    reference.write_kv(k, v, kv, slots)
+    out = reference.paged_prefill_attention(
+        q, k, v, torch.tensor([0, chunk]), kv, tables, torch.tensor([prior + chunk]), 0.3)
+    keys, values = reference.gather_kv(kv, tables[0], prior + chunk)          # [Hkv, n, D]
+    keys = keys.repeat_interleave(num_heads // num_kv_heads, 0)
+    values = values.repeat_interleave(num_heads // num_kv_heads, 0)
+    allowed = torch.arange(prior + chunk)[None, :] <= torch.arange(prior, prior + chunk)[:, None]
+    dense = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed,
+                                           scale=0.3).transpose(0, 1)
+    torch.testing.assert_close(out, dense)
+    last = reference.paged_decode_attention(q[-1:], kv, tables, torch.tensor([prior + chunk]), 0.3)
+    torch.testing.assert_close(last, dense[-1:])
