@@ -83,3 +83,26 @@ def test_engine_sampling_seeded(tmp_path):
         return toks
     assert gen("a", 1) == gen("b", 1)
     assert gen("c", 1) != gen("d", 2)
+
+
+def test_engine_stop_string_excluded_and_streamed():
+    from mmhpc.config import CacheConfig, Config, ModelConfig
+    from mmhpc.engine.engine import LLMEngine
+    from mmhpc.tools.tiny import tiny_checkpoint
+    engine = LLMEngine(Config(model=ModelConfig(path=str(tiny_checkpoint("llava"))),
+                              cache=CacheConfig(block_size=4, num_blocks=64)))
+    prompt = engine.processor.process("USER: tell me ASSISTANT:", [])[0]
+
+    def gen(rid, **kw):
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=16, ignore_eos=True, **kw))
+        text, reason = "", None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                text += o.text_delta
+                reason = o.finish_reason or reason
+        return text, reason
+    full, reason = gen("a")
+    assert reason == "length" and len(full) > 6
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    text, reason = gen("b", stop=[stop])
+    assert reason == "stop" and text == full[:full.find(stop)]
