@@ -435,10 +435,12 @@ def frontend(app: web.Application) -> Frontend:
 
 async def serve(config: Config, engine_client: EngineClient, processor, *,
                 shutdown: Optional[asyncio.Event] = None,
-                on_ready: Optional[Callable[[str], None]] = None) -> None:
+                on_ready: Optional[Callable[[str], None]] = None,
+                app: Optional[web.Application] = None) -> None:
     """Serve until SIGTERM/SIGINT (main thread) or `shutdown` is set; then stop accepting,
-    drain in-flight requests (up to server.request_timeout_s) and return."""
-    app = build_app(config, engine_client, processor)
+    drain in-flight requests (up to server.request_timeout_s) and return. `app`: one already
+    made by `build_app` (to keep a handle on it); by default a new one."""
+    app = app or build_app(config, engine_client, processor)
     fe = frontend(app)
     await engine_client.start()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -495,7 +497,8 @@ class ServerThread:
         self.config = config
         self.client, self.processor = make_local_client(config)
         self.url: Optional[str] = None
-        self.app_frontend: Optional[Frontend] = None
+        self.app = build_app(config, self.client, self.processor)
+        self.frontend = frontend(self.app)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
         self._ready = threading.Event()
@@ -511,7 +514,7 @@ class ServerThread:
                 self.url = url
                 self._ready.set()
             await serve(self.config, self.client, self.processor, shutdown=self._stop,
-                        on_ready=ready)
+                        on_ready=ready, app=self.app)
         try:
             asyncio.run(run())
         except BaseException as e:  # noqa: BLE001 - reported by start()

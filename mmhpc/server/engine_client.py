@@ -5,8 +5,8 @@ Protocol of the engine thread (the only thread that touches the engine):
     loop: drain commands (add / abort / stop; block while idle) → step() → outputs to the
           per-request asyncio queues through loop.call_soon_threadsafe.
 A failing add_request fails that request only. A failing step() fails the request it names
-(`exc.request_id`) or, if it names none, the requests that were in the engine; the thread
-lives on. Repeated step failures, a dead thread or a step that runs past `wedge_timeout_s`
+(`exc.request_id`); if it names none, the suspects: requests with no output yet (new inputs:
+images to encode, prompts to prefill), or every request if none is new. The thread lives on. Repeated step failures, a dead thread or a step that runs past `wedge_timeout_s`
 make `healthy()` False (the frontend's /health turns 503).
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ class LocalEngineClient(EngineClient):
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}      # event-loop side only
         self._live: set[str] = set()                      # engine-thread side only
+        self._fresh: set[str] = set()                     # live, no output yet
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._stats: dict = {}
@@ -151,6 +152,7 @@ class LocalEngineClient(EngineClient):
 
     def _fail(self, request_id: str, err: str) -> RequestOutput:
         self._live.discard(request_id)
+        self._fresh.discard(request_id)
         try:
             self.engine.abort_request(request_id)
         except Exception:  # noqa: BLE001 - it may never have been added
@@ -163,12 +165,14 @@ class LocalEngineClient(EngineClient):
             try:
                 self.engine.add_request(rid, ids, params, items)
                 self._live.add(rid)
+                self._fresh.add(rid)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
                 log.warning("add_request %s failed: %r", rid, e)
                 return [self._fail(rid, f"{type(e).__name__}: {e}")]
         elif cmd[0] == "abort":
             if cmd[1] in self._live:
                 self._live.discard(cmd[1])
+                self._fresh.discard(cmd[1])
                 try:
                     self.engine.abort_request(cmd[1])
                 except Exception as e:  # noqa: BLE001
@@ -207,12 +211,13 @@ class LocalEngineClient(EngineClient):
             self._failures += 1
             self.num_step_errors += 1
             rid = getattr(e, "request_id", None)
-            victims = [rid] if rid in self._live else sorted(self._live)
+            victims = [rid] if rid in self._live else sorted(self._fresh or self._live)
             log.exception("engine step failed; failing %s", victims)
             return [self._fail(r, f"engine error: {type(e).__name__}: {e}") for r in victims]
         finally:
             self._step_started = None
         for out in outputs:
+            self._fresh.discard(out.request_id)
             if out.finished:
                 self._live.discard(out.request_id)
         return outputs

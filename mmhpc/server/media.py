@@ -119,6 +119,12 @@ class MediaLoader:
         self.max_tokens = max_tokens
         self.image_cap = int(cfg.max_image_mb * (1 << 20))
         self.file_cap = int(cfg.max_file_size_mb * (1 << 20))
+        # (ip, port) pairs exempt from the private-address rule (an internal image store).
+        self.trusted: set[tuple[str, int]] = set()
+
+    def address_ok(self, ip, port: int) -> bool:
+        return (self.cfg.allow_private_urls or (str(ip), port) in self.trusted
+                or address_allowed(ip))
 
     async def load_all(self, refs: list[tuple[str, str]]) -> list[MediaItem]:
         """refs: (url, param) pairs; fetched concurrently, returned in order."""
@@ -224,11 +230,10 @@ class MediaLoader:
             addrs = [(ipaddress.ip_address(i[4][0].split("%")[0]), i[0]) for i in infos]
             if not addrs:
                 raise media_error(f"host {host!r} has no address", param, code="media_fetch_failed")
-        if not self.cfg.allow_private_urls:
-            for ip, _ in addrs:
-                if not address_allowed(ip):
-                    raise media_error(f"URL host {host!r} resolves to a non-public address "
-                                      f"({ip}); refused", param, code="url_refused")
+        for ip, _ in addrs:
+            if not self.address_ok(ip, port):
+                raise media_error(f"URL host {host!r} resolves to a non-public address "
+                                  f"({ip}); refused", param, code="url_refused")
         resolver.pins[_host_key(host)] = [
             {"hostname": host, "host": str(ip), "port": port, "family": fam, "proto": 0,
              "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV} for ip, fam in addrs]
