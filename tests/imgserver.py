@@ -66,3 +66,49 @@ class ImageServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- raw HTTP client
+def http(method: str, url: str, body: bytes | dict | None = None, timeout: float = 60.0,
+         headers: dict | None = None) -> tuple[int, bytes]:
+    """One request with the standard library (status, body); no retries, no client magic."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        conn.request(method, u.path + (f"?{u.query}" if u.query else ""), body=body,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def stream_lines(url: str, body: dict, max_lines: int, timeout: float = 60.0) -> list[str]:
+    """POST a streaming request, read `max_lines` SSE data lines, then drop the connection."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    lines: list[str] = []
+    try:
+        conn.request("POST", u.path, body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        while len(lines) < max_lines:
+            line = r.fp.readline()
+            if not line:
+                break
+            if line.startswith(b"data:"):
+                lines.append(line.decode().strip())
+    finally:
+        conn.sock and conn.sock.close()
+        conn.close()
+    return lines
