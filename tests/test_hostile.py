@@ -1,0 +1,251 @@
+"""Hostile inputs, as a table: each gets a 4xx with an OpenAI error body naming the problem,
+and the next good request still succeeds. One real server (tiny LLaVA) for the module, with
+private URLs REFUSED; only the test image server's exact (127.0.0.1, port) is trusted, so SSRF
+rows aim at other loopback/private targets (the frontend itself, metadata, ...)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from PIL import Image
+
+from imgserver import ImageServer, http
+from mmhpc.config import Config
+from mmhpc.server.app import ServerThread
+from mmhpc.server.media import text_hidden_size
+
+
+@dataclass
+class Case:
+    name: str
+    body: Any                              # dict, bytes, or f(env) -> dict | bytes
+    status: int = 400
+    code: Optional[str] = None
+    path: str = "/v1/chat/completions"
+    method: str = "POST"
+
+
+def img_msg(url: str, text: str = "Describe.") -> Callable:
+    return lambda env: {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url.format(**env)}}]}],
+        "max_tokens": 2}
+
+
+def msg(**kw) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
+
+
+def png(w=8, h=8, mode="RGB", fmt="PNG") -> bytes:
+    b = io.BytesIO()
+    Image.new(mode, (w, h)).save(b, fmt)
+    return b.getvalue()
+
+
+def noise_png(w=64, h=64) -> bytes:
+    b = io.BytesIO()
+    Image.frombytes("RGB", (w, h), os.urandom(w * h * 3)).save(b, "PNG")
+    return b.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+CASES = [
+    # --- SSRF (the frontend's own port, private nets, metadata, IPv6/mapped/decimal forms)
+    Case("ssrf_loopback_self", img_msg("http://127.0.0.1:{port}/v1/models"), code="url_refused"),
+    Case("ssrf_localhost_name", img_msg("http://localhost:{port}/health"), code="url_refused"),
+    Case("ssrf_10_net", img_msg("http://10.0.0.1/a.png"), code="url_refused"),
+    Case("ssrf_192_168", img_msg("http://192.168.0.1/a.png"), code="url_refused"),
+    Case("ssrf_metadata", img_msg("http://169.254.169.254/latest/meta-data/"), code="url_refused"),
+    Case("ssrf_ipv6_loopback", img_msg("http://[::1]:{port}/health"), code="url_refused"),
+    Case("ssrf_ipv4_mapped_ipv6", img_msg("http://[::ffff:127.0.0.1]:{port}/health"),
+         code="url_refused"),
+    Case("ssrf_ipv4_mapped_metadata", img_msg("http://[::ffff:a9fe:a9fe]/"), code="url_refused"),
+    Case("ssrf_decimal_ip", img_msg("http://2130706433:{port}/health"), code="url_refused"),
+    Case("ssrf_hex_ip", img_msg("http://0x7f000001:{port}/health"), code="url_refused"),
+    Case("ssrf_unspecified", img_msg("http://0.0.0.0:{port}/health"), code="url_refused"),
+    Case("redirect_to_metadata", img_msg("{img}/to-meta"), code="url_refused"),
+    Case("redirect_to_self", img_msg("{img}/to-self"), code="url_refused"),
+    Case("redirect_loop", img_msg("{img}/to-loop"), code="media_fetch_failed"),
+    Case("scheme_ftp", img_msg("ftp://example.com/a.png"), code="unsupported_url_scheme"),
+    Case("scheme_gopher", img_msg("gopher://127.0.0.1:70/_x"), code="unsupported_url_scheme"),
+    # --- local files
+    Case("path_traversal_file_url", img_msg("file://{root}/../secret.png"), code="local_file_refused"),
+    Case("path_traversal_relative", img_msg("../secret.png"), code="local_file_refused"),
+    Case("symlink_escape", img_msg("{root}/link.png"), code="local_file_refused"),
+    Case("etc_passwd", img_msg("/etc/passwd"), code="local_file_refused"),
+    Case("oversize_file", img_msg("{root}/big.png"), code="media_too_large"),
+    # --- image bytes
+    Case("oversize_image_http", img_msg("{img}/big"), code="media_too_large"),
+    Case("oversize_image_http_no_length", img_msg("{img}/big-nolen"), code="media_too_large"),
+    Case("pixel_bomb", img_msg("data:image/png;base64," + b64(png(3000, 3000, "1"))),
+         code="image_too_large"),
+    Case("truncated_base64", img_msg("data:image/png;base64," + b64(png())[:-5]), code="invalid_media"),
+    Case("truncated_image", img_msg("data:image/png;base64," + b64(noise_png()[:6000])),
+         code="invalid_image"),
+    Case("bad_mime", img_msg("data:text/html;base64," + b64(b"<script>x</script>")),
+         code="unsupported_media_type"),
+    Case("svg_mime", img_msg("data:image/svg+xml;base64," + b64(b"<svg/>")),
+         code="unsupported_media_type"),
+    Case("non_image_bytes_http", img_msg("{img}/notimage"), code="invalid_image"),
+    Case("bmp_disguised_as_png", img_msg("data:image/png;base64," + b64(png(fmt="BMP"))),
+         code="invalid_image"),
+    Case("http_404", img_msg("{img}/missing.png"), code="media_fetch_failed"),
+    Case("fetch_timeout", img_msg("{img}/slow"), code="media_fetch_timeout"),
+    # --- embeddings files
+    Case("embeddings_wrong_shape", img_msg("{root}/wrong.pt"), code="invalid_embeddings"),
+    Case("embeddings_wrong_dtype", img_msg("{root}/int.pt"), code="invalid_embeddings"),
+    Case("embeddings_pickle_payload", img_msg("{root}/evil.pt"), code="invalid_embeddings"),
+    Case("embeddings_oversize", img_msg("{root}/huge.pt"), code="media_too_large"),
+    Case("embeddings_garbage_safetensors", img_msg("{root}/junk.safetensors"),
+         code="invalid_embeddings"),
+    # --- the request itself
+    Case("unknown_model", msg(model="gpt-17"), status=404, code="model_not_found"),
+    Case("bad_json", b'{"messages": [', code="invalid_json"),
+    Case("json_not_object", b"[1, 2]", code="invalid_json"),
+    Case("missing_messages", {"max_tokens": 2}, code="missing_required_parameter"),
+    Case("empty_messages", {"messages": []}),
+    Case("messages_not_list", {"messages": "hi"}),
+    Case("bad_role", {"messages": [{"role": "root", "content": "hi"}]}),
+    Case("negative_max_tokens", msg(max_tokens=-1)),
+    Case("max_tokens_string", msg(max_tokens="10")),
+    Case("temperature_negative", msg(temperature=-0.5)),
+    Case("top_p_zero", msg(top_p=0)),
+    Case("n_too_large", msg(n=100)),
+    Case("stop_not_strings", msg(stop=[1, 2])),
+    Case("top_logprobs_too_many", msg(logprobs=True, top_logprobs=50)),
+    Case("too_many_images", lambda env: {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "{img}/a.png".format(**env)}}] * 5}]},
+        code="too_many_images"),
+    Case("image_url_without_url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {}}]}]}),
+    Case("placeholder_in_chat_text", msg(messages=[{"role": "user", "content": "<image> hi"}]),
+         code="image_placeholder_in_text"),
+    Case("placeholder_mismatch_completion", {"prompt": "<image> what is it", "max_tokens": 2},
+         path="/v1/completions", code="invalid_prompt"),
+    Case("unsupported_content_type", {"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+        code="unsupported_content_type"),
+    Case("prompt_longer_than_context", msg(messages=[{"role": "user", "content": "red " * 2000}]),
+         code="context_length_exceeded"),
+    Case("max_tokens_past_context", msg(max_tokens=100000), code="context_length_exceeded"),
+    Case("completion_token_out_of_vocab", {"prompt": [1, 2, 10**9], "max_tokens": 2},
+         path="/v1/completions"),
+    Case("completion_missing_prompt", {"max_tokens": 2}, path="/v1/completions",
+         code="missing_required_parameter"),
+    Case("unknown_route", {}, path="/v1/nope", status=404, code="not_found"),
+    Case("wrong_method", None, path="/v1/chat/completions", method="GET", status=405,
+         code="method_not_allowed"),
+    Case("body_too_large", lambda env: b'{"messages": "' + b"x" * (9 << 20) + b'"}', status=413,
+         code="request_too_large"),
+]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_llava, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = tmp / "allowed"
+    root.mkdir()
+    (tmp / "secret.png").write_bytes(png())
+    os.symlink(tmp / "secret.png", root / "link.png")
+    (root / "big.png").write_bytes(b"\x89PNG" + os.urandom(600_000))
+    hidden = text_hidden_size(tiny_llava)
+    torch.save(torch.randn(4, hidden + 1), root / "wrong.pt")
+    torch.save(torch.ones(4, hidden, dtype=torch.int64), root / "int.pt")
+    marker = tmp / "pwned"
+    torch.save({"mm_embeddings": torch.randn(4, hidden), "x": _Payload(str(marker))}, root / "evil.pt")
+    (root / "huge.pt").write_bytes(os.urandom(600_000))
+    (root / "junk.safetensors").write_bytes(b"\xff" * 64)
+    img = ImageServer().start()
+    cfg = Config.from_dict({
+        "model": {"path": str(tiny_llava), "max_model_len": 512},
+        "cache": {"num_blocks": 128},
+        "server": {"host": "127.0.0.1", "port": 0},
+        "media": {"allow_private_urls": False, "allowed_local_path": str(root),
+                  "max_image_mb": 0.5, "max_file_size_mb": 0.5, "max_image_pixels": 1_000_000,
+                  "max_images_per_request": 4, "fetch_timeout_s": 1.0}})
+    st = ServerThread(cfg)
+    url = st.start()
+    st.frontend.media.trusted.add(("127.0.0.1", img.port))
+    port = int(url.rsplit(":", 1)[1])
+    img.add("/a.png", png(), content_type="image/png")
+    img.add("/big", os.urandom(700_000))
+    img.add("/big-nolen", os.urandom(700_000), send_length=False)
+    img.add("/notimage", b"<html>hello</html>", content_type="image/png")
+    img.add("/slow", png(), delay_s=3.0)
+    img.add("/to-meta", status=302, headers={"Location": "http://169.254.169.254/latest/meta-data"})
+    img.add("/to-self", status=302, headers={"Location": f"http://127.0.0.1:{port}/v1/models"})
+    img.add("/to-loop", status=302, headers={"Location": "/to-loop"})
+    yield {"url": url, "port": port, "root": str(root), "img": img.url(""), "st": st,
+           "marker": marker, "model": tiny_llava.name}
+    st.stop()
+    img.stop()
+
+
+def send(env, case: Case) -> tuple[int, bytes]:
+    body = case.body(env) if callable(case.body) else case.body
+    return http(case.method, env["url"] + case.path, body, timeout=30)
+
+
+def good(env) -> dict:
+    status, raw = http("POST", env["url"] + "/v1/chat/completions", img_msg("{img}/a.png")(env))
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile(env, case):
+    status, raw = send(env, case)
+    assert status == case.status, raw[:300]
+    err = json.loads(raw)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if case.code:
+        assert err["code"] == case.code, err
+    assert not env["marker"].exists()
+    assert good(env)["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_enough_cases():
+    assert len(CASES) >= 25
+
+
+def test_hostile_burst_does_not_disturb_a_good_stream(env):
+    """All rows at once, while a long greedy stream runs: its text equals a quiet rerun."""
+    body = {"messages": [{"role": "user", "content": "Describe a red circle."}], "max_tokens": 48,
+            "temperature": 0, "ignore_eos": True}
+    quiet = json.loads(http("POST", env["url"] + "/v1/chat/completions", body)[1])
+    result = {}
+
+    def stream():
+        result["r"] = http("POST", env["url"] + "/v1/chat/completions", {**body, "stream": True})
+    t = threading.Thread(target=stream)
+    t.start()
+    cases = [c for c in CASES if c.name not in ("body_too_large", "fetch_timeout")]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda c: (c, send(env, c)[0]), cases))
+    t.join(60)
+    assert all(s == c.status for c, s in statuses), [(c.name, s) for c, s in statuses
+                                                      if s != c.status]
+    events = [ln[6:] for ln in result["r"][1].decode().splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                   for e in events[:-1] if json.loads(e)["choices"])
+    assert text == quiet["choices"][0]["message"]["content"]
+    assert env["st"].client.healthy()
