@@ -160,15 +160,31 @@ class InputProcessor:
                       embeddings=item)
 
     # --------------------------------------------------------------- prompts
-    def process(self, prompt: str, images: list[Any] = ()) -> tuple[list[int], list[MMItem]]:
-        """Tokenize `prompt` and expand its image placeholders, one per image, in order."""
+    def image_item(self, image) -> MMItem:
+        """One PIL image → MMItem with pixel values (and grid); offset is set by `process`."""
+        return self._image_item(image)
+
+    def _counted_item(self, image) -> MMItem:
+        """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""
+        grid = None
+        if self.family == "qwen2_vl":
+            gh, gw = self._qwen_grid(image.width, image.height)
+            grid = (1, gh, gw)
+        return MMItem(content_hash=image_hash(image), offset=-1,
+                      num_tokens=self.num_image_tokens(image.width, image.height), grid_thw=grid)
+
+    def process(self, prompt: str, images: list[Any] = (), with_pixels: bool = True
+                ) -> tuple[list[int], list[MMItem]]:
+        """Tokenize `prompt` and expand its image placeholders, one per image, in order.
+        `with_pixels=False`: images get counts and grids only (a disaggregated frontend)."""
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         images = list(images or [])
         if len(positions) != len(images):
             raise ValueError(f"the prompt has {len(positions)} image placeholder(s) "
                              f"({self.image_token}) but {len(images)} image(s) were given")
-        items = [self._image_item(im) if _is_image(im) else self._embedding_item(im) for im in images]
+        image_item = self._image_item if with_pixels else self._counted_item
+        items = [image_item(im) if _is_image(im) else self._embedding_item(im) for im in images]
         out: list[int] = []
         start = 0
         for pos, item in zip(positions, items):

@@ -1,0 +1,175 @@
+"""Decode role. A request's life here:
+
+1. KVReady (prefill): reserve blocks for the prompt's KV (`add_prefilled_request`; no room
+   now → it waits in arrival order, within its deadline and prefill's lease).
+2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
+   (`kv_transfer.plan_read`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
+3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
+   each step's new tokens go to the frontend as TokenStream.
+AbortRequest, an expired deadline or a failed READ frees the reserved blocks (and tells
+prefill with ReleaseKV so its blocks go too).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from mmhpc.engine.sequence import MMItem
+from mmhpc.messages.common import AbortRequest, Shutdown
+from mmhpc.messages.to_decode import KVReady
+from mmhpc.messages.to_frontend import RequestFailed, TokenStream
+from mmhpc.messages.to_prefill import ReleaseKV
+from mmhpc.roles.kv_transfer import KVGeometry, plan_read
+from mmhpc.roles.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pull:
+    msg: KVReady
+    handle: object
+    deadline: float
+
+
+class DecodeWorker(Worker):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        from mmhpc.engine.engine import LLMEngine
+        self.engine = LLMEngine(ctx.config, device=ctx.device)
+        self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
+        self.geometry = KVGeometry.of_pool(self.engine.kv_cache)
+        self.waiting: deque[KVReady] = deque()        # no free blocks yet
+        self.pulls: dict[str, _Pull] = {}
+        self.active: dict[str, KVReady] = {}           # decoding in the engine
+        self.num_kv_bytes = 0
+
+    def handle(self, src: int, msg) -> None:
+        if isinstance(msg, KVReady):
+            self.waiting.append(msg)
+        elif isinstance(msg, AbortRequest):
+            self._drop(msg.request_id)
+        elif not isinstance(msg, Shutdown):
+            log.warning("decode rank %d: unexpected %s", self.rank, type(msg).__name__)
+
+    def busy(self) -> bool:
+        return bool(self.pulls) or bool(self.waiting) or self.engine.has_unfinished_requests()
+
+    def tick(self) -> None:
+        self._reserve()
+        self._poll_pulls()
+        self._expire()
+        if self.engine.has_unfinished_requests() and self.active:
+            self._step()
+        self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
+                          num_pulling=len(self.pulls), num_kv_bytes=self.num_kv_bytes)
+
+    # ------------------------------------------------------------------------ KV pull
+    def _reserve(self) -> None:
+        while self.waiting:
+            msg = self.waiting[0]
+            rid = msg.request_id
+            items = [MMItem(m.content_hash, m.offset, m.num_tokens,
+                            tuple(m.grid_thw) if m.grid_thw else None) for m in msg.mm_items]
+            try:
+                blocks = self.engine.add_prefilled_request(rid, msg.prompt_token_ids, msg.params,
+                                                           msg.first_token_id, items)
+            except Exception as e:  # noqa: BLE001
+                self.waiting.popleft()
+                self._fail(msg, f"{type(e).__name__}: {e}")
+                continue
+            if blocks is None:
+                return                                 # no room: keep arrival order
+            self.waiting.popleft()
+            try:
+                n = min(len(blocks), len(msg.block_ids))
+                local, remote = plan_read(self.geometry, msg.pools[0], msg.block_ids[:n],
+                                          self.pool_descs, blocks[:n])
+                handle = self.ctx.nixl.read(local, remote)
+            except Exception as e:  # noqa: BLE001
+                self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
+                continue
+            self.num_kv_bytes += local.nbytes
+            deadline = min(msg.deadline, msg.lease_expires,
+                           time.time() + self.timeouts.kv_transfer_s)
+            self.pulls[rid] = _Pull(msg, handle, deadline)
+
+    def _poll_pulls(self) -> None:
+        now = time.time()
+        for rid, p in list(self.pulls.items()):
+            try:
+                done = self.ctx.nixl.done(p.handle)
+            except Exception as e:  # noqa: BLE001
+                del self.pulls[rid]
+                self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} failed: {e}")
+                continue
+            if done:
+                del self.pulls[rid]
+                self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
+                self.engine.activate_request(rid)
+                self.active[rid] = p.msg
+            elif now > p.deadline:
+                del self.pulls[rid]
+                self.ctx.nixl._release(p.handle)
+                self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} timed out",
+                           timeout=True)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for msg in [m for m in self.waiting if now > min(m.deadline, m.lease_expires)]:
+            self.waiting.remove(msg)
+            self._fail(msg, "no free KV blocks on decode before the deadline", timeout=True)
+        for rid, msg in list(self.active.items()):
+            if now > msg.deadline:
+                self._fail(msg, "decode deadline passed", timeout=True)
+
+    # ------------------------------------------------------------------------ decode
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode rank %d: step failed", self.rank)
+            for msg in list(self.active.values()):
+                self._fail(msg, f"decode engine error: {type(e).__name__}: {e}")
+            return
+        for out in outputs:
+            msg = self.active.get(out.request_id)
+            if msg is None:
+                continue
+            self.send(msg.frontend_rank, TokenStream(
+                out.request_id, out.new_token_ids, "decode", out.finished, out.finish_reason,
+                out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error))
+            if out.finished:
+                del self.active[out.request_id]
+
+    # ------------------------------------------------------------------------ cleanup
+    def _drop(self, rid: str) -> KVReady | None:
+        """Free the request's blocks here; returns its KVReady if it was ours."""
+        msg = self.active.pop(rid, None)
+        pull = self.pulls.pop(rid, None)
+        if pull is not None:
+            self.ctx.nixl._release(pull.handle)
+            msg = pull.msg
+        for m in [m for m in self.waiting if m.request_id == rid]:
+            self.waiting.remove(m)
+            msg = m
+        self.engine.abort_request(rid)
+        return msg
+
+    def _fail(self, msg: KVReady, message: str, timeout: bool = False) -> None:
+        rid = msg.request_id
+        pulled = rid in self.active
+        self._drop(rid)
+        if not pulled:                      # prefill still holds the blocks
+            self.send(msg.prefill_rank, ReleaseKV(rid, self.rank))
+        self.send(msg.frontend_rank, RequestFailed(rid, self.rank, "decode", message, timeout))
+
+
+def setup(ctx) -> None:
+    ctx.worker = DecodeWorker(ctx)
+
+
+def run(ctx) -> None:
+    ctx.worker.run()

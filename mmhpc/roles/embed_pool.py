@@ -1,0 +1,47 @@
+"""A slab of embedding rows in one NIXL-registered tensor, with a first-fit row allocator.
+
+Encode writes image embeddings here (peers READ them); prefill lands its READs here. The
+tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_POOL_MB = 64
+
+
+class EmbeddingPool:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, pool_mb: float = DEFAULT_POOL_MB,
+                 device: str | torch.device = "cpu") -> None:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.num_rows = max(1, int(pool_mb * (1 << 20)) // (hidden_size * itemsize))
+        self.tensor = torch.zeros(self.num_rows, hidden_size, dtype=dtype, device=device)  # [R, D]
+        self._free: list[tuple[int, int]] = [(0, self.num_rows)]     # (start, length), sorted
+
+    @property
+    def num_free_rows(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def alloc(self, num_rows: int) -> int | None:
+        """First row of `num_rows` free rows, or None (full: evict and retry)."""
+        for i, (start, n) in enumerate(self._free):
+            if n >= num_rows:
+                self._free[i] = (start + num_rows, n - num_rows)
+                if self._free[i][1] == 0:
+                    del self._free[i]
+                return start
+        return None
+
+    def free(self, start: int, num_rows: int) -> None:
+        self._free.append((start, num_rows))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    def rows(self, start: int, num_rows: int) -> torch.Tensor:
+        return self.tensor[start:start + num_rows]      # contiguous view: [n, D]

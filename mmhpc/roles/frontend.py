@@ -1,0 +1,298 @@
+"""Frontend role (rank 0): the OpenAI server over `RemoteEngineClient`, which drives the
+encode / prefill / decode ranks over ZeroMQ.
+
+A request's control flow (tensors move over NIXL between workers, never through here):
+    generate → pick instances (least loaded: own in-flight count + heartbeat queue depth,
+    then most free KV blocks) → [EncodeRequest → encode] + PrefillRequest → prefill
+    ← TokenStream(first token, prefill) ← TokenStream(..., decode) ← RequestFailed(any stage)
+Leaving early, a deadline or a failure sends AbortRequest to every rank of the request.
+Workers send Heartbeats; a rank silent for timeouts.dead_rank_s is dead: every in-flight
+request fails, one line names the rank, the server stops and `run` aborts the MPI job.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmhpc.engine.detokenizer import IncrementalDetokenizer
+from mmhpc.engine.outputs import RequestOutput
+from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
+from mmhpc.messages.to_encode import EncodeRequest, ImageItem
+from mmhpc.messages.to_frontend import RequestFailed, TokenStream
+from mmhpc.messages.to_prefill import PrefillRequest
+from mmhpc.server.engine_client import EngineClient
+
+log = logging.getLogger(__name__)
+MAX_IMAGES_KEPT = 512
+PROMPT_TAIL = 4
+
+
+@dataclass
+class _Request:
+    queue: asyncio.Queue
+    ranks: list[int]
+    detok: IncrementalDetokenizer
+    got_first: bool = False                     # prefill's token came (decode's wait for it)
+    held: list = field(default_factory=list)
+
+
+class RemoteEngineClient(EngineClient):
+    def __init__(self, ctx, processor) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.mailbox = ctx.mailbox
+        self.tokenizer = processor.tokenizer
+        layout = ctx.layout
+        self.encoders = layout.leaders("encode")
+        self.prefills = layout.leaders("prefill")
+        self.decoders = layout.leaders("decode")
+        self.workers = [r.rank for r in layout.ranks if r.role != "frontend"]
+        self.roles = {r.rank: r.role for r in layout.ranks}
+        self.last_seen: dict[int, float] = {}
+        self.rank_stats: dict[int, dict] = {r: {} for r in self.workers}
+        self.in_flight: Counter = Counter()
+        self.requests: dict[str, _Request] = {}
+        self.images: OrderedDict[str, Any] = OrderedDict()
+        self.dead: str | None = None
+        self.shutdown = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        now = time.monotonic()
+        self.last_seen = {r: now for r in self.workers}
+        self._tasks = [asyncio.ensure_future(self._recv_loop()),
+                       asyncio.ensure_future(self._monitor())]
+
+    async def close(self) -> None:
+        if not self.dead:
+            for r in self.workers:
+                self._send(r, Shutdown("frontend stopped"))
+            await asyncio.sleep(0.2)            # let the PUSH sockets flush
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def remember_image(self, content_hash: str, image) -> None:
+        self.images[content_hash] = image
+        self.images.move_to_end(content_hash)
+        while len(self.images) > MAX_IMAGES_KEPT:
+            self.images.popitem(last=False)
+
+    # ---------------------------------------------------------------- EngineClient
+    async def generate(self, request_id, prompt_token_ids, params, mm_items=(), deadline=None):
+        if self.dead:
+            raise RuntimeError(self.dead)
+        deadline = deadline or time.time() + self.config.server.request_timeout_s
+        images = [self._image_item(it) for it in mm_items]
+        metas = [MMItemMeta(it.content_hash, it.offset, it.num_tokens,
+                            list(it.grid_thw) if it.grid_thw else None) for it in mm_items]
+        enc = self._pick(self.encoders) if self.encoders and images else -1
+        pre, dec = self._pick(self.prefills), self._pick(self.decoders)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop,
+                                       prompt_tail=prompt_token_ids[-PROMPT_TAIL:])
+        st = _Request(asyncio.Queue(), [r for r in (enc, pre, dec) if r >= 0], detok)
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.requests[request_id] = st
+        self.in_flight.update(st.ranks)
+        finished = False
+        try:
+            if enc >= 0:
+                self._send(enc, EncodeRequest(request_id, images, pre, deadline))
+            self._send(pre, PrefillRequest(request_id, list(prompt_token_ids), params, metas,
+                                           dec, deadline, enc, [] if enc >= 0 else images))
+            while not finished:
+                left = deadline - time.time()
+                if left <= 0:
+                    raise TimeoutError(f"request {request_id} passed its deadline")
+                try:
+                    msg = await asyncio.wait_for(st.queue.get(), left)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"request {request_id} passed its deadline") from None
+                out = self._output(request_id, st, msg)
+                finished = out.finished
+                yield out
+        finally:
+            self.requests.pop(request_id, None)
+            self.in_flight.subtract(st.ranks)
+            if not finished:
+                self._abort_everywhere(request_id, st.ranks, "abort")
+
+    async def abort(self, request_id: str) -> None:
+        st = self.requests.get(request_id)
+        if st is not None:
+            self._abort_everywhere(request_id, st.ranks, "abort")
+            st.queue.put_nowait(RequestFailed(request_id, 0, "frontend", "aborted"))
+
+    def healthy(self) -> bool:
+        return self.dead is None
+
+    def stats(self) -> dict:
+        out: dict[str, Any] = {k: 0 for k in ("num_running", "num_waiting", "num_free_blocks",
+                                              "num_total_blocks")}
+        for r, s in self.rank_stats.items():
+            if self.roles[r] in ("prefill", "decode"):
+                for k in out:
+                    out[k] += s.get(k, 0)
+        out["ranks"] = {r: dict(s, role=self.roles[r]) for r, s in self.rank_stats.items()}
+        return out
+
+    # ---------------------------------------------------------------- helpers
+    def _send(self, dest: int, msg) -> None:
+        try:
+            self.mailbox.send(dest, msg)
+        except Exception as e:  # noqa: BLE001 - a full queue: the rank is stuck or gone
+            log.warning("frontend: cannot send %s to rank %d: %s", type(msg).__name__, dest, e)
+
+    def _abort_everywhere(self, rid: str, ranks: list[int], reason: str) -> None:
+        if self.dead:
+            return
+        for r in ranks:
+            self._send(r, AbortRequest(rid, reason))
+
+    def _pick(self, ranks: list[int]) -> int:
+        """Least loaded: own in-flight count + reported queue, then most free blocks."""
+        def load(r: int) -> tuple:
+            s = self.rank_stats.get(r, {})
+            return (self.in_flight[r] + s.get("num_waiting", 0) + s.get("num_waiting_kv", 0),
+                    -s.get("num_free_blocks", 0), r)
+        return min(ranks, key=load)
+
+    def _image_item(self, it) -> ImageItem:
+        if it.embeddings is not None:
+            raise ValueError("pre-computed image embeddings are not supported by the "
+                             "disaggregated deployments yet")
+        img = self.images.get(it.content_hash)
+        if img is None:
+            raise ValueError(f"image {it.content_hash[:12]} is not held by the frontend")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return ImageItem(it.content_hash, it.offset, it.num_tokens, rgb.tobytes(), "rgb",
+                         rgb.width, rgb.height)
+
+    def _output(self, rid: str, st: _Request, msg) -> RequestOutput:
+        if isinstance(msg, RequestFailed):
+            what = "timed out" if msg.timeout else "failed"
+            return RequestOutput(rid, [], finished=True, finish_reason="error",
+                                 error=f"{msg.stage} (rank {msg.rank}) {what}: {msg.message}")
+        delta = "".join(st.detok.add(t) for t in msg.new_token_ids)
+        if msg.finished:
+            delta += st.detok.flush()
+        return RequestOutput(rid, list(msg.new_token_ids), delta, msg.logprobs, msg.finished,
+                             msg.finish_reason, msg.num_prompt_tokens, msg.num_cached_tokens,
+                             msg.error)
+
+    def _deliver(self, msg) -> None:
+        st = self.requests.get(msg.request_id)
+        if st is None:
+            return
+        if isinstance(msg, RequestFailed):
+            self._abort_everywhere(msg.request_id, [r for r in st.ranks if r != msg.rank],
+                                   "timeout" if msg.timeout else "error")
+            st.queue.put_nowait(msg)
+        elif msg.stage == "decode" and not st.got_first:
+            st.held.append(msg)                 # decode overtook prefill's first token
+        else:
+            st.queue.put_nowait(msg)
+            if msg.stage == "prefill":
+                st.got_first = True
+                for m in st.held:
+                    st.queue.put_nowait(m)
+                st.held.clear()
+
+    # ---------------------------------------------------------------- tasks
+    async def _recv_loop(self) -> None:
+        while True:
+            got = await self.mailbox.recv()
+            if got is None:
+                continue
+            src, msg = got
+            self.last_seen[src] = time.monotonic()
+            if isinstance(msg, Heartbeat):
+                self.rank_stats[msg.rank] = msg.stats
+            elif isinstance(msg, (TokenStream, RequestFailed)):
+                self._deliver(msg)
+            elif isinstance(msg, ErrorNotice) and msg.request_id is None:
+                self._rank_dead(msg.rank, msg.message)
+            elif isinstance(msg, ErrorNotice):
+                self._deliver(RequestFailed(msg.request_id, msg.rank, msg.stage, msg.message))
+
+    async def _monitor(self) -> None:
+        limit = self.config.timeouts.dead_rank_s
+        while not self.dead:
+            await asyncio.sleep(min(1.0, self.config.timeouts.heartbeat_s / 2))
+            now = time.monotonic()
+            for r in self.workers:
+                if now - self.last_seen[r] > limit:
+                    self._rank_dead(r, f"no heartbeat for {now - self.last_seen[r]:.1f}s")
+                    break
+
+    def _rank_dead(self, rank: int, why: str) -> None:
+        if self.dead:
+            return
+        self.dead = f"rank {rank} ({self.roles.get(rank, '?')}) is dead: {why}"
+        print(f"mmhpc: error: {self.dead}; failing {len(self.requests)} in-flight request(s) "
+              f"and stopping the job", file=sys.stderr, flush=True)
+        for rid, st in list(self.requests.items()):
+            st.queue.put_nowait(RequestFailed(rid, rank, self.roles.get(rank, "?"), self.dead))
+        self.shutdown.set()
+
+    async def debug_ranks(self, request):
+        from aiohttp import web
+        now = time.monotonic()
+        return web.json_response({str(r): dict(self.rank_stats.get(r, {}), role=self.roles[r],
+                                               silent_s=round(now - self.last_seen.get(r, now), 3))
+                                  for r in self.workers})
+
+
+class FrontendProcessor:
+    """The InputProcessor as the disaggregated frontend uses it: images are counted (token
+    numbers, grids), not preprocessed; the decoded images wait in the client for dispatch."""
+
+    def __init__(self, processor, client: RemoteEngineClient) -> None:
+        self._processor = processor
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
+
+    def process(self, prompt: str, images=()):
+        ids, items = self._processor.process(prompt, images, with_pixels=False)
+        for item, image in zip(items, images):
+            if item.embeddings is None:
+                self._client.remember_image(item.content_hash, image)
+        return ids, items
+
+
+def run(ctx) -> None:
+    from mmhpc.multimodal.processor import InputProcessor
+    from mmhpc.server.app import build_app, serve
+
+    processor = InputProcessor(ctx.config.model.path)
+    client = RemoteEngineClient(ctx, processor)
+    fp = FrontendProcessor(processor, client)
+    app = build_app(ctx.config, client, fp)
+    app.router.add_get("/debug/ranks", client.debug_ranks)
+
+    def ready(url: str) -> None:
+        try:
+            from mmhpc.launch.url_file import write_url_file
+            write_url_file(url)
+        except Exception:  # noqa: BLE001 - the URL file is a convenience
+            pass
+
+    async def main() -> None:
+        client.shutdown = asyncio.Event()
+        await serve(ctx.config, client, fp, shutdown=client.shutdown, on_ready=ready, app=app)
+
+    asyncio.run(main())
+    if client.dead:                  # outside asyncio: take every rank down
+        sys.stderr.flush()
+        ctx.comm.Abort(1)
