@@ -130,7 +130,7 @@ class NixlAgent:
             return True
         return False
 
-    def wait(self, x: XferHandle, timeout: float, spin_s: float = 0.002) -> None:
+    def wait(self, x: XferHandle, timeout: float, spin_s: float = 0.0002) -> None:
         """Until `x` completes; TimeoutError after `timeout` seconds (the request is released)."""
         deadline = time.monotonic() + timeout
         while not self.done(x):
