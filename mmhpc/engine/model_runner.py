@@ -6,9 +6,12 @@ table, and attention covers everything cached before them (chunked prefill, pref
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mmhpc.config import Config
+from mmhpc.distributed.group import get_tp
 from mmhpc.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from mmhpc.engine.sequence import MMItem, Sequence
 from mmhpc.models import load_model, resolve_dtype
@@ -22,8 +25,10 @@ def default_device() -> torch.device:
 
 class ModelRunner:
     def __init__(self, config: Config, device: torch.device | str | None = None,
-                 allocate_kv: bool = True, tp_rank: int = 0, tp_size: int = 1):
+                 allocate_kv: bool = True):
         self.config = config
+        self.tp = get_tp()          # TP instance of this rank (mmhpc.distributed); size 1: alone
+        tp_rank, tp_size = self.tp.rank, self.tp.size
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
@@ -35,7 +40,8 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         if allocate_kv:
             text = self.model.text_config
-            self.num_blocks = num_blocks_for(config.cache, text, self.dtype, self.device, tp_size)
+            self.num_blocks = self.tp.min_int(    # every rank of the instance: the same pool
+                num_blocks_for(config.cache, text, self.dtype, self.device, tp_size))
             self.kv_cache = allocate_kv_cache(text, self.num_blocks, self.block_size, self.dtype,
                                               self.device, tp_size)
 
@@ -102,15 +108,38 @@ class ModelRunner:
             if s.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
+        step = StepInputs(input_ids, torch.cat(positions, dim=-1), slots, query_start,
+                          context_lens, tables, sample_rows,
+                          (torch.cat(mm_rows), torch.cat(mm_vals)) if mm_rows else None)
+        self.tp.broadcast_object(step)   # TP followers run it too (mmhpc.engine.tp_worker)
+        return self.run_step(step), sample_seqs
+
+    @torch.inference_mode()
+    def run_step(self, step: "StepInputs") -> torch.Tensor:
+        """The model on one step's flat inputs; logits [N, V] float32 of the sampled rows."""
         dev = self.device
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), query_start,
-                                 context_lens, tables, bs)
+        meta = AttentionMetadata(torch.tensor(step.slots, dtype=torch.long, device=dev),
+                                 step.query_start, step.context_lens, step.block_tables,
+                                 self.block_size)
         mm = None
-        if mm_rows:
-            mm = (torch.cat(mm_rows).to(dev), torch.cat(mm_vals).to(device=dev, dtype=self.dtype))
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                            torch.cat(positions, dim=-1).to(dev), meta, self.kv_cache, mm)
-        if not sample_rows:
-            return hidden.new_empty((0, 0), dtype=torch.float32), []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return logits.float(), sample_seqs
+        if step.mm is not None:
+            mm = (step.mm[0].to(dev), step.mm[1].to(device=dev, dtype=self.dtype))
+        hidden = self.model(torch.tensor(step.input_ids, dtype=torch.long, device=dev),
+                            step.positions.to(dev), meta, self.kv_cache, mm)
+        if not step.sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=dev)])
+        return logits.float()
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs, host-side: what the TP leader broadcasts to its followers."""
+    input_ids: list[int]                    # [T]
+    positions: torch.Tensor                 # [T] or [3, T] (M-RoPE)
+    slots: list[int]                        # [T] cache slot of each token
+    query_start: list[int]                  # [B + 1]
+    context_lens: list[int]                 # [B]
+    block_tables: list[list[int]]           # [B][blocks]
+    sample_rows: list[int]                  # rows whose logits are sampled
+    mm: tuple[torch.Tensor, torch.Tensor] | None = None   # rows [R], embeddings [R, hidden]

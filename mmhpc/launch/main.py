@@ -66,7 +66,12 @@ def _fail(msg: str, rank: int = 0) -> int:
 
 
 def model_heads(path: str) -> dict[str, int]:
-    """num_heads / num_kv_heads of the text model from config.json, when the file is there."""
+    """num_heads / num_kv_heads of the text model from config.json, when the file is there
+    (`tiny:<family>`: the builder's default sizes, before anything is built)."""
+    if path.startswith("tiny:"):
+        from mmhpc.tools.tiny import DEFAULT_SIZES
+        sizes = DEFAULT_SIZES.get(path.split(":", 1)[1], {})
+        return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"]} if sizes else {}
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
@@ -140,9 +145,9 @@ def _run(config) -> int:
     if any(errors):
         return _fail(next(e for e in errors if e), comm.rank)
 
-    if comm.size == 1 and config.deployment.name == "agg":
-        return _serve_aggregated(config)
     try:
+        if layout.instances("aggregated") == [list(range(comm.size))]:   # one agg instance, any tp
+            return _serve_aggregated(config, comm, job, layout[comm.rank])
         return _run_role(config, comm, job, layout)
     except SystemExit:
         raise
@@ -154,16 +159,26 @@ def _run(config) -> int:
         return 1
 
 
-def _serve_aggregated(config) -> int:
+def _serve_aggregated(config, comm, job, info) -> int:
+    """Rank 0: HTTP + LLMEngine (the TP leader); ranks 1..tp-1: TP followers."""
+    import asyncio
     try:
         resolve_model_path(config)
         from mmhpc.engine.engine import LLMEngine
+        from mmhpc.engine.tp_worker import follow, start_tp, stop_followers
         from mmhpc.server.app import serve
         from mmhpc.server.engine_client import LocalEngineClient
     except ImportError as e:
         return _fail(f"aggregated serving is not available: {e}")
-    engine = LLMEngine(config)
-    serve(config, LocalEngineClient(engine), engine.processor)
+    tp = start_tp(comm, info, job.host_addr)
+    if not tp.is_leader:
+        follow(config)
+        return 0
+    engine = LLMEngine(config, device=tp.device)   # a failure here: _run aborts the job
+    try:
+        asyncio.run(serve(config, LocalEngineClient(engine), engine.processor))
+    finally:
+        stop_followers()
     return 0
 
 

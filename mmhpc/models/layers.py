@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmhpc.distributed.group import get_tp
+from mmhpc.distributed.parallel import (ColumnParallelLinear, RowParallelLinear,
+                                        VocabParallelEmbedding)
+
 
 @dataclass
 class AttentionMetadata:
@@ -136,15 +140,19 @@ class Attention(nn.Module):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.scale = self.head_dim ** -0.5
-        h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_bias)
-        # TP hint for the loader: column-parallel q/k/v (dim 0), row-parallel o (dim 1).
-        for p in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
-            p.tp_dim = 0
-        self.o_proj.weight.tp_dim = 1
+        h, tp = cfg.hidden_size, get_tp().size
+        if self.num_heads % tp or (self.num_kv_heads % tp and tp % self.num_kv_heads):
+            raise ValueError(f"tp={tp} must divide {self.num_heads} heads and divide or be a "
+                             f"multiple of {self.num_kv_heads} KV heads")
+        # TP: q heads split; KV heads split, or replicated when fewer than ranks (rank r
+        # holds KV head r // (tp / kv), the one its q heads use); o_proj rows split.
+        kv_shards = min(tp, self.num_kv_heads)
+        self.q_proj = ColumnParallelLinear(h, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = ColumnParallelLinear(h, self.num_kv_heads * self.head_dim, qkv_bias, kv_shards)
+        self.v_proj = ColumnParallelLinear(h, self.num_kv_heads * self.head_dim, qkv_bias, kv_shards)
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, h, bias=o_bias)
+        self.num_heads //= tp                                     # this rank's heads
+        self.num_kv_heads //= kv_shards
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, layer_cache) -> torch.Tensor:
         T = x.shape[0]
@@ -160,11 +168,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.gate_proj.weight.tp_dim = self.up_proj.weight.tp_dim = 0
-        self.down_proj.weight.tp_dim = 1
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = _act(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +196,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg, qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias, mlp_bias)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmhpc.distributed.parallel import ParallelLMHead
 from mmhpc.models.layers import AttentionMetadata, Decoder
 
 # checkpoint prefix → our parameter prefix (HF 5.x names first, then legacy ones)
@@ -46,8 +47,7 @@ class LlavaForCausalLM(nn.Module):
                                       qkv_bias=getattr(config.text_config, "attention_bias", False),
                                       o_bias=getattr(config.text_config, "attention_bias", False),
                                       mlp_bias=getattr(config.text_config, "mlp_bias", False))
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.lm_head.weight.tp_dim = 0
+        self.lm_head = ParallelLMHead(config.text_config.hidden_size, config.text_config.vocab_size)
 
     @torch.inference_mode()
     def encode(self, mm_items) -> list[torch.Tensor]:
@@ -59,7 +59,8 @@ class LlavaForCausalLM(nn.Module):
         out = self.vision_tower(pixels, output_hidden_states=True)
         layers, strategy = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
         layers = [layers] if isinstance(layers, int) else list(layers)
-        feats = [out.hidden_states[i] for i in layers]
+        total = self.config.vision_config.num_hidden_layers + 1   # absolute: the GPU path
+        feats = [out.hidden_states[i % total] for i in layers]     # drops unread deep layers
         if strategy == "default":                                   # drop CLS
             feats = [f[:, 1:] for f in feats]
         embeds = self.multi_modal_projector(torch.cat(feats, dim=-1))   # [N, tokens, hidden]

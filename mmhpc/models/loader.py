@@ -30,7 +30,34 @@ def map_name(name: str, rules: list[tuple[str, str]], params: dict) -> str | Non
     return None
 
 
+bytes_read = 0          # tensor bytes read by load_weights in this process (tests: shards)
+
+
+def _read_shard(slice_, param: torch.Tensor, shard) -> torch.Tensor:
+    """A parameter's `tp_shard` (mmhpc.distributed.parallel.Shard) of the checkpoint tensor,
+    zero-padded up to the parameter's size (vocabulary not divisible by tp)."""
+    shape = slice_.get_shape()
+    start, end = shard.bounds(shape[shard.dim])
+    index = [slice(None)] * len(shape)
+    index[shard.dim] = slice(start, end)
+    tensor = slice_[tuple(index)]
+    if tensor.shape[shard.dim] < param.shape[shard.dim]:
+        pad = list(tensor.shape)
+        pad[shard.dim] = param.shape[shard.dim] - tensor.shape[shard.dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=shard.dim)
+    return tensor
+
+
 def _read(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    global bytes_read
+    shard = getattr(param, "tp_shard", None)
+    tensor = _read_shard(slice_, param, shard) if shard is not None \
+        else _read_dim(slice_, param, tp_rank, tp_size)
+    bytes_read += tensor.numel() * tensor.element_size()
+    return tensor
+
+
+def _read_dim(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     dim = getattr(param, "tp_dim", None)
     if tp_size == 1 or dim is None:
         return slice_[:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmhpc.distributed.parallel import ParallelLMHead
 from mmhpc.models.layers import AttentionMetadata, Decoder
 
 WEIGHT_RULES = [
@@ -67,8 +68,7 @@ class Qwen2VLForCausalLM(nn.Module):
         self.text_config = config.text_config
         self.visual = _vision_cls()._from_config(config.vision_config)
         self.language_model = Decoder(config.text_config, qkv_bias=True)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.lm_head.weight.tp_dim = 0
+        self.lm_head = ParallelLMHead(config.text_config.hidden_size, config.text_config.vocab_size)
 
     def mrope_positions(self, token_ids, grid_thws) -> tuple[torch.Tensor, int]:
         return mrope_positions(token_ids, grid_thws, self.config)

@@ -1,0 +1,127 @@
+"""One TP instance's torch.distributed group, made from addresses exchanged over MPI.
+
+Each process belongs to at most one TP instance, so the instance is the process's default
+torch.distributed world: `init_tp_group` splits the MPI communicator by instance, rank-in-
+instance 0 picks a free port and broadcasts `tcp://host:port`, and every member calls
+`init_process_group` on it (NCCL on CUDA, gloo on CPU). A gloo `cpu_group` carries the step
+broadcasts on every device (no GPU spin while a server idles; pickled objects stay on host).
+
+`get_tp()` is the process's current group; parallel layers read it when they are BUILT, so
+`set_tp(TPGroup(rank, size))` with no process group is enough to build (and load) one shard.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+IDLE_TIMEOUT = timedelta(days=7)      # followers wait in a broadcast while the server idles
+
+
+@dataclass
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    group: Any = None                 # device collectives (NCCL / gloo); None: default world
+    cpu_group: Any = None             # gloo: step broadcasts
+    device: str = "cpu"
+    initialized: bool = field(default=False, repr=False)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"TPGroup(rank={self.rank}/{self.size}, device={self.device})"
+
+    # ---- collectives (no-ops at size 1) --------------------------------------------------
+    def all_reduce(self, x):
+        if self.size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x):
+        """[..., n] on every rank → [..., size * n] (rank order)."""
+        if self.size == 1:
+            return x
+        import torch
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """The leader's `obj` on every rank (over the gloo cpu group)."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def min_int(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
+
+_CURRENT = TPGroup()
+
+
+def get_tp() -> TPGroup:
+    return _CURRENT
+
+
+def set_tp(tp: TPGroup) -> TPGroup:
+    """Make `tp` the current group; returns the previous one."""
+    global _CURRENT
+    prev, _CURRENT = _CURRENT, tp
+    return prev
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: str,
+                  device: str = "cpu") -> TPGroup:
+    """Collective over `comm` (every rank calls it; `color` < 0: in no instance). Returns the
+    rank's TPGroup (made current); size 1 groups create no process group."""
+    from mpi4py import MPI
+    sub = comm.Split(color if color >= 0 else MPI.UNDEFINED, rank_in_instance)
+    if sub == MPI.COMM_NULL or tp == 1:
+        if sub != MPI.COMM_NULL:
+            sub.Free()
+        set_tp(TPGroup(device=device))
+        return get_tp()
+    assert sub.size == tp and sub.rank == rank_in_instance, (sub.size, tp, sub.rank)
+    addr = f"tcp://{host_addr}:{_free_port(host_addr)}" if sub.rank == 0 else None
+    addr = sub.bcast(addr, root=0)
+    sub.Free()
+    import torch
+    import torch.distributed as dist
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, init_method=addr, world_size=tp, rank=rank_in_instance,
+                            timeout=IDLE_TIMEOUT)
+    cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" \
+        else dist.group.WORLD
+    set_tp(TPGroup(rank_in_instance, tp, dist.group.WORLD, cpu_group, device, True))
+    return get_tp()
+
+
+def destroy_tp_group() -> None:
+    tp = get_tp()
+    if tp.initialized:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    set_tp(TPGroup())
