@@ -1,0 +1,78 @@
+"""Start a real `mpirun -n N python -m mmhpc ...` deployment for a test module, and stop it.
+
+The job runs in its own session (process group) so a failed test can take every rank down by
+that group's id; the frontend's URL comes from its `mmhpc ready: URL` line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+class Deployment:
+    def __init__(self, num_ranks: int, overrides: list[str], log: Path,
+                 startup_s: float = 240.0) -> None:
+        self.num_ranks = num_ranks
+        self.overrides = ["server.port=0", "server.host=127.0.0.1", *overrides]
+        self.log_path = log
+        self.startup_s = startup_s
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> "Deployment":
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop("MMHPC_URL_FILE", None)
+        cmd = [str(BIN / "mpirun"), "-n", str(self.num_ranks), str(BIN / "python"), "-m",
+               "mmhpc", *self.overrides]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + self.startup_s
+        while time.monotonic() < end:
+            text = self.log_path.read_text()
+            for line in text.splitlines():
+                if line.startswith("mmhpc ready: "):
+                    self.url = line.split()[-1]
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"deployment exited {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"deployment not ready after {self.startup_s}s:\n"
+                           f"{self.log_path.read_text()[-3000:]}")
+
+    def get_json(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def ranks(self) -> dict[int, dict]:
+        return {int(k): v for k, v in self.get_json("/debug/ranks").items()}
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,124 @@
+"""E/P/D under real `mpirun`: greedy text over HTTP (openai client, 16 concurrent requests,
+with and without images) equals `mmhpc.LLM` offline output (itself oracle-tested against HF).
+Each deployment starts once per module; cases are data."""
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mpi_helpers import Deployment
+from conftest import make_image
+
+MAX_TOKENS = 12
+NUM_REQUESTS = 16
+
+# (id, family, ranks, overrides); the default run keeps one E/P/D per family, the rest slow.
+E_P2_D2 = ["deployment=e_p_d", "deployment.prefill.instances=2", "deployment.decode.instances=2"]
+_SLOW = pytest.mark.slow
+CASES = [pytest.param(tuple(case), id=case[0], marks=marks) for *case, marks in [
+    ("e_p_d-llava", "llava", 4, ["deployment=e_p_d"], ()),
+    ("e_p2_d2-qwen2_vl", "qwen2_vl", 6, E_P2_D2, ()),
+    ("ep_d-llava", "llava", 3, ["deployment=ep_d"], _SLOW),
+    ("ep_d-qwen2_vl", "qwen2_vl", 3, ["deployment=ep_d"], _SLOW),
+    ("e_p_d-qwen2_vl", "qwen2_vl", 4, ["deployment=e_p_d"], _SLOW),
+    ("e_p2_d2-llava", "llava", 6, E_P2_D2, _SLOW),
+    ("agg-llava", "llava", 1, ["deployment=agg"], _SLOW),
+    ("agg-qwen2_vl", "qwen2_vl", 1, ["deployment=agg"], _SLOW),
+]]
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _requests(family: str) -> list[tuple[str, object | None]]:
+    """(text, image or None): half with images (two repeated: the encode cache), half text."""
+    sizes = [(40, 56), (64, 48), (30, 30), (72, 40)]
+    out = []
+    for i in range(NUM_REQUESTS):
+        if i % 2:
+            out.append((f"Say something about number {i}.", None))
+        else:
+            w, h = sizes[(i // 2) % len(sizes)]
+            out.append((f"Describe picture {i % 6}.", make_image(i % 6, w, h)))
+    return out
+
+
+_EXPECTED: dict[str, list[str]] = {}
+
+
+def expected(family: str) -> list[str]:
+    if family not in _EXPECTED:
+        from mmhpc import LLM
+        from mmhpc.engine.sequence import SamplingParams
+        from mmhpc.tools.tiny import tiny_checkpoint
+        llm = LLM(str(tiny_checkpoint(family)), max_model_len=512)
+        prompts = []
+        for text, image in _requests(family):
+            parts = [{"type": "text", "text": text}]
+            if image is not None:
+                parts.append({"type": "image", "image": image})
+            prompts.append([{"role": "user", "content": parts}])
+        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+        _EXPECTED[family] = [o.text for o in outs]
+    return _EXPECTED[family]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def deployment(request, tmp_path_factory):
+    name, family, ranks, overrides = request.param
+    dep = Deployment(ranks, [f"model=tiny_{family}", *overrides],
+                     tmp_path_factory.mktemp(name) / "job.log").start()
+    dep.family = family
+    yield dep
+    rc = dep.stop()
+    assert rc in (0, 143, -15, None) or "Terminated" in dep.log(), dep.log()[-3000:]
+
+
+def _chat(client, model: str, text: str, image) -> str:
+    parts = [{"type": "text", "text": text}]
+    if image is not None:
+        parts.append({"type": "image_url", "image_url": {"url": _data_url(image)}})
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": parts}],
+                                       max_tokens=MAX_TOKENS, temperature=0)
+    return r.choices[0].message.content
+
+
+def test_oracle_concurrent(deployment):
+    from openai import OpenAI
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    reqs = _requests(deployment.family)
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        got = list(pool.map(lambda r: _chat(client, model, *r), reqs))
+    assert got == expected(deployment.family)
+
+
+def test_stream_and_blocks_freed(deployment):
+    from openai import OpenAI
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    text, image = _requests(deployment.family)[0]
+    parts = [{"type": "text", "text": text},
+             {"type": "image_url", "image_url": {"url": _data_url(image)}}]
+    stream = client.chat.completions.create(model=model, stream=True, max_tokens=MAX_TOKENS, temperature=0,
+                                            messages=[{"role": "user", "content": parts}])
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == expected(deployment.family)[0]
+    if deployment.num_ranks > 1:
+        import time
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            ranks = deployment.ranks()
+            kv = [s for s in ranks.values() if s["role"] in ("prefill", "decode")]
+            if all(s.get("num_free_blocks") == s.get("num_total_blocks") - s.get("num_cached_blocks", 0)
+                   and not s.get("num_retained") for s in kv):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"blocks not freed: {deployment.ranks()}")
