@@ -1,0 +1,96 @@
+"""Failure paths under real `mpirun` (E/P/D, tiny LLaVA, one deployment for the module):
+a request past its deadline gets an error and frees its blocks everywhere; killing the decode
+rank mid-stream fails the clients and the job exits non-zero within 30 s."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mpi_helpers import Deployment
+
+OVERRIDES = ["model=tiny_llava", "deployment=e_p_d", "server.request_timeout_s=3",
+             "timeouts.heartbeat_s=0.5", "timeouts.dead_rank_s=3"]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    dep = Deployment(4, OVERRIDES, tmp_path_factory.mktemp("failure") / "job.log").start()
+    yield dep
+    dep.stop()
+
+
+def _client(dep):
+    from openai import OpenAI
+    return OpenAI(base_url=dep.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _long(client, model: str):
+    return client.completions.create(model=model, prompt="Count: 1 2 3", max_tokens=480,
+                                     temperature=0, extra_body={"ignore_eos": True})
+
+
+def _kv_ranks(dep):
+    return [s for s in dep.ranks().values() if s["role"] in ("prefill", "decode")]
+
+
+def test_deadline_frees_blocks(deployment):
+    import openai
+    client = _client(deployment)
+    model = client.models.list().data[0].id
+    with ThreadPoolExecutor(16) as pool:
+        futs = [pool.submit(_long, client, model) for _ in range(16)]
+    errors = [f.exception() for f in futs if f.exception() is not None]
+    assert errors, "no request reached its 3 s deadline"
+    assert all(isinstance(e, openai.APIStatusError) and e.status_code in (500, 504)
+               for e in errors), errors
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        kv = _kv_ranks(deployment)
+        if all(s["num_running"] == 0 and not s.get("num_retained") and not s.get("num_pulling")
+               and s["num_free_blocks"] + s.get("num_cached_blocks", 0) >= s["num_total_blocks"]
+               for s in kv):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"blocks not freed after the deadline: {_kv_ranks(deployment)}")
+
+
+def test_kill_decode_mid_stream(deployment):
+    client = _client(deployment)
+    model = client.models.list().data[0].id
+    decode_pid = next(s["pid"] for s in deployment.ranks().values() if s["role"] == "decode")
+    result: dict = {}
+
+    def stream():
+        try:
+            for _ in client.completions.create(model=model, prompt="Count: 1 2 3", stream=True,
+                                               max_tokens=480, temperature=0,
+                                               extra_body={"ignore_eos": True}):
+                result.setdefault("tokens", 0)
+                result["tokens"] += 1
+            result["finished"] = True
+        except Exception as e:  # noqa: BLE001
+            result["error"] = e
+
+    t = threading.Thread(target=stream)
+    t.start()
+    end = time.monotonic() + 30
+    while not result.get("tokens") and time.monotonic() < end:
+        time.sleep(0.05)
+    killed = time.monotonic()
+    os.kill(decode_pid, signal.SIGKILL)
+    rc = deployment.wait(30)
+    t.join(30)
+    assert rc is not None and rc != 0, "job did not exit non-zero within 30 s"
+    assert time.monotonic() - killed <= 30
+    assert "error" in result or not result.get("finished"), result
+    # Either the frontend noticed first (one line naming the rank and role), or MPICH's
+    # launcher saw the SIGKILL and took the job down itself.
+    log = deployment.log()
+    lines = [ln for ln in log.splitlines() if "is dead" in ln]
+    assert (len(lines) == 1 and "(decode)" in lines[0]) or \
+        (not lines and "BAD TERMINATION" in log), log[-3000:]
