@@ -6,6 +6,7 @@ table, and attention covers everything cached before them (chunked prefill, pref
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,14 @@ class ModelRunner:
                 num_blocks_for(config.cache, text, self.dtype, self.device, tp_size))
             self.kv_cache = allocate_kv_cache(text, self.num_blocks, self.block_size, self.dtype,
                                               self.device, tp_size)
+        self.cuda_steps = None      # CUDA: Triton kernels + decode graphs (mmhpc.engine.cuda_graphs)
+        if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0":
+            from mmhpc.engine.gpu_forward import prepare_vision
+            prepare_vision(self.model)
+            if allocate_kv:
+                from mmhpc.engine.cuda_graphs import CudaStepRunner
+                self.cuda_steps = CudaStepRunner(self)
+                self.cuda_steps.capture()
 
     # ---- encode ------------------------------------------------------------------------------
 
@@ -117,6 +126,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run_step(self, step: "StepInputs") -> torch.Tensor:
         """The model on one step's flat inputs; logits [N, V] float32 of the sampled rows."""
+        if self.cuda_steps is not None:
+            return self.cuda_steps.run_step(step)
         dev = self.device
         meta = AttentionMetadata(torch.tensor(step.slots, dtype=torch.long, device=dev),
                                  step.query_start, step.context_lens, step.block_tables,

@@ -21,7 +21,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_hf_config(path: str | Path):
     from transformers import AutoConfig
+
+    from mmhpc.models.arch import arch_dir, is_arch
+    if is_arch(path):                      # real-size architecture, config values only
+        path = arch_dir(path)
     return AutoConfig.from_pretrained(str(path))
+
+
+def _init_random(model) -> None:
+    """Small random weights (std 0.02, norms at 1) so that a random model's activations stay
+    finite in bf16 at full depth; default inits of large Linear layers overflow."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -44,6 +61,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     tie = getattr(hf_config, "tie_word_embeddings", False) or \
         getattr(hf_config.text_config, "tie_word_embeddings", False)
     if random_weights:
+        _init_random(model)
         if tie:
             model.lm_head.weight = model.language_model.embed_tokens.weight
     else:

@@ -1,0 +1,208 @@
+"""`python -m mmhpc.bench offline`: engine throughput on a synthetic image+text set, and
+optionally HF `generate` (static batches) on the same inputs in the same run.
+
+Timed: preprocessing + vision encoding (overlapped, `EncodePipeline`) + prefill + decode,
+from the first image handed to the processor to the last token."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mmhpc.bench.synthetic import make_requests, parse_size
+
+
+class _StubTokenizer:
+    """Detokenization stand-in: one letter per id (the bench measures the model, not text)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+class _StubProcessor:
+    def __init__(self, eos_token_ids):
+        self.tokenizer = _StubTokenizer()
+        self.eos_token_ids = list(eos_token_ids)
+
+
+def resolve_model_path(path: str) -> tuple[str, Path]:
+    """(engine model path, a directory with config.json + preprocessor config)."""
+    if path.startswith("tiny:"):
+        from mmhpc.tools.tiny import tiny_checkpoint
+        d = tiny_checkpoint(path[5:])
+        return str(d), d
+    from mmhpc.models.arch import arch_dir, is_arch
+    if is_arch(path):
+        return path, arch_dir(path)
+    return path, Path(path)
+
+
+class ImageItems:
+    """PIL image → MMItem (pixel values, placeholder count, grid) for one model."""
+
+    def __init__(self, model_dir: Path, hf_config):
+        from transformers import AutoImageProcessor
+        self.proc = AutoImageProcessor.from_pretrained(str(model_dir))
+        self.cfg = hf_config
+        self.family = hf_config.model_type
+        self.image_token_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
+
+    def __call__(self, image):
+        from mmhpc.bench.synthetic import content_hash
+        from mmhpc.engine.sequence import MMItem
+        out = self.proc(images=image, return_tensors="pt")
+        pv = out["pixel_values"]
+        if self.family == "llava":
+            vc = self.cfg.vision_config
+            n = (pv.shape[-1] // vc.patch_size) * (pv.shape[-2] // vc.patch_size)
+            if self.cfg.vision_feature_select_strategy != "default":
+                n += 1
+            return MMItem(content_hash(pv), 0, n, None, pv)
+        grid = tuple(int(x) for x in out["image_grid_thw"][0])
+        merge = self.cfg.vision_config.spatial_merge_size
+        n = grid[0] * grid[1] * grid[2] // merge ** 2
+        return MMItem(content_hash(pv), 0, n, grid, pv)
+
+
+def build_prompt(items, text_ids: list[int], image_token_id: int) -> list[int]:
+    """[1] + each image's placeholders + text; sets each item's offset."""
+    ids = [1]
+    for it in items:
+        it.offset = len(ids)
+        ids += [image_token_id] * it.num_tokens
+    return ids + list(text_ids)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny:llava",
+                   help="tiny:<family>, arch:<name> (mmhpc/models/arch.py) or a checkpoint dir")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--image-size", action="append", default=None,
+                   help="WxH or S; repeat to cycle sizes (default 336)")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=40, help="text tokens per request")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--encode-batch", type=int, default=32)
+    p.add_argument("--preprocess-workers", type=int, default=4)
+    p.add_argument("--hf", action="store_true", help="also time HF generate on the same inputs")
+    p.add_argument("--hf-batch-sizes", default="16,32,64")
+    p.add_argument("--hf-max-requests", type=int, default=None,
+                   help="time HF on the first N requests per batch size (budget)")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
+    from mmhpc.config import Config
+    from mmhpc.engine.engine import LLMEngine
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.models.arch import ARCHS
+    cache = {"num_blocks": args.num_blocks} if args.num_blocks else {}
+    config = Config.from_dict({
+        "model": {"path": model_path, "dtype": args.dtype, "random_weights": args.random_weights,
+                  "max_model_len": args.max_model_len, "seed": args.seed},
+        "cache": cache,
+        "scheduler": {"max_num_seqs": args.max_num_seqs,
+                      "max_num_batched_tokens": args.max_num_batched_tokens}})
+    t0 = time.perf_counter()
+    hf_config = _hf_config(model_path)
+    eos = ARCHS[model_path[5:]]["eos_token_ids"] if model_path.startswith("arch:") else [2]
+    engine = LLMEngine(config, processor=_StubProcessor(eos))
+    load_s = time.perf_counter() - t0
+    images = ImageItems(model_dir, hf_config)
+    from mmhpc.multimodal.pipeline import EncodePipeline
+    runner = engine.runner
+    sync = (lambda: torch.cuda.synchronize(runner.device)) if runner.device.type == "cuda" \
+        else (lambda: None)
+    flat = [(r, im) for r in requests for im in r.images]
+    sync()
+    t0 = time.perf_counter()
+    pipe = EncodePipeline(images, runner.encode, args.encode_batch, args.preprocess_workers)
+    items = pipe.run([im for _, im in flat])
+    sync()
+    t_enc = time.perf_counter()
+    per_req: dict[str, list] = {}
+    for (r, _), it in zip(flat, items):
+        it.pixel_values = None
+        per_req.setdefault(r.request_id, []).append(it)
+    num_prompt = 0
+    for r in requests:
+        its = per_req.get(r.request_id, [])
+        ids = build_prompt(its, r.text_ids, images.image_token_id)
+        num_prompt += len(ids)
+        engine.add_request(r.request_id, ids, SamplingParams(max_tokens=r.output_len,
+                                                             ignore_eos=True), mm_items=its)
+    num_out, steps, first = 0, 0, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            num_out += len(o.new_token_ids)
+            first.setdefault(o.request_id, time.perf_counter() - t0)
+        steps += 1
+    sync()
+    t1 = time.perf_counter()
+    total = t1 - t0
+    res = dict(engine="mmhpc", num_requests=len(requests), num_prompt_tokens=num_prompt,
+               num_output_tokens=num_out, load_s=round(load_s, 2),
+               encode_s=round(t_enc - t0, 3), generate_s=round(t1 - t_enc, 3),
+               total_s=round(total, 3), steps=steps,
+               output_tokens_per_s=round(num_out / total, 1),
+               total_tokens_per_s=round((num_out + num_prompt) / total, 1),
+               requests_per_s=round(len(requests) / total, 3),
+               mean_ttft_s=round(sum(first.values()) / max(1, len(first)), 3),
+               num_blocks=runner.num_blocks)
+    del engine, runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def _hf_config(model_path: str):
+    from mmhpc.models import load_hf_config
+    return load_hf_config(model_path)
+
+
+def run(args) -> dict:
+    model_path, model_dir = resolve_model_path(args.model)
+    hf_config = _hf_config(model_path)
+    sizes = [parse_size(s) for s in (args.image_size or ["336"])]
+    vocab = hf_config.text_config.vocab_size
+    image_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
+    specials = tuple(i for i in (image_id, getattr(hf_config, "video_token_id", None),
+                                 getattr(hf_config, "vision_start_token_id", None),
+                                 getattr(hf_config, "vision_end_token_id", None)) if i is not None)
+    requests = make_requests(args.num_requests, sizes, args.images_per_request, args.prompt_len,
+                             args.output_len, (16, min(vocab, 32000)), args.seed, specials)
+    out: dict = dict(model=args.model, image_sizes=[f"{w}x{h}" for w, h in sizes],
+                     images_per_request=args.images_per_request, prompt_len=args.prompt_len,
+                     output_len=args.output_len,
+                     device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if args.hf:                   # first: the engine later takes most of the free memory
+        from mmhpc.bench.hf_baseline import run_hf
+        bss = [int(b) for b in args.hf_batch_sizes.split(",") if b]
+        out["hf"] = run_hf(model_path, model_dir, hf_config, requests, bss,
+                           args.hf_max_requests, args.dtype)
+        best = max(out["hf"]["batches"], key=lambda r: r["output_tokens_per_s"], default=None)
+        out["hf_best"] = best
+    if not args.skip_engine:
+        out["mmhpc"] = run_engine(args, model_path, model_dir, requests)
+        if args.hf and out.get("hf_best"):
+            out["speedup_vs_hf_best"] = round(out["mmhpc"]["output_tokens_per_s"]
+                                              / out["hf_best"]["output_tokens_per_s"], 2)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return out

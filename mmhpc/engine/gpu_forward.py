@@ -1,0 +1,213 @@
+"""The CUDA forward of the decoder and the vision towers, over the same parameters as the
+plain-torch modules (`mmhpc.models.layers`), so checkpoints, the loader and the CPU path are
+untouched.
+
+Decoder: q/k/v and gate/up weights are concatenated once (the module's own weights become views
+of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
+qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
+split-K kernel; prefill: varlen causal kernel), o_proj, fused RMSNorm, one gate_up GEMM,
+SiLU-and-mul, down_proj. No host sync inside: the caller passes host bounds (`max_seqlen_q`,
+`max_context_len`), so a decode step can be captured in a CUDA graph.
+
+Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
+and quick-GELU, and the CLIP tower stops at the deepest layer LLaVA reads.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmhpc import kernels
+from mmhpc.kernels.fused import quick_gelu_, rotary_
+
+
+@dataclass
+class GpuAttnMeta:
+    slot_mapping: torch.Tensor      # [T] long, -1 = padding (no write)
+    block_tables: torch.Tensor      # [B, max_blocks] int32
+    context_lens: torch.Tensor      # [B] int32, keys incl. this step's (0 = padding row)
+    cu_seqlens_q: torch.Tensor | None   # [B+1] int32 (prefill); None for decode
+    max_seqlen_q: int
+    max_context_len: int
+    decode: bool                    # one query per row: the split-K decode kernel
+
+
+def _fuse_rows(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of Linear modules along dim 0; the modules keep
+    views into the fused tensors."""
+    w = torch.cat([m.weight.data for m in mods])
+    b = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = w[start:start + n]
+        if b is not None:
+            m.bias.data = b[start:start + n]
+        start += n
+    return w, b
+
+
+class FastDecoder:
+    """Runs `model.language_model` (a `layers.Decoder`) with the Triton kernels."""
+
+    def __init__(self, decoder):
+        self.dec = decoder
+        self.fused = []
+        for layer in decoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            if m.act is not F.silu:
+                raise ValueError("FastDecoder: only SiLU-gated MLPs")
+            qkv_w, qkv_b = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+            gu_w, _ = _fuse_rows([m.gate_proj, m.up_proj])
+            self.fused.append((qkv_w, qkv_b, gu_w))
+        a0 = decoder.layers[0].self_attn
+        self.q_size = a0.q_proj.weight.shape[0]
+        self.kv_size = a0.k_proj.weight.shape[0]
+        self.head_dim = a0.head_dim
+        self.num_heads = self.q_size // self.head_dim
+        self.num_kv_heads = self.kv_size // self.head_dim
+        self.scale = a0.scale
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: GpuAttnMeta,
+                 kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
+        dec = self.dec
+        h = dec.embed_tokens(input_ids)                               # [T, hidden]
+        if mm_embeds is not None:
+            rows, values = mm_embeds
+            h[rows] = values.to(h.dtype)
+        cos, sin = dec.rotary(positions, h.dtype)                     # [T, D]
+        T = h.shape[0]
+        D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        residual = None
+        for i, layer in enumerate(dec.layers):
+            qkv_w, qkv_b, gu_w = self.fused[i]
+            ln = layer.input_layernorm
+            if residual is None:
+                x, residual = kernels.rms_norm(h, ln.weight, ln.eps), h
+            else:
+                x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
+            qkv = F.linear(x, qkv_w, qkv_b)                           # [T, (Hq + 2 Hkv) D]
+            rotary_(qkv[:, :self.q_size + self.kv_size].view(T, Hq + Hkv, D), cos, sin)
+            q = qkv[:, :self.q_size].view(T, Hq, D)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D)
+            v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)
+            cache = kv_cache[i]
+            kernels.write_kv(k, v, cache, meta.slot_mapping)
+            if meta.decode:
+                o = kernels.paged_decode_attention(q, cache, meta.block_tables, meta.context_lens,
+                                                   self.scale, max_context_len=meta.max_context_len)
+            else:
+                o = kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
+                                                    meta.block_tables, meta.context_lens,
+                                                    self.scale, max_seqlen_q=meta.max_seqlen_q)
+            h = layer.self_attn.o_proj(o.view(T, Hq * D))
+            ln = layer.post_attention_layernorm
+            x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
+            h = layer.mlp.down_proj(kernels.silu_and_mul(F.linear(x, gu_w)))
+        h, _ = kernels.rms_norm(h, dec.norm.weight, dec.norm.eps, residual)
+        return h
+
+
+# ---- vision --------------------------------------------------------------------------------
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+    choice = os.environ.get("MMHPC_VIT_SDPA", "cudnn")
+    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+             "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH]}.get(choice)
+    return order
+
+
+def _sdpa(q, k, v, scale):
+    """q, k, v: [B, H, S, D]."""
+    order = _sdpa_backends()
+    if order is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _clip_layer_forward(layer, returns_tuple: bool):
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_w, qkv_b = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
+    heads, head_dim = attn.num_heads, attn.head_dim
+    quick = getattr(layer.mlp.config, "hidden_act", "") == "quick_gelu"
+
+    def forward(hidden_states, *args, **kwargs):
+        B, S, C = hidden_states.shape
+        x = layer.layer_norm1(hidden_states)
+        qkv = F.linear(x, qkv_w, qkv_b).view(B, S, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = _sdpa(qkv[0], qkv[1], qkv[2], attn.scale)                # [B, H, S, D]
+        o = o.transpose(1, 2).reshape(B, S, C)
+        h = hidden_states + attn.out_proj(o)
+        y = mlp.fc1(layer.layer_norm2(h))
+        y = quick_gelu_(y) if quick else mlp.activation_fn(y)
+        h = h + mlp.fc2(y)
+        return (h,) if returns_tuple else h
+    return forward
+
+
+def _qwen_block_forward(block, cache: dict):
+    attn, mlp = block.attn, block.mlp
+    heads = attn.num_heads
+    head_dim = attn.head_dim
+    quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
+
+    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                **kwargs):
+        N, C = hidden_states.shape
+        if position_embeddings is None:
+            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+            position_embeddings = (emb.cos(), emb.sin())
+        cos, sin = position_embeddings
+        if cache.get("cu") is not cu_seqlens:                       # one host sync per image batch
+            cache["cu"], cache["lens"] = cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        lens = cache["lens"]
+        x = block.norm1(hidden_states)
+        qkv = attn.qkv(x)                                           # [N, 3C]
+        rotary_(qkv[:, :2 * C].view(N, 2 * heads, head_dim), cos.contiguous(), sin.contiguous())
+        qkv = qkv.view(N, 3, heads, head_dim)
+        if len(set(lens)) == 1:
+            n = len(lens)
+            q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            o = _sdpa(q, k, v, attn.scaling).transpose(1, 2).reshape(N, C)
+        else:
+            outs = []
+            for part in qkv.split(lens):
+                q, k, v = part.permute(1, 2, 0, 3)[:, None]          # [1, H, L, D]
+                outs.append(_sdpa(q, k, v, attn.scaling)[0].transpose(0, 1).reshape(-1, C))
+            o = torch.cat(outs)
+        h = hidden_states + attn.proj(o)
+        y = mlp.fc1(block.norm2(h))
+        y = quick_gelu_(y) if quick else mlp.act(y)
+        return h + mlp.fc2(y)
+    return forward
+
+
+def prepare_vision(model) -> None:
+    """Swap the vision blocks' forwards for the fused ones (parameters unchanged)."""
+    tower = getattr(model, "vision_tower", None)
+    if tower is not None:
+        vm = getattr(tower, "vision_model", tower)
+        layers = vm.encoder.layers
+        total = len(layers) + 1
+        wanted = model.config.vision_feature_layer
+        wanted = [wanted] if isinstance(wanted, int) else list(wanted)
+        keep = max(i % total for i in wanted)
+        del layers[keep:]                               # LLaVA never reads the deeper layers
+        probe = layers[0](torch.zeros(1, 2, layers[0].layer_norm1.normalized_shape[0],
+                                      device=layers[0].layer_norm1.weight.device,
+                                      dtype=layers[0].layer_norm1.weight.dtype), None)
+        for layer in layers:
+            layer.forward = _clip_layer_forward(layer, isinstance(probe, tuple))
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        cache: dict = {}
+        for block in visual.blocks:
+            block.forward = _qwen_block_forward(block, cache)

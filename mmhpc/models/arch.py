@@ -1,0 +1,89 @@
+"""Real-size architectures without a model hub: `arch:<name>` model paths.
+
+The public config.json values of each checkpoint (and its image processor's) are written once
+into a cache directory, so `AutoConfig` / `AutoImageProcessor` read them like a downloaded
+checkpoint. With `model.random_weights=true` the engine then builds the full-size model on the
+device: speed can be measured where no weights can be fetched.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PREFIX = "arch:"
+
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+ARCHS: dict[str, dict] = {
+    # llava-hf/llava-1.5-7b-hf
+    "llava-1.5-7b": dict(
+        config=dict(
+            architectures=["LlavaForConditionalGeneration"], model_type="llava",
+            image_token_index=32000, pad_token_id=32001, projector_hidden_act="gelu",
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+            tie_word_embeddings=False, vocab_size=32064, torch_dtype="float16",
+            text_config=dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                             hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064,
+                             hidden_act="silu", rope_theta=10000.0, torch_dtype="float16"),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
+                               intermediate_size=4096, num_attention_heads=16,
+                               num_hidden_layers=24, patch_size=14, projection_dim=768,
+                               hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        preprocessor=dict(image_processor_type="CLIPImageProcessor", do_resize=True,
+                          size={"shortest_edge": 336}, do_center_crop=True,
+                          crop_size={"height": 336, "width": 336}, do_rescale=True,
+                          rescale_factor=1 / 255, do_normalize=True, image_mean=_CLIP_MEAN,
+                          image_std=_CLIP_STD, do_convert_rgb=True, resample=3),
+        eos_token_ids=[2]),
+    # Qwen/Qwen2-VL-7B-Instruct
+    "qwen2-vl-7b": dict(
+        config=dict(
+            architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl",
+            bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
+            vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655,
+            video_token_id=151656, hidden_act="silu", hidden_size=3584,
+            intermediate_size=18944, max_position_embeddings=32768, max_window_layers=28,
+            num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
+            rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768,
+            tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False,
+            vocab_size=152064, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+            vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3,
+                               hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                               temporal_patch_size=2)),
+        preprocessor=dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True,
+                          min_pixels=3136, max_pixels=12845056, patch_size=14,
+                          temporal_patch_size=2, merge_size=2, image_mean=_CLIP_MEAN,
+                          image_std=_CLIP_STD, do_rescale=True, rescale_factor=1 / 255,
+                          do_normalize=True, do_convert_rgb=True, resample=3),
+        eos_token_ids=[151645, 151643]),
+}
+
+
+def is_arch(path) -> bool:
+    return str(path).startswith(PREFIX)
+
+
+def arch_spec(path) -> dict:
+    name = str(path)[len(PREFIX):]
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHS)}")
+    return ARCHS[name]
+
+
+def arch_dir(path) -> Path:
+    """A directory holding the architecture's config.json and preprocessor_config.json."""
+    name = str(path)[len(PREFIX):]
+    spec = arch_spec(path)
+    root = Path(os.environ.get("MMHPC_CACHE", Path.cwd() / ".cache")) / "arch" / name
+    root.mkdir(parents=True, exist_ok=True)
+    for fname, key in (("config.json", "config"), ("preprocessor_config.json", "preprocessor")):
+        text = json.dumps(spec[key], indent=1)
+        target = root / fname
+        if not target.exists() or target.read_text() != text:
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(target)
+    return root
