@@ -47,6 +47,7 @@ def follow(config: Config, device=None, runner=None) -> None:
     tp = get_tp()
     assert not tp.is_leader, "the TP leader runs the engine, not follow()"
     runner = runner or make_runner(config, device)
+    _leave_signals_to_leader()
     num_steps = 0
     while True:
         step = tp.broadcast_object()
@@ -55,6 +56,17 @@ def follow(config: Config, device=None, runner=None) -> None:
         runner.run_step(step)
         num_steps += 1
     log.info("TP rank %d/%d: stopped after %d steps", tp.rank, tp.size, num_steps)
+
+
+def _leave_signals_to_leader() -> None:
+    """mpirun / srun deliver SIGTERM (SIGINT) to every rank: the leader drains its requests
+    and then stops its followers, so a follower must not die first (that would fail the
+    step collectives under the draining requests and the job's exit code)."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def stop_followers() -> None:

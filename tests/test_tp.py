@@ -1,0 +1,212 @@
+"""Tensor parallelism: KV head layout across TP sizes (pure functions, NIXL reads simulated by
+byte copies), and the HF oracle over HTTP under `mpirun` with tp=2 (agg; both families;
+GQA with KV heads split and KV heads replicated)."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmhpc.distributed.kv_layout import head_reads as _head_reads, heads_of, plan_tp_reads
+from mmhpc.transport.descs import NixlDescs
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+N = 6
+
+
+# ---------------------------------------------------------------- KV layout (pure functions)
+
+def test_heads_of_split_and_replicated():
+    assert [heads_of(4, 2, r) for r in range(2)] == [(0, 2), (2, 4)]
+    assert [heads_of(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert heads_of(1, 2, 1) == (0, 1)
+    with pytest.raises(ValueError):
+        heads_of(4, 3, 0)
+
+
+def test_head_reads_pick_owners():
+    def head_reads(*a):
+        return [(r.src_rank, r.src_head, r.dst_head, r.num_heads) for r in _head_reads(*a)]
+    assert head_reads(4, 2, 1, 0) == [(0, 0, 0, 2), (1, 0, 2, 2)]   # prefill tp2 -> decode tp1
+    assert head_reads(4, 1, 2, 1) == [(0, 2, 0, 2)]                 # prefill tp1 -> decode tp2
+    # replicated on prefill (kv 2, tp 4): decode ranks spread reads over the replicas
+    assert head_reads(2, 4, 2, 0) == [(0, 0, 0, 1)]
+    assert head_reads(2, 4, 2, 1) == [(3, 0, 0, 1)]
+
+
+def _pools(full: torch.Tensor, k: int, tp: int):
+    """Per-rank pools [L, 2, NB, K/tp, BS, D] (contiguous) cut from a full pool."""
+    return [full[:, :, :, slice(*heads_of(k, tp, r))].contiguous() for r in range(tp)]
+
+
+def _read(local: NixlDescs, remote: NixlDescs, mem: dict[int, torch.Tensor]) -> None:
+    """NIXL READ by hand: copy each remote region's bytes into the matching local region."""
+    def view(addr: int, n: int) -> torch.Tensor:
+        for base, t in mem.items():
+            if base <= addr and addr + n <= base + t.numel() * t.element_size():
+                return t.view(-1).view(torch.uint8)[addr - base:addr - base + n]
+        raise AssertionError(f"region {addr}+{n} outside every pool")
+    assert len(local.regions) == len(remote.regions)
+    for (la, ln, _), (ra, rn, _) in zip(local.regions, remote.regions):
+        assert ln == rn
+        view(la, ln).copy_(view(ra, rn))
+
+
+@pytest.mark.parametrize("k,src_tp,dst_tp", [(4, 2, 1), (4, 1, 2), (4, 2, 4), (4, 4, 2),
+                                             (2, 1, 4), (2, 4, 1), (2, 4, 2), (1, 2, 1),
+                                             (1, 1, 2), (2, 2, 2)])
+def test_plan_tp_reads_moves_the_right_heads(k, src_tp, dst_tp):
+    L, NB, BS, D = 2, 6, 4, 8
+    full = torch.randn(L, 2, NB, k, BS, D)
+    src = _pools(full, k, src_tp)
+    src_blocks, dst_blocks = [4, 1, 2, 3], [0, 2, 3, 5]
+    mem, descs = {}, []
+    for r, t in enumerate(src):
+        base = (r + 1) << 24
+        mem[base] = t
+        descs.append(NixlDescs(f"p{r}", "DRAM", [[base, t.numel() * 4, 0]]))
+    for d in range(dst_tp):
+        h0, h1 = heads_of(k, dst_tp, d)
+        dst = torch.zeros(L, 2, NB, h1 - h0, BS, D)
+        base = 100 << 24
+        mem[base] = dst
+        pool = NixlDescs(f"d{d}", "DRAM", [[base, dst.numel() * 4, 0]])
+        reads = plan_tp_reads(k, descs, src_blocks, pool, dst_blocks, dst_tp, d,
+                              num_layers=L, block_size=BS, head_dim=D, itemsize=4)
+        ranks = [r for r, _, _ in reads]
+        assert ranks == sorted(set(ranks))                       # one READ per prefill rank
+        for r, local, remote in reads:
+            assert remote.agent == f"p{r}" and local.agent == f"d{d}"
+            _read(local, remote, mem)
+        assert torch.equal(dst[:, :, dst_blocks], full[:, :, src_blocks, h0:h1])
+        untouched = [b for b in range(NB) if b not in dst_blocks]
+        assert not dst[:, :, untouched].any()
+
+
+# ---------------------------------------------------------------- HF oracle over HTTP, mpirun
+
+class HF:
+    """HF generate on a checkpoint: the oracle."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoModelForImageTextToText, GenerationConfig
+        from mmhpc.tools.tiny import hf_processor
+        self.proc = hf_processor(path)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        self.gen = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def expected(self, text: str, images: list) -> list[str]:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = self.proc.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True, tokenize=False)
+        inputs = dict(self.proc(text=[prompt], images=images or None, return_tensors="pt"))
+        with torch.no_grad():
+            out = self.model.generate(**inputs, generation_config=self.gen, max_new_tokens=N)
+        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return [self.proc.tokenizer.decode([t]) for t in ids]
+
+
+class Deployment:
+    """`mpirun -n N python -m mmhpc ...` serving HTTP on a free port; stopped by SIGTERM."""
+
+    def __init__(self, n: int, overrides: list[str]):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [MPIRUN, "-n", str(n), sys.executable, "-m", "mmhpc", "server.host=127.0.0.1",
+             "server.port=0", *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.url = None
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("mmhpc ready: "):
+                    self.url = line.split(": ", 1)[1].strip()
+                    ready.set()
+            ready.set()
+        threading.Thread(target=pump, daemon=True).start()
+        ready.wait(180)
+        if self.url is None:
+            self.stop()
+            raise AssertionError("deployment did not start:\n" + "".join(self.lines[-40:]))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _png_url(img) -> str:
+    b = io.BytesIO()
+    img.save(b, "PNG")
+    return "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
+
+
+def _image(w: int, h: int, seed: int):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g,
+                                         dtype=torch.uint8).numpy())
+
+
+def chat_tokens(url: str, model: str, text: str, images: list) -> list[str]:
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    content = [{"type": "image_url", "image_url": {"url": _png_url(im)}} for im in images]
+    content.append({"type": "text", "text": text})
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                       max_tokens=N, temperature=0, logprobs=True,
+                                       extra_body={"ignore_eos": True})
+    return [t.token for t in r.choices[0].logprobs.content]
+
+
+CASES = [("tell me a story about the sea", []), ("what is in the picture?", [(32, 32, 1)]),
+         ("compare these two", [(32, 32, 2), (48, 40, 3)])]
+
+
+@pytest.fixture(scope="module", params=[("llava", 2), ("qwen2_vl", 1)],
+                ids=["llava-kv2-split", "qwen2_vl-kv1-replicated"])
+def agg_tp2(request):
+    from mmhpc.tools.tiny import tiny_checkpoint
+    family, kv = request.param
+    path = tiny_checkpoint(family, kv_heads=kv)
+    dep = Deployment(2, [f"model.path={path}", "model.max_model_len=512",
+                         "deployment.aggregated.tp=2", "cache.num_blocks=128", "cache.block_size=4"])
+    yield dep, path, HF(path)
+    assert dep.stop() == 0, "".join(dep.lines[-40:])
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_agg_tp2_oracle_over_http(agg_tp2):
+    dep, path, hf = agg_tp2
+    results: dict[int, list[str]] = {}
+
+    def one(i: int) -> None:
+        text, sizes = CASES[i]
+        results[i] = chat_tokens(dep.url, path.name, text, [_image(*s) for s in sizes])
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(CASES))]
+    for t in threads:                 # concurrent: batched steps across the TP group
+        t.start()
+    expected = {i: hf.expected(text, [_image(*s) for s in sizes])
+                for i, (text, sizes) in enumerate(CASES)}
+    for t in threads:
+        t.join(180)
+    assert results == expected
