@@ -187,3 +187,18 @@ def test_fetch_refuses_private(srv):
     m.trusted.add(("127.0.0.1", p))
     assert asyncio.run(m.load(srv.url("/a.png"))).size == (8, 8)
     assert code_of(m.load(srv.url("/to-meta"))) == "url_refused"
+
+
+def test_qwen_embeddings_grid_reaches_processor(tiny_qwen2_vl):
+    from mmhpc.multimodal.processor import InputProcessor
+    from mmhpc.server.app import Frontend
+    from mmhpc.server.media import text_hidden_size
+    proc = InputProcessor(tiny_qwen2_vl)
+    hidden, m = text_hidden_size(tiny_qwen2_vl), proc.merge_size
+    data = _saved({"mm_embeddings": torch.randn(1, 6, hidden),
+                   "image_grid_thw": torch.tensor([[1, 2 * m, 3 * m]])})
+    e = load_embeddings(data, "q.pt", hidden, 100)
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
+    ids, items = proc.process(prompt, [Frontend._processor_input(e)])
+    assert items[0].grid_thw == (1, 2 * m, 3 * m) and items[0].num_tokens == 6
+    assert ids.count(proc.image_token_id) == 6

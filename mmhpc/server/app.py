@@ -151,7 +151,10 @@ class Frontend:
                            code="aborted")
 
     # ------------------------------------------------------------------------- inputs
-    def _processor_input(self, item: Any) -> Any:
+    @staticmethod
+    def _processor_input(item: Any) -> Any:
+        """Embeddings → the processor's input: the tensor, or {"embeddings", "grid_thw"} when
+        the file carries an M-RoPE grid (grid_thw / image_grid_thw)."""
         if isinstance(item, Embeddings):
             grid = item.aux.get("grid_thw", item.aux.get("image_grid_thw"))
             if grid is not None:
@@ -284,7 +287,7 @@ class Frontend:
             self.metrics.prompt_tokens += num_prompt
             streams = []
             for k, ids in enumerate(prompt_ids):
-                params = [req.sampling.params(len(ids), self.max_model_len, k * n + i)
+                params = [req.sampling.params(len(ids), self.max_model_len, k * n + i, "prompt")
                           for i in range(n)]
                 streams.append(self._outputs(f"{rid}-{k}", ids, [], params, deadline, t0))
             merged = _merge_indexed(streams, n)

@@ -91,12 +91,13 @@ class Sampling:
     logprobs: Optional[int] = None
     n: int = 1
 
-    def params(self, num_prompt_tokens: int, max_model_len: int, index: int = 0) -> SamplingParams:
+    def params(self, num_prompt_tokens: int, max_model_len: int, index: int = 0,
+               prompt_param: str = "messages") -> SamplingParams:
         """SamplingParams for choice `index`: seeds derive from `seed` so n>1 choices differ."""
         room = max_model_len - num_prompt_tokens
         if room < 1:
             raise bad(f"prompt is {num_prompt_tokens} tokens (images included); this model's "
-                      f"maximum context length is {max_model_len}", param="messages",
+                      f"maximum context length is {max_model_len}", param=prompt_param,
                       code="context_length_exceeded")
         max_tokens = room if self.max_tokens is None else self.max_tokens
         if max_tokens > room:
