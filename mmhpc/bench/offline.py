@@ -160,7 +160,7 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                total_tokens_per_s=round((num_out + num_prompt) / total, 1),
                requests_per_s=round(len(requests) / total, 3),
                mean_ttft_s=round(sum(first.values()) / max(1, len(first)), 3),
-               num_blocks=runner.num_blocks)
+               num_blocks=runner.num_blocks, num_preemptions=engine.num_preemptions)
     del engine, runner
     gc.collect()
     if torch.cuda.is_available():

@@ -137,7 +137,7 @@ def _clip_layer_forward(layer, returns_tuple: bool):
     attn, mlp = layer.self_attn, layer.mlp
     qkv_w, qkv_b = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
     heads, head_dim = attn.num_heads, attn.head_dim
-    quick = getattr(layer.mlp.config, "hidden_act", "") == "quick_gelu"
+    quick = getattr(getattr(mlp, "config", None), "hidden_act", "") == "quick_gelu"
 
     def forward(hidden_states, *args, **kwargs):
         B, S, C = hidden_states.shape
@@ -156,7 +156,8 @@ def _clip_layer_forward(layer, returns_tuple: bool):
 def _qwen_block_forward(block, cache: dict):
     attn, mlp = block.attn, block.mlp
     heads = attn.num_heads
-    head_dim = attn.head_dim
+    head_dim = getattr(attn, "head_dim", None) or attn.qkv.weight.shape[1] // heads
+    scale = getattr(attn, "scaling", None) or head_dim ** -0.5
     quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
 
     def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
@@ -176,12 +177,12 @@ def _qwen_block_forward(block, cache: dict):
         if len(set(lens)) == 1:
             n = len(lens)
             q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            o = _sdpa(q, k, v, attn.scaling).transpose(1, 2).reshape(N, C)
+            o = _sdpa(q, k, v, scale).transpose(1, 2).reshape(N, C)
         else:
             outs = []
             for part in qkv.split(lens):
                 q, k, v = part.permute(1, 2, 0, 3)[:, None]          # [1, H, L, D]
-                outs.append(_sdpa(q, k, v, attn.scaling)[0].transpose(0, 1).reshape(-1, C))
+                outs.append(_sdpa(q, k, v, scale)[0].transpose(0, 1).reshape(-1, C))
             o = torch.cat(outs)
         h = hidden_states + attn.proj(o)
         y = mlp.fc1(block.norm2(h))
@@ -201,9 +202,13 @@ def prepare_vision(model) -> None:
         wanted = [wanted] if isinstance(wanted, int) else list(wanted)
         keep = max(i % total for i in wanted)
         del layers[keep:]                               # LLaVA never reads the deeper layers
-        probe = layers[0](torch.zeros(1, 2, layers[0].layer_norm1.normalized_shape[0],
-                                      device=layers[0].layer_norm1.weight.device,
-                                      dtype=layers[0].layer_norm1.weight.dtype), None)
+        ln = layers[0].layer_norm1
+        x = torch.zeros(1, 2, ln.normalized_shape[0], device=ln.weight.device, dtype=ln.weight.dtype)
+        with torch.no_grad():
+            try:
+                probe = layers[0](x, None)
+            except TypeError:                           # older HF: causal_attention_mask too
+                probe = layers[0](x, None, None)
         for layer in layers:
             layer.forward = _clip_layer_forward(layer, isinstance(probe, tuple))
     visual = getattr(model, "visual", None)
