@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30        # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) stays defined
+_NEG = tl.constexpr(-1.0e30)   # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) is defined
 _LOG2E = 1.4426950408889634
 
 
