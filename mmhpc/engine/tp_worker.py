@@ -42,7 +42,14 @@ def make_runner(config: Config, device=None, allocate_kv: bool = True):
     return ModelRunner(config, device=device or get_tp().device, allocate_kv=allocate_kv)
 
 
-def follow(config: Config, device=None, runner=None) -> None:
+class FollowerTask:
+    """Work other than a model step that the leader broadcasts (e.g. `KVPull`)."""
+
+    def run(self, ctx, runner) -> None:
+        raise NotImplementedError
+
+
+def follow(config: Config, device=None, runner=None, ctx=None) -> None:
     """A follower's loop (TP rank > 0): run the leader's steps until it says stop."""
     tp = get_tp()
     assert not tp.is_leader, "the TP leader runs the engine, not follow()"
@@ -53,8 +60,11 @@ def follow(config: Config, device=None, runner=None) -> None:
         step = tp.broadcast_object()
         if step is None:
             break
-        runner.run_step(step)
-        num_steps += 1
+        if isinstance(step, FollowerTask):
+            step.run(ctx, runner)
+        else:
+            runner.run_step(step)
+            num_steps += 1
     log.info("TP rank %d/%d: stopped after %d steps", tp.rank, tp.size, num_steps)
 
 
@@ -74,3 +84,91 @@ def stop_followers() -> None:
     tp = get_tp()
     if tp.size > 1 and tp.is_leader:
         tp.broadcast_object(None)
+
+
+# ---- roles: TP ranks > 0 of a prefill / decode instance ------------------------------------
+# The launcher runs `setup` / `run` below instead of the role's own on those ranks; the
+# leader's role code is unchanged except for the pools it advertises (`ctx.tp_pools`, one per
+# TP rank, exchanged in the start-up allgather) and the KV pull (`start_kv_pull`).
+
+def setup(ctx) -> None:
+    """Load this rank's shard, allocate and register its KV pool (peers READ / write it)."""
+    ctx.runner = make_runner(ctx.config, ctx.device)
+    ctx.kv_pool_descs = ctx.nixl.register(ctx.runner.kv_cache)
+
+
+def run(ctx) -> None:
+    import threading
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeats, args=(ctx, stop), daemon=True)
+    beat.start()
+    try:
+        follow(ctx.config, runner=ctx.runner, ctx=ctx)
+    finally:
+        stop.set()
+        beat.join(5.0)
+
+
+def _heartbeats(ctx, stop) -> None:
+    """The frontend watches every worker rank: tell it this follower lives (the thread owns
+    the mailbox; what arrives, e.g. Shutdown, is the leader's business)."""
+    import os
+    import time
+    from mmhpc.messages.common import Heartbeat
+    while not stop.is_set():
+        try:
+            ctx.mailbox.recv_all(0.0)
+            ctx.mailbox.send(ctx.layout.frontend_rank, Heartbeat(ctx.rank, ctx.role, time.time(),
+                                                                {"pid": os.getpid()}))
+        except Exception:  # noqa: BLE001
+            log.exception("TP follower rank %d: heartbeat failed", ctx.rank)
+        stop.wait(ctx.config.timeouts.heartbeat_s)
+
+
+def pool_of(ctx):
+    """This rank's registered KV pool descriptors (None: it has none)."""
+    pool = getattr(ctx, "kv_pool_descs", None)
+    return pool if pool is not None else getattr(getattr(ctx, "worker", None), "pool_descs", None)
+
+
+def num_kv_heads(text_config) -> int:
+    return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+
+
+class KVPull(FollowerTask):
+    """Pull a request's KV blocks from the prefill instance's TP ranks (`src_pools[i]`: rank
+    i's pool) into `dst_blocks` of this rank's pool: ONE READ per prefill rank that holds
+    heads this rank needs (`mmhpc.distributed.kv_layout.plan_tp_reads`)."""
+
+    def __init__(self, num_kv_heads: int, src_pools, src_blocks, dst_blocks, deadline: float):
+        self.num_kv_heads = num_kv_heads
+        self.src_pools, self.src_blocks, self.dst_blocks = src_pools, src_blocks, dst_blocks
+        self.deadline = deadline
+
+    def start(self, ctx, kv_cache, pool) -> list:
+        from mmhpc.distributed.kv_layout import plan_tp_reads
+        tp = get_tp()
+        num_layers, _, _, _, block_size, head_dim = kv_cache.shape
+        reads = plan_tp_reads(self.num_kv_heads, self.src_pools, self.src_blocks, pool,
+                              self.dst_blocks, tp.size, tp.rank, num_layers=num_layers,
+                              block_size=block_size, head_dim=head_dim,
+                              itemsize=kv_cache.element_size())
+        return [ctx.nixl.read(local, remote) for _, local, remote in reads]
+
+    def run(self, ctx, runner) -> None:
+        """Follower: READ and wait; the leader's next step broadcast comes after."""
+        import time
+        try:
+            for h in self.start(ctx, runner.kv_cache, ctx.kv_pool_descs):
+                ctx.nixl.wait(h, timeout=max(0.0, self.deadline - time.time()))
+        except Exception:  # noqa: BLE001
+            log.exception("TP rank %d: KV pull failed", get_tp().rank)
+
+
+def start_kv_pull(ctx, engine, pool, src_pools, src_blocks, dst_blocks, deadline) -> list:
+    """Decode leader: start this rank's READs (handles returned: poll each) and have the
+    followers do theirs."""
+    task = KVPull(num_kv_heads(engine.runner.model.text_config), list(src_pools),
+                  list(src_blocks), list(dst_blocks), deadline)
+    get_tp().broadcast_object(task)
+    return task.start(ctx, engine.kv_cache, pool)

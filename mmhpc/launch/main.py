@@ -202,7 +202,10 @@ def _run_role(config, comm, job, layout: Layout) -> int:
     mailbox = (AsyncMailbox if info.hosts_frontend else Mailbox)(comm.rank, job.host_addr, port)
     ctx = RuntimeContext(config, job, layout, info, mailbox, comm=comm)
 
-    module, err = _import_role(info.role)
+    from mmhpc.engine import tp_worker
+    tp = tp_worker.start_tp(comm, info, job.host_addr)   # every rank: TP groups per instance
+    # TP ranks > 0 follow their leader (tp_worker.setup / run) instead of running the role
+    module, err = (tp_worker, None) if not tp.is_leader else _import_role(info.role)
     metadata = b""
     if err is None:
         try:
@@ -218,22 +221,26 @@ def _run_role(config, comm, job, layout: Layout) -> int:
             err = f"rank {comm.rank} ({info.role}) failed to start: {type(e).__name__}: {e}"
 
     book = comm.allgather((mailbox.address, ctx.nixl.name if ctx.nixl else None, metadata,
-                           job.node_name, err))
+                           job.node_name, err, tp_worker.pool_of(ctx) if err is None else None))
     errors = [b[4] for b in book if b[4]]
     if errors:
         mailbox.close()
         return _fail(errors[0], comm.rank)
     ctx.peers = [Peer(r, layout[r].role, layout[r].instance, layout[r].rank_in_instance,
-                      addr, agent, node) for r, (addr, agent, _, node, _) in enumerate(book)]
+                      addr, agent, node) for r, (addr, agent, _, node, *_) in enumerate(book)]
+    if info.instance >= 0:      # KV pools of this instance's TP ranks, TP rank order
+        ctx.tp_pools = [book[r][5] for r in ctx.instance_ranks()]
     mailbox.set_peers([p.address for p in ctx.peers])
     if ctx.nixl:
-        for r, (_, agent, md, _, _) in enumerate(book):
+        for r, (_, agent, md, *_) in enumerate(book):
             if agent and r != comm.rank:
                 ctx.nixl.add_peer(md)
     comm.Barrier()
     try:
         module.run(ctx)
     finally:
+        if tp.is_leader:
+            tp_worker.stop_followers()
         mailbox.close()
         if ctx.nixl:
             ctx.nixl.close()

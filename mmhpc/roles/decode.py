@@ -21,7 +21,8 @@ from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import ReleaseKV
-from mmhpc.roles.kv_transfer import KVGeometry, plan_read
+from mmhpc.engine.tp_worker import start_kv_pull
+from mmhpc.roles.kv_transfer import KVGeometry
 from mmhpc.roles.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Pull:
     msg: KVReady
-    handle: object
+    handle: list                   # one NIXL READ per prefill TP rank
     deadline: float
 
 
@@ -85,22 +86,23 @@ class DecodeWorker(Worker):
             self.waiting.popleft()
             try:
                 n = min(len(blocks), len(msg.block_ids))
-                local, remote = plan_read(self.geometry, msg.pools[0], msg.block_ids[:n],
-                                          self.pool_descs, blocks[:n])
-                handle = self.ctx.nixl.read(local, remote)
+                deadline = min(msg.deadline, msg.lease_expires,
+                               time.time() + self.timeouts.kv_transfer_s)
+                # every TP rank of ours READs its KV heads from the prefill TP ranks holding them
+                handle = start_kv_pull(self.ctx, self.engine, self.pool_descs, msg.pools,
+                                       msg.block_ids[:n], blocks[:n], deadline)
             except Exception as e:  # noqa: BLE001
                 self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
                 continue
-            self.num_kv_bytes += local.nbytes
-            deadline = min(msg.deadline, msg.lease_expires,
-                           time.time() + self.timeouts.kv_transfer_s)
+            self.num_kv_bytes += n * self.geometry.block_bytes * self.geometry.num_layers * 2
             self.pulls[rid] = _Pull(msg, handle, deadline)
 
     def _poll_pulls(self) -> None:
         now = time.time()
         for rid, p in list(self.pulls.items()):
             try:
-                done = self.ctx.nixl.done(p.handle)
+                p.handle[:] = [h for h in p.handle if not self.ctx.nixl.done(h)]
+                done = not p.handle
             except Exception as e:  # noqa: BLE001
                 del self.pulls[rid]
                 self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} failed: {e}")
@@ -112,7 +114,8 @@ class DecodeWorker(Worker):
                 self.active[rid] = p.msg
             elif now > p.deadline:
                 del self.pulls[rid]
-                self.ctx.nixl._release(p.handle)
+                for h in p.handle:
+                    self.ctx.nixl._release(h)
                 self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} timed out",
                            timeout=True)
 
@@ -150,7 +153,8 @@ class DecodeWorker(Worker):
         msg = self.active.pop(rid, None)
         pull = self.pulls.pop(rid, None)
         if pull is not None:
-            self.ctx.nixl._release(pull.handle)
+            for h in pull.handle:
+                self.ctx.nixl._release(h)
             msg = pull.msg
         for m in [m for m in self.waiting if m.request_id == rid]:
             self.waiting.remove(m)

@@ -49,6 +49,7 @@ class PrefillWorker(Worker):
         self.engine = LLMEngine(ctx.config, device=ctx.device)
         self.processor = self.engine.processor
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
+        ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
             runner = self.engine.runner
@@ -220,10 +221,15 @@ class PrefillWorker(Worker):
         self.leases[rid] = lease
         self.send(req.decode_rank, KVReady(
             rid, req.prompt_token_ids, first_token, req.params, blocks,
-            len(req.prompt_token_ids), [self.ctx.nixl.name], [self.pool_descs], self.rank,
+            len(req.prompt_token_ids), [p.agent for p in self.tp_pools], self.tp_pools, self.rank,
             req.deadline, lease, req.mm_items, frontend_rank=req.frontend_rank))
 
     # ------------------------------------------------------------------------ cleanup
+    @property
+    def tp_pools(self) -> list:
+        """KV pools of this instance's TP ranks (rank order), set by the launcher."""
+        return getattr(self.ctx, "tp_pools", None) or [self.pool_descs]
+
     def _forget(self, rid: str) -> None:
         self.requests.pop(rid, None)
         self.deadlines.pop(rid, None)
