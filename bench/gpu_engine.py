@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import torch
 
 OUT = os.environ.get("OUT", "/tmp")
-R: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__}
+R: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 PARTS = sys.argv[1].split(",") if len(sys.argv) > 1 else None
 
 
@@ -26,10 +26,20 @@ def save():
         json.dump(R, f, indent=1, default=str)
 
 
+PART_FNS: list = []
+
+
 def part(name):
     def deco(fn):
+        PART_FNS.append((name, fn))
+        return fn
+    return deco
+
+
+def run_parts():
+    for name, fn in PART_FNS:
         if PARTS and name not in PARTS:
-            return fn
+            continue
         t = time.perf_counter()
         print(f"\n===== {name} =====", flush=True)
         try:
@@ -37,12 +47,13 @@ def part(name):
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             R.setdefault("errors", {})[name] = traceback.format_exc()[-1500:]
+        finally:
+            os.environ["MMHPC_FAST_PATH"] = "1"
+            os.environ["MMHPC_VIT_SDPA"] = "cudnn"
         print(f"----- {name}: {time.perf_counter() - t:.1f} s", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         save()
-        return fn
-    return deco
 
 
 def cuda_time(fn, iters=20, warmup=3) -> float:
@@ -275,7 +286,7 @@ def _():
                          "bfloat16", "--num-requests", "256", "--image-size", "336",
                          "--prompt-len", "40", "--output-len", "128",
                          "--max-num-seqs", os.environ.get("OFFLINE_MAX_SEQS", "128"),
-                         "--hf", "--hf-batch-sizes", os.environ.get("HF_BS", "32,64,128"),
+                         "--hf", "--hf-batch-sizes", os.environ.get("HF_BS", "64,128"),
                          "--hf-max-requests", str(n_hf),
                          "--json", os.path.join(OUT, "offline.json")])
     R["offline"] = offline.run(args)
@@ -338,4 +349,6 @@ def _():
     del eng, hf
 
 
-print(json.dumps(R, indent=1, default=str))
+if __name__ == "__main__":
+    run_parts()
+    print(json.dumps(R, indent=1, default=str))
