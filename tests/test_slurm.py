@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,11 +32,11 @@ def _roles_landed() -> bool:
     return any(p.stem != "__init__" for p in (ROOT / "mmhpc" / "roles").glob("*.py"))
 
 
-# (deployment overrides, ranks): agg runs today; E/P/D runs once the roles are in mmhpc/roles.
+# (deployment overrides, ranks). E/P/D loads the model on 4 ranks (minutes on a shared CPU): slow.
 SERVE_CASES = [
     pytest.param(["deployment=agg"], 1, id="agg"),
-    pytest.param(["deployment=e_p_d"], 4, id="e_p_d", marks=pytest.mark.skipif(
-        not _roles_landed(), reason="E/P/D roles (mmhpc/roles) not there yet")),
+    pytest.param(["deployment=e_p_d"], 4, id="e_p_d", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not _roles_landed(), reason="E/P/D roles (mmhpc/roles) not there yet")]),
 ]
 MODEL = ["model=tiny_llava"]
 END_STATES = ("CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "")
@@ -84,13 +85,17 @@ def _free_port() -> int:
 
 def _ask(url: str) -> dict:
     """A small chat completion: the server answers (token values are the oracle tests' job)."""
-    body = json.dumps({"model": "x", "max_tokens": 2, "temperature": 0,
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=60) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "max_tokens": 2, "temperature": 0,
                        "messages": [{"role": "user", "content": "Hello"}]}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.status == 200
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"{e}: {e.read()[:2000]!r}")
 
 
 def _port_closed(url: str, timeout_s: float) -> bool:
@@ -221,6 +226,9 @@ def test_sbatch_serve_answers_and_scancel_ends(slurm_cluster, tmp_path, deployme
         subprocess.run(["scancel", job_id])
     assert _wait_state(job_id, END_STATES, 60) == "CANCELLED", log.read_text()
     assert _port_closed(url, 30)
+    # the batch script outlived the drain: every rank exited on SIGTERM before KillWait's SIGKILL
+    content = _wait_log(log, "mmhpc: srun exited", timeout_s=30)
+    assert "mmhpc: srun exited" in content, f"ranks did not exit on SIGTERM before KillWait:\n{content}"
 
 
 def _wait_log(log: Path, text: str, timeout_s: float = 10) -> str:
