@@ -24,6 +24,7 @@ from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun")
+KILL_WAIT_S = 15      # SIGTERM -> SIGKILL on scancel: the drain's deadline
 NUM_CPUS = 8          # advertised to Slurm (config_overrides): more tasks than the host has cores
 
 
@@ -126,7 +127,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
-KillWait=15
+KillWait={KILL_WAIT_S}
 MinJobAge=600
 InactiveLimit=0
 MessageTimeout=20
@@ -180,20 +181,49 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         os.environ.update(self.env())
 
     def stop(self) -> None:
-        """scancel what is left, then stop slurmd, slurmctld, munged (by pid, TERM then KILL)."""
+        """Cancel what is left and wait for it (slurmd must outlive its steps, or they linger),
+        stop slurmd, slurmctld, munged (by pid, TERM then KILL), then any orphaned process of
+        this cluster (one whose environment names our slurm.conf)."""
+        env = dict(os.environ, **self.env())
         if "slurmctld" in self.procs and not _exited(self.procs["slurmctld"]):
-            subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True,
-                           env=dict(os.environ, **self.env()), timeout=30)
+            subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=env,
+                           timeout=30)
+            deadline = time.monotonic() + KILL_WAIT_S + 20
+            while time.monotonic() < deadline:
+                r = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                   env=env, timeout=30)
+                if r.returncode != 0 or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.procs.pop(name, None)
-            if pid is None:
-                continue
-            _signal(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while not _exited(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            _signal(pid, signal.SIGKILL)
-            _exited(pid)
+            if pid is not None:
+                _terminate(pid, wait=True)
+        for pid in _processes_with_env(f"SLURM_CONF={self.conf}"):
+            _terminate(pid, wait=False)
+
+
+def _terminate(pid: int, wait: bool) -> None:
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while wait and not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal(pid, signal.SIGKILL if wait else signal.SIGTERM)
+    if wait:
+        _exited(pid)
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if entry.encode() in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
 
 
 def _signal(pid: int, sig: int) -> None:
