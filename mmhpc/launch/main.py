@@ -176,7 +176,9 @@ def _serve_aggregated(config, comm, job, info) -> int:
         return 0
     engine = LLMEngine(config, device=tp.device)   # a failure here: _run aborts the job
     try:
-        asyncio.run(serve(config, LocalEngineClient(engine), engine.processor))
+        from mmhpc.launch.url_file import write_url_file
+        asyncio.run(serve(config, LocalEngineClient(engine), engine.processor,
+                          on_ready=write_url_file))
     finally:
         stop_followers()
     return 0
