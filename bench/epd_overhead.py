@@ -60,9 +60,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--append", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated deployment names (default: all)")
     args = ap.parse_args()
     rows = []
+    only = set(filter(None, args.only.split(",")))
     for name, ranks, overrides in DEPLOYMENTS:
+        if only and name not in only:
+            continue
         dep = Deployment(ranks, [f"model=tiny_{args.family}", *overrides],
                          Path(f"/tmp/epd_overhead_{name}.log")).start()
         try:

@@ -66,6 +66,16 @@ class Deployment:
         except subprocess.TimeoutExpired:
             return None
 
+    def leftover_pids(self, wait_s: float = 5.0) -> list[int]:
+        """Processes still in the job's session (its ranks, the launcher) after it exited."""
+        end = time.monotonic() + wait_s
+        while True:
+            out = subprocess.run(["pgrep", "-s", str(self.proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
+            if not out or time.monotonic() > end:
+                return [int(p) for p in out]
+            time.sleep(0.2)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None

@@ -23,7 +23,7 @@ from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import ReleaseKV
 from mmhpc.engine.tp_worker import start_kv_pull
 from mmhpc.roles.kv_transfer import KVGeometry
-from mmhpc.roles.worker import Worker
+from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ class DecodeWorker(Worker):
             log.warning("decode rank %d: unexpected %s", self.rank, type(msg).__name__)
 
     def busy(self) -> bool:
-        return bool(self.pulls) or bool(self.waiting) or self.engine.has_unfinished_requests()
+        return bool(self.active) and self.engine.has_unfinished_requests()
+
+    def transfers_in_flight(self) -> bool:
+        return bool(self.pulls)
 
     def tick(self) -> None:
         self._reserve()
@@ -176,4 +179,4 @@ def setup(ctx) -> None:
 
 
 def run(ctx) -> None:
-    ctx.worker.run()
+    run_worker(ctx)

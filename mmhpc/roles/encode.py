@@ -20,7 +20,7 @@ from mmhpc.messages.to_encode import EncodeRequest, ImageItem, ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import EmbeddingsReady
 from mmhpc.roles.embed_pool import EmbeddingPool
-from mmhpc.roles.worker import Worker
+from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -179,4 +179,4 @@ def setup(ctx) -> None:
 
 
 def run(ctx) -> None:
-    ctx.worker.run()
+    run_worker(ctx)

@@ -6,22 +6,30 @@ A request's control flow (tensors move over NIXL between workers, never through 
     then most free KV blocks) → [EncodeRequest → encode] + PrefillRequest → prefill
     ← TokenStream(first token, prefill) ← TokenStream(..., decode) ← RequestFailed(any stage)
 Leaving early, a deadline or a failure sends AbortRequest to every rank of the request.
-Workers send Heartbeats; a rank silent for timeouts.dead_rank_s is dead: every in-flight
-request fails, one line names the rank, the server stops and `run` aborts the MPI job.
+A rank is dead when its connection closes (a ZeroMQ monitor on the PUSH socket to every
+worker: the kernel closes a killed process's sockets at once, so the frontend knows within
+milliseconds, before the launcher tears the job down) or when it is silent (no Heartbeat) for
+timeouts.dead_rank_s (a hung rank): every in-flight request fails, ONE line names the rank and
+its role, the server stops and `run` aborts the MPI job. Workers leave SIGTERM to the
+frontend (it drains, then sends Shutdown), so a closing connection is never a clean stop.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from mmhpc.engine.detokenizer import IncrementalDetokenizer
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
+from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import PrefillRequest
@@ -42,8 +50,14 @@ class _Request:
 
 
 class RemoteEngineClient(EngineClient):
-    def __init__(self, ctx, processor) -> None:
+    """`local`: the worker sharing rank 0 (frontend_shares_rank=true), whose loop runs in a
+    thread here: messages for rank 0 that are not the frontend's go to its inbox, its sends
+    come back through `route_from_local` on the event loop."""
+
+    def __init__(self, ctx, processor, local=None) -> None:
         self.ctx = ctx
+        self.rank = ctx.rank
+        self.local = local
         self.config = ctx.config
         self.mailbox = ctx.mailbox
         self.tokenizer = processor.tokenizer
@@ -51,14 +65,18 @@ class RemoteEngineClient(EngineClient):
         self.encoders = layout.leaders("encode")
         self.prefills = layout.leaders("prefill")
         self.decoders = layout.leaders("decode")
-        self.workers = [r.rank for r in layout.ranks if r.role != "frontend"]
+        self.aggregated = layout.leaders("aggregated")
+        self.workers = [r.rank for r in layout.ranks if r.role != "frontend" and r.rank != self.rank]
         self.roles = {r.rank: r.role for r in layout.ranks}
         self.last_seen: dict[int, float] = {}
         self.rank_stats: dict[int, dict] = {r: {} for r in self.workers}
+        if local is not None:
+            self.rank_stats[self.rank] = {}
         self.in_flight: Counter = Counter()
         self.requests: dict[str, _Request] = {}
         self.images: OrderedDict[str, Any] = OrderedDict()
         self.dead: str | None = None
+        self.closing = False
         self.shutdown = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -70,8 +88,11 @@ class RemoteEngineClient(EngineClient):
         self.last_seen = {r: now for r in self.workers}
         self._tasks = [asyncio.ensure_future(self._recv_loop()),
                        asyncio.ensure_future(self._monitor())]
+        self._tasks += [asyncio.ensure_future(self._watch(r, self.mailbox.monitor(r)))
+                        for r in self.workers]
 
     async def close(self) -> None:
+        self.closing = True
         if not self.dead:
             for r in self.workers:
                 self._send(r, Shutdown("frontend stopped"))
@@ -94,10 +115,13 @@ class RemoteEngineClient(EngineClient):
         images = [self._image_item(it) for it in mm_items]
         metas = [MMItemMeta(it.content_hash, it.offset, it.num_tokens,
                             list(it.grid_thw) if it.grid_thw else None) for it in mm_items]
-        enc = self._pick(self.encoders) if self.encoders and images else -1
-        pre, dec = self._pick(self.prefills), self._pick(self.decoders)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop,
                                        prompt_tail=prompt_token_ids[-PROMPT_TAIL:])
+        if self.aggregated:
+            enc, pre, dec = -1, -1, self._pick(self.aggregated)
+        else:
+            enc = self._pick(self.encoders) if self.encoders and images else -1
+            pre, dec = self._pick(self.prefills), self._pick(self.decoders)
         st = _Request(asyncio.Queue(), [r for r in (enc, pre, dec) if r >= 0], detok)
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -105,10 +129,15 @@ class RemoteEngineClient(EngineClient):
         self.in_flight.update(st.ranks)
         finished = False
         try:
+            if self.aggregated:
+                self._send(dec, GenerateRequest(request_id, list(prompt_token_ids), params, metas,
+                                                images, deadline, self.rank))
             if enc >= 0:
-                self._send(enc, EncodeRequest(request_id, images, pre, deadline))
-            self._send(pre, PrefillRequest(request_id, list(prompt_token_ids), params, metas,
-                                           dec, deadline, enc, [] if enc >= 0 else images))
+                self._send(enc, EncodeRequest(request_id, images, pre, deadline, self.rank))
+            if pre >= 0:
+                self._send(pre, PrefillRequest(request_id, list(prompt_token_ids), params, metas,
+                                               dec, deadline, enc, [] if enc >= 0 else images,
+                                               self.rank))
             while not finished:
                 left = deadline - time.time()
                 if left <= 0:
@@ -136,17 +165,32 @@ class RemoteEngineClient(EngineClient):
         return self.dead is None
 
     def stats(self) -> dict:
+        self._refresh_local()
         out: dict[str, Any] = {k: 0 for k in ("num_running", "num_waiting", "num_free_blocks",
                                               "num_total_blocks")}
         for r, s in self.rank_stats.items():
-            if self.roles[r] in ("prefill", "decode"):
+            if self.roles[r] in ("prefill", "decode", "aggregated"):
                 for k in out:
                     out[k] += s.get(k, 0)
         out["ranks"] = {r: dict(s, role=self.roles[r]) for r, s in self.rank_stats.items()}
         return out
 
     # ---------------------------------------------------------------- helpers
+    def _refresh_local(self) -> None:
+        if self.local is not None:
+            self.rank_stats[self.rank] = dict(self.local.stats, pid=os.getpid())
+
+    def route_from_local(self, dest: int, msg) -> None:
+        """The local worker's send (on the event loop): to us, or out through the mailbox."""
+        if dest == self.rank:
+            self._dispatch(self.rank, msg)
+        else:
+            self._send(dest, msg)
+
     def _send(self, dest: int, msg) -> None:
+        if dest == self.rank and self.local is not None:
+            self.local.inbox.put((self.rank, msg))
+            return
         try:
             self.mailbox.send(dest, msg)
         except Exception as e:  # noqa: BLE001 - a full queue: the rank is stuck or gone
@@ -160,6 +204,8 @@ class RemoteEngineClient(EngineClient):
 
     def _pick(self, ranks: list[int]) -> int:
         """Least loaded: own in-flight count + reported queue, then most free blocks."""
+        self._refresh_local()
+
         def load(r: int) -> tuple:
             s = self.rank_stats.get(r, {})
             return (self.in_flight[r] + s.get("num_waiting", 0) + s.get("num_waiting_kv", 0),
@@ -215,14 +261,19 @@ class RemoteEngineClient(EngineClient):
                 continue
             src, msg = got
             self.last_seen[src] = time.monotonic()
-            if isinstance(msg, Heartbeat):
-                self.rank_stats[msg.rank] = msg.stats
-            elif isinstance(msg, (TokenStream, RequestFailed)):
-                self._deliver(msg)
-            elif isinstance(msg, ErrorNotice) and msg.request_id is None:
-                self._rank_dead(msg.rank, msg.message)
-            elif isinstance(msg, ErrorNotice):
-                self._deliver(RequestFailed(msg.request_id, msg.rank, msg.stage, msg.message))
+            self._dispatch(src, msg)
+
+    def _dispatch(self, src: int, msg) -> None:
+        if isinstance(msg, Heartbeat):
+            self.rank_stats[msg.rank] = msg.stats
+        elif isinstance(msg, (TokenStream, RequestFailed)):
+            self._deliver(msg)
+        elif isinstance(msg, ErrorNotice) and msg.request_id is None:
+            self._rank_dead(msg.rank, msg.message)
+        elif isinstance(msg, ErrorNotice):
+            self._deliver(RequestFailed(msg.request_id, msg.rank, msg.stage, msg.message))
+        elif self.local is not None:            # for the worker beside us
+            self.local.inbox.put((src, msg))
 
     async def _monitor(self) -> None:
         limit = self.config.timeouts.dead_rank_s
@@ -234,8 +285,19 @@ class RemoteEngineClient(EngineClient):
                     self._rank_dead(r, f"no heartbeat for {now - self.last_seen[r]:.1f}s")
                     break
 
+    async def _watch(self, rank: int, mon) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+        try:
+            while True:
+                event = parse_monitor_message(await mon.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and not self.closing:
+                    self._rank_dead(rank, "its connection closed (the process is gone)")
+                    return
+        finally:
+            mon.close(linger=0)
+
     def _rank_dead(self, rank: int, why: str) -> None:
-        if self.dead:
+        if self.dead or self.closing:
             return
         self.dead = f"rank {rank} ({self.roles.get(rank, '?')}) is dead: {why}"
         print(f"mmhpc: error: {self.dead}; failing {len(self.requests)} in-flight request(s) "
@@ -246,10 +308,12 @@ class RemoteEngineClient(EngineClient):
 
     async def debug_ranks(self, request):
         from aiohttp import web
+        self._refresh_local()
         now = time.monotonic()
+        ranks = self.workers + ([self.rank] if self.local is not None else [])
         return web.json_response({str(r): dict(self.rank_stats.get(r, {}), role=self.roles[r],
                                                silent_s=round(now - self.last_seen.get(r, now), 3))
-                                  for r in self.workers})
+                                  for r in sorted(ranks)})
 
 
 class FrontendProcessor:
@@ -271,12 +335,14 @@ class FrontendProcessor:
         return ids, items
 
 
-def run(ctx) -> None:
+def run(ctx, local=None) -> None:
+    """Serve HTTP on this rank; `local`: the worker sharing it (its loop runs in a thread)."""
+    import threading
     from mmhpc.multimodal.processor import InputProcessor
     from mmhpc.server.app import build_app, serve
 
     processor = InputProcessor(ctx.config.model.path)
-    client = RemoteEngineClient(ctx, processor)
+    client = RemoteEngineClient(ctx, processor, local)
     fp = FrontendProcessor(processor, client)
     app = build_app(ctx.config, client, fp)
     app.router.add_get("/debug/ranks", client.debug_ranks)
@@ -290,7 +356,34 @@ def run(ctx) -> None:
 
     async def main() -> None:
         client.shutdown = asyncio.Event()
-        await serve(ctx.config, client, fp, shutdown=client.shutdown, on_ready=ready, app=app)
+        thread = None
+        if local is not None:
+            loop = asyncio.get_running_loop()
+
+            def route(dest: int, msg) -> None:
+                try:
+                    loop.call_soon_threadsafe(client.route_from_local, dest, msg)
+                except RuntimeError:            # the loop closed at shutdown
+                    pass
+
+            def beside() -> None:
+                try:
+                    local.run_beside_frontend(route)
+                except BaseException as e:  # noqa: BLE001
+                    log.exception("rank %d: %s loop failed", ctx.rank, ctx.role)
+                    loop.call_soon_threadsafe(client._rank_dead, ctx.rank,
+                                              f"its engine loop failed: {e!r}")
+
+            thread = threading.Thread(target=beside, name=f"mmhpc-{ctx.role}", daemon=True)
+            thread.start()
+        try:
+            await serve(ctx.config, client, fp, shutdown=client.shutdown, on_ready=ready,
+                        app=app)
+        finally:
+            if thread is not None:
+                local.stopping.set()
+                local.inbox.put((ctx.rank, Shutdown("frontend stopped")))
+                await asyncio.to_thread(thread.join, 10.0)
 
     asyncio.run(main())
     if client.dead:                  # outside asyncio: take every rank down

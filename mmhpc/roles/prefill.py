@@ -27,7 +27,7 @@ from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
 from mmhpc.roles.embed_pool import EmbeddingPool
 from mmhpc.roles.encode import decode_image
-from mmhpc.roles.worker import Worker, stage_deadline
+from mmhpc.roles.worker import Worker, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
 MAX_ABORTED = 4096
@@ -125,7 +125,10 @@ class PrefillWorker(Worker):
 
     # ------------------------------------------------------------------------ loop
     def busy(self) -> bool:
-        return bool(self.reads) or self.engine.has_unfinished_requests()
+        return self.engine.has_unfinished_requests()
+
+    def transfers_in_flight(self) -> bool:
+        return bool(self.reads)
 
     def tick(self) -> None:
         self._poll_reads()
@@ -258,4 +261,4 @@ def setup(ctx) -> None:
 
 
 def run(ctx) -> None:
-    ctx.worker.run()
+    run_worker(ctx)

@@ -9,6 +9,9 @@ learns completion through the `notif` bytes (`get_notifs()`).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +21,31 @@ from mmhpc.transport.descs import NixlDescs
 
 class NixlError(RuntimeError):
     pass
+
+
+# The UCX progress thread (needed: the target of a READ over tcp / shm emulation must progress)
+# sleeps in poll() on the UCX worker's event fd with this timeout. The Python binding hard-codes
+# 0, i.e. a thread spinning on a core per agent even when idle; events still wake it at once.
+PROGRESS_WAIT_US = 100_000
+_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _progress_wait(wait_us: int):
+    """Make `nixl_agent(...)` build its config with pthrDelay = wait_us (the binding sets 0)."""
+    import nixl._api as api
+    base = api.nixlBind.nixlAgentConfig
+
+    class _Config(base):
+        pthrDelay = property(lambda self: base.pthrDelay.__get__(self),
+                             lambda self, _v: base.pthrDelay.__set__(self, wait_us))
+
+    with _patch_lock:
+        api.nixlBind.nixlAgentConfig = _Config
+        try:
+            yield
+        finally:
+            api.nixlBind.nixlAgentConfig = base
 
 
 @dataclass
@@ -30,7 +58,8 @@ class XferHandle:
 
 
 class NixlAgent:
-    def __init__(self, name: str, backend: str = "UCX", num_threads: int = 0) -> None:
+    def __init__(self, name: str, backend: str = "UCX", num_threads: int = 0,
+                 progress_wait_us: int | None = None, vram: bool | None = None) -> None:
         import logging
         import os
         from nixl._api import nixl_agent, nixl_agent_config
@@ -38,9 +67,15 @@ class NixlAgent:
             logging.getLogger("nixl").setLevel(logging.WARNING)
         self.name = name
         self.backend = backend
+        # UCX settings for VRAM pools (cuda_ipc GET on GPUs without NVLink), before the context
+        from mmhpc.transport.ucx_env import apply_ucx_defaults, wants_vram
+        self.ucx_defaults = apply_ucx_defaults(wants_vram() if vram is None else vram)
         conf = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False,
                                  backends=[backend], num_threads=num_threads)
-        self._agent = nixl_agent(name, conf)
+        if progress_wait_us is None:
+            progress_wait_us = int(os.environ.get("MMHPC_NIXL_PROGRESS_WAIT_US", PROGRESS_WAIT_US))
+        with _progress_wait(progress_wait_us):
+            self._agent = nixl_agent(name, conf)
         if backend not in self._agent.backends:
             raise NixlError(f"NIXL backend {backend} unavailable "
                             f"(plugins: {self._agent.get_plugin_list()})")

@@ -59,6 +59,11 @@ class _Base:
             self._push[dest] = sock
         return sock
 
+    def monitor(self, dest: int, events: int = zmq.EVENT_DISCONNECTED) -> zmq.Socket:
+        """Connect to `dest` now and return a monitor socket of that PUSH socket (its events
+        arrive as soon as the peer's process is gone: the kernel closes its connections)."""
+        return self._socket_to(dest).get_monitor_socket(events)
+
     def _frame(self, msg: Any) -> bytes:
         return codec.encode_envelope(self.rank, msg)
 

@@ -1,0 +1,96 @@
+"""Aggregated role for `deployment.aggregated.instances > 1` (one instance alone is served by
+`LocalEngineClient` on rank 0, see mmhpc.launch.main). Each instance runs the whole engine;
+the frontend's RemoteEngineClient routes requests to the least loaded one:
+
+    GenerateRequest (prompt ids + images as bytes) → preprocess → engine.add_request →
+    continuous batching → TokenStream(stage="aggregated") per step → the frontend.
+AbortRequest or the request's deadline frees its blocks. Instance 0 may share rank 0 with
+the frontend (`deployment.frontend_shares_rank=true`): its loop runs in a thread there.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from mmhpc.messages.common import AbortRequest, Shutdown
+from mmhpc.messages.to_aggregated import GenerateRequest
+from mmhpc.messages.to_frontend import RequestFailed, TokenStream
+from mmhpc.roles.encode import decode_image
+from mmhpc.roles.worker import Worker, run_worker
+
+log = logging.getLogger(__name__)
+
+
+class AggregatedWorker(Worker):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        from mmhpc.engine.engine import LLMEngine
+        self.engine = LLMEngine(ctx.config, device=ctx.device)
+        self.processor = self.engine.processor
+        self.requests: dict[str, GenerateRequest] = {}
+
+    def handle(self, src: int, msg) -> None:
+        if isinstance(msg, GenerateRequest):
+            self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.requests.pop(msg.request_id, None)
+            self.engine.abort_request(msg.request_id)
+        elif not isinstance(msg, Shutdown):
+            log.warning("aggregated rank %d: unexpected %s", self.rank, type(msg).__name__)
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def tick(self) -> None:
+        now = time.time()
+        for rid, req in list(self.requests.items()):
+            if now > req.deadline:
+                self._fail(req, "deadline passed", timeout=True)
+        if self.engine.has_unfinished_requests():
+            self._step()
+        self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests))
+
+    def _add(self, req: GenerateRequest) -> None:
+        try:
+            items = []
+            for meta, img in zip(req.mm_items, req.images):
+                item = self.processor.image_item(decode_image(img))
+                item.offset = meta.offset
+                items.append(item)
+            self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items)
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            self._fail(req, f"{type(e).__name__}: {e}")
+            return
+        self.requests[req.request_id] = req
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - fail what was in the engine, keep the rank
+            log.exception("aggregated rank %d: step failed", self.rank)
+            for req in list(self.requests.values()):
+                self._fail(req, f"engine error: {type(e).__name__}: {e}")
+            return
+        for out in outputs:
+            req = self.requests.get(out.request_id)
+            if req is None:
+                continue
+            self.send(req.frontend_rank, TokenStream(
+                out.request_id, out.new_token_ids, "aggregated", out.finished, out.finish_reason,
+                out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error))
+            if out.finished:
+                del self.requests[out.request_id]
+
+    def _fail(self, req: GenerateRequest, message: str, timeout: bool = False) -> None:
+        self.requests.pop(req.request_id, None)
+        self.engine.abort_request(req.request_id)
+        self.send(req.frontend_rank, RequestFailed(req.request_id, self.rank, "aggregated",
+                                                   message, timeout))
+
+
+def setup(ctx) -> None:
+    ctx.worker = AggregatedWorker(ctx)
+
+
+def run(ctx) -> None:
+    run_worker(ctx)
