@@ -1,0 +1,116 @@
+"""Accuracy of a served toy model over HTTP (issue 9).
+
+    python bench/eval_toy.py --url http://127.0.0.1:PORT --n 200 --seed 12345 [--model NAME]
+
+Draws ``n`` fresh synthetic images and questions with ``mmhpc.tools.toydata.dataset(n, seed)``,
+sends each as one chat completion (the image as a base64 PNG ``data:`` URL, then the question)
+to any OpenAI-compatible server with greedy decoding (temperature 0), and prints the accuracy
+per question type (shape, colour, count, describe) as a markdown table; ``--json`` also writes
+the table and every wrong answer to a file. Exits 1 when a request fails.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmhpc.tools import toydata  # noqa: E402
+
+
+def messages_for(sample) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": toydata.image_to_data_url(sample.image)}},
+        {"type": "text", "text": sample.question},
+    ]}]
+
+
+def score(samples, preds) -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    for s, p in zip(samples, preds):
+        row = table.setdefault(s.qtype, {"n": 0, "correct": 0})
+        row["n"] += 1
+        row["correct"] += p is not None and toydata.is_correct(p, s.answer)
+    table = {q: table[q] for q in toydata.QTYPES if q in table}
+    table["all"] = {"n": sum(r["n"] for r in table.values()),
+                    "correct": sum(r["correct"] for r in table.values())}
+    for r in table.values():
+        r["accuracy"] = r["correct"] / max(1, r["n"])
+    return table
+
+
+def format_table(table) -> str:
+    lines = ["| question type | n | correct | accuracy |", "|---|---|---|---|"]
+    for q, r in table.items():
+        lines.append(f"| {q} | {r['n']} | {r['correct']} | {100 * r['accuracy']:.1f}% |")
+    return "\n".join(lines)
+
+
+async def run(args) -> int:
+    from openai import AsyncOpenAI
+
+    base = args.url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    client = AsyncOpenAI(base_url=base, api_key=args.api_key, timeout=args.timeout,
+                         max_retries=0)
+    model = args.model
+    if model is None:
+        models = await client.models.list()
+        model = models.data[0].id
+    samples = toydata.dataset(args.n, args.seed)
+    sem = asyncio.Semaphore(args.concurrency)
+    errors: list[str] = []
+
+    async def ask(s):
+        async with sem:
+            try:
+                r = await client.chat.completions.create(
+                    model=model, messages=messages_for(s), temperature=0.0,
+                    max_tokens=args.max_tokens)
+                return r.choices[0].message.content or ""
+            except Exception as e:  # noqa: BLE001 - report, count as wrong
+                errors.append(f"{type(e).__name__}: {e}")
+                return None
+
+    t0 = time.time()
+    preds = await asyncio.gather(*(ask(s) for s in samples))
+    wall = time.time() - t0
+    await client.close()
+    table = score(samples, preds)
+    print(f"model {model} at {base}: {args.n} requests (seed {args.seed}) in {wall:.1f} s")
+    print(format_table(table))
+    wrong = [{"qtype": s.qtype, "question": s.question, "answer": s.answer, "got": p}
+             for s, p in zip(samples, preds) if p is None or not toydata.is_correct(p, s.answer)]
+    for w in wrong[:args.show_wrong]:
+        print(f"  [{w['qtype']}] want {w['answer']!r} got {w['got']!r}")
+    if errors:
+        print(f"{len(errors)} request(s) failed, first: {errors[0]}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"url": base, "model": model, "n": args.n, "seed": args.seed, "wall_s": wall,
+             "table": table, "wrong": wrong, "errors": errors}, indent=2) + "\n")
+    return 1 if errors else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--model", default=None, help="default: the first of /v1/models")
+    ap.add_argument("--api-key", default="EMPTY")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--show-wrong", type=int, default=10)
+    ap.add_argument("--json", default=None, help="write the table and wrong answers here")
+    return asyncio.run(run(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

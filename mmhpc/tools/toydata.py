@@ -1,0 +1,250 @@
+"""Synthetic shapes: images and questions with short exact answers (issue 9).
+
+A *scene* is 1-3 non-overlapping flat objects on a plain, mid-grey-ish background. Every object
+has a shape (SHAPES), a colour (COLOURS), a size and a position. Colours are saturated or
+extreme (white, black) and the backgrounds are muted greys, so every object contrasts.
+
+Questions (QUESTIONS) and their answers:
+
+* ``shape``    "What shape is in the image?"  -> "circle"     asked only when ALL objects share
+  one shape (the colours may differ);
+* ``colour``   "What colour is the shape?"    -> "red"        asked only when ALL objects share
+  one colour (the shapes may differ);
+* ``count``    "How many shapes are there?"   -> "2"          always well defined;
+* ``describe`` "Describe the image."          -> "a red circle and two blue stars"
+  the distinct (colour, shape) kinds in canonical order (SHAPES order, then COLOURS order),
+  each as "a|an <colour> <shape>" or "two|three <colour> <shape>s", joined by ", " and " and ".
+
+``sample(rng)`` draws a question type uniformly, then a scene for which it is well defined
+(the object count uniform in 1..3), so every type and every count is equally frequent.
+``dataset(n, seed)`` is the deterministic list of the first n samples of ``random.Random(seed)``;
+the same seed gives the same images, questions and answers on every machine (only Python's
+``random`` and PIL drawing are used).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
+           "star": "stars", "cross": "crosses"}
+COLOURS = {
+    "red": (215, 30, 30),
+    "green": (30, 165, 50),
+    "blue": (35, 70, 225),
+    "yellow": (240, 225, 35),
+    "orange": (250, 140, 15),
+    "purple": (140, 45, 185),
+    "white": (250, 250, 250),
+    "black": (12, 12, 12),
+}
+BACKGROUNDS = ((128, 128, 128), (108, 108, 120), (150, 146, 136), (122, 112, 104), (98, 104, 98))
+QUESTIONS = {
+    "shape": "What shape is in the image?",
+    "colour": "What colour is the shape?",
+    "count": "How many shapes are there?",
+    "describe": "Describe the image.",
+}
+QTYPES = tuple(QUESTIONS)
+NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
+MAX_OBJECTS = 3
+_SUPER = 4          # draw at 4x then downsample: smooth, deterministic edges
+_JITTER = 12        # per-channel colour jitter of an object
+# object bounding-box side in pixels (at IMAGE_SIZE), by the number of objects in the scene
+SIZE_RANGE = {1: (20, 32), 2: (18, 28), 3: (16, 24)}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: int
+    cx: int
+    cy: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    qtype: str
+    question: str
+    answer: str
+    objects: tuple[Obj, ...]
+
+
+# ----------------------------------------------------------------------------- answers
+def describe(objects) -> str:
+    kinds: dict[tuple[str, str], int] = {}
+    for o in objects:
+        kinds[(o.shape, o.colour)] = kinds.get((o.shape, o.colour), 0) + 1
+    cnames = list(COLOURS)
+    order = sorted(kinds, key=lambda k: (SHAPES.index(k[0]), cnames.index(k[1])))
+    parts = []
+    for shape, colour in order:
+        n = kinds[(shape, colour)]
+        article = "an" if colour[0] in "aeiou" else "a"
+        count = article if n == 1 else NUMBER_WORDS[n]
+        parts.append(f"{count} {colour} {shape if n == 1 else PLURALS[shape]}")
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def answers(objects) -> dict[str, str]:
+    """Every well-defined question type of a scene -> its exact answer."""
+    out = {}
+    if len({o.shape for o in objects}) == 1:
+        out["shape"] = objects[0].shape
+    if len({o.colour for o in objects}) == 1:
+        out["colour"] = objects[0].colour
+    out["count"] = str(len(objects))
+    out["describe"] = describe(objects)
+    return out
+
+
+def normalize(text: str) -> str:
+    """Lower-case, trimmed, without a final full stop: the form answers are compared in."""
+    t = " ".join(text.strip().lower().split())
+    return t.rstrip(".").strip()
+
+
+def is_correct(pred: str, answer: str) -> bool:
+    return normalize(pred) == normalize(answer)
+
+
+# ----------------------------------------------------------------------------- drawing
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a) + r * 0.1))
+        return pts
+    raise ValueError(shape)
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    s = _SUPER
+    cx, cy, r = o.cx * s, o.cy * s, o.size * s / 2
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "square":
+        q = r * 0.92
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif o.shape == "cross":
+        t = r / 3
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+
+
+def render(objects, background, rng: random.Random | None = None,
+           size: int = IMAGE_SIZE) -> Image.Image:
+    """Draws the scene (object colours jittered by ``rng`` when given) as an RGB image."""
+    big = Image.new("RGB", (IMAGE_SIZE * _SUPER, IMAGE_SIZE * _SUPER), tuple(background))
+    draw = ImageDraw.Draw(big)
+    for o in objects:
+        base = COLOURS[o.colour]
+        if rng is not None:
+            base = tuple(max(0, min(255, c + rng.randint(-_JITTER, _JITTER))) for c in base)
+        _draw(draw, o, base)
+    img = big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    if size != IMAGE_SIZE:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img
+
+
+# ----------------------------------------------------------------------------- sampling
+def _place(rng: random.Random, sizes: list[int]) -> list[tuple[int, int]] | None:
+    placed: list[tuple[int, int, int]] = []
+    for s in sizes:
+        for _ in range(100):
+            h = s // 2 + 1
+            cx, cy = rng.randint(h, IMAGE_SIZE - h), rng.randint(h, IMAGE_SIZE - h)
+            if all(max(abs(cx - x), abs(cy - y)) >= (s + t) / 2 + 2 for x, y, t in placed):
+                placed.append((cx, cy, s))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
+
+
+def make_objects(rng: random.Random, n: int, shape: str | None = None,
+                 colour: str | None = None) -> tuple[Obj, ...]:
+    """n non-overlapping objects; all of ``shape`` / all of ``colour`` when given."""
+    while True:
+        lo, hi = SIZE_RANGE[n]
+        sizes = [rng.randint(lo, hi) for _ in range(n)]
+        pos = _place(rng, sizes)
+        if pos is not None:
+            break
+    cnames = list(COLOURS)
+    return tuple(Obj(shape or rng.choice(SHAPES), colour or rng.choice(cnames), s, x, y)
+                 for s, (x, y) in zip(sizes, pos))
+
+
+def sample(rng: random.Random, qtype: str | None = None, n: int | None = None,
+           weights=None) -> Sample:
+    """One (image, question, answer); the type (by ``weights`` over QTYPES, else uniformly)
+    and the count (uniformly) are drawn unless given."""
+    if qtype is None:
+        qtype = rng.choices(QTYPES, weights=weights)[0] if weights else rng.choice(QTYPES)
+    n = n or rng.randint(1, MAX_OBJECTS)
+    shape = rng.choice(SHAPES) if qtype == "shape" else None
+    colour = rng.choice(list(COLOURS)) if qtype == "colour" else None
+    objects = make_objects(rng, n, shape=shape, colour=colour)
+    background = rng.choice(BACKGROUNDS)
+    image = render(objects, background, rng)
+    return Sample(image, qtype, QUESTIONS[qtype], answers(objects)[qtype], objects)
+
+
+def dataset(n: int, seed: int) -> list[Sample]:
+    """The first n samples drawn from ``random.Random(seed)`` (deterministic)."""
+    rng = random.Random(seed)
+    return [sample(rng) for _ in range(n)]
+
+
+def iter_samples(seed: int, weights=None):
+    """An endless deterministic stream of samples (training data); ``weights``: relative
+    frequencies of the question types (QTYPES order), uniform when None."""
+    rng = random.Random(seed)
+    while True:
+        yield sample(rng, weights=weights)
+
+
+def image_to_data_url(image: Image.Image) -> str:
+    """PNG data: URL of an image (what an OpenAI-compatible client sends)."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def contact_sheet(samples, cols: int = 8) -> Image.Image:
+    """A grid of the samples' images (for a look by eye)."""
+    rows = (len(samples) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (IMAGE_SIZE + 2), rows * (IMAGE_SIZE + 2)), (255, 255, 255))
+    for i, s in enumerate(samples):
+        sheet.paste(s.image, ((i % cols) * (IMAGE_SIZE + 2), (i // cols) * (IMAGE_SIZE + 2)))
+    return sheet
+
+
+if __name__ == "__main__":   # python -m mmhpc.tools.toydata [n] [seed] [sheet.png]
+    import sys
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    data = dataset(n, seed)
+    for s in data:
+        print(f"{s.qtype:9s} {s.question!r:34s} -> {s.answer}")
+    if len(sys.argv) > 3:
+        contact_sheet(data).save(sys.argv[3])
