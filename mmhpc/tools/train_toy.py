@@ -221,7 +221,7 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
           warmup: int = 100, weight_decay: float = 0.01, device: str = "cpu",
           threads: int | None = None, eval_every: int = 0, eval_n: int = 200,
           sizes: dict | None = None, log_every: int = 50, per_sample: bool = True,
-          qtype_weights=QTYPE_WEIGHTS) -> dict:
+          qtype_weights=QTYPE_WEIGHTS, eval_seed: int = EVAL_SEED) -> dict:
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     if threads:
@@ -285,7 +285,7 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
                 shutil.copy(f, out / f.name)
         from mmhpc.tools.tiny import _portable_configs
         _portable_configs(out)
-    table = evaluate(model, processor, n=eval_n, verbose=True)
+    table = evaluate(model, processor, n=eval_n, seed=eval_seed, verbose=True)
     print(format_table(table))
     if vision_intermediate:
         sizes["vision_intermediate"] = vision_intermediate
@@ -309,6 +309,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--token-mean", action="store_true",
                     help="loss: mean over all answer tokens instead of per-sample means")
@@ -323,7 +324,8 @@ def main(argv=None) -> None:
           device=a.device, threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n,
           sizes=json.loads(a.sizes), log_every=a.log_every,
           warmup=a.warmup, per_sample=not a.token_mean,
-          qtype_weights=tuple(float(x) for x in a.qtype_weights.split(",")))
+          qtype_weights=tuple(float(x) for x in a.qtype_weights.split(",")),
+          eval_seed=a.eval_seed)
 
 
 if __name__ == "__main__":
