@@ -186,12 +186,13 @@ def decode_b1(eng, key, prompt_len, image_id=None, steps=64):
         res["graphs" if graphs else "eager"] = round(statistics.median(ts[2:]), 3)
     cs.use_graphs = True
     # GPU time of one replay at batch 1, context ~prompt_len
-    cs.lens[:1] = prompt_len
-    cs.tables[:1, :prompt_len // eng.runner.block_size + 1] = torch.arange(
+    b = cs.bufs[1] if hasattr(cs, "bufs") else cs       # the graph of size 1 reads its own buffer
+    b.lens[:1] = prompt_len
+    b.tables[:1, :prompt_len // eng.runner.block_size + 1] = torch.arange(
         prompt_len // eng.runner.block_size + 1, device="cuda", dtype=torch.int32)
-    cs.slots[:1] = -1
+    b.slots[:1] = -1
     res["graph_replay_gpu"] = round(cuda_time(lambda: cs.graphs[1].replay(), 50), 3)
-    cs.lens.zero_()
+    b.lens.zero_()
     return res
 
 
@@ -260,18 +261,150 @@ def _():
     bs_res = {}
     nb = 700 // 16 + 1
     for bs in (16, 64, 128, 256):
-        cs.lens[:bs] = 700
-        cs.tables[:bs, :nb] = torch.arange(bs * nb, device="cuda", dtype=torch.int32).view(bs, nb) \
+        b = cs.bufs[bs] if hasattr(cs, "bufs") else cs
+        b.lens[:bs] = 700
+        b.tables[:bs, :nb] = torch.arange(bs * nb, device="cuda", dtype=torch.int32).view(bs, nb) \
             % eng.runner.num_blocks
-        cs.slots[:bs] = -1
+        b.slots[:bs] = -1
         bs_res[bs] = round(cuda_time(lambda: cs.graphs[bs].replay(), 10), 3)
-    cs.lens.zero_()
+        b.lens.zero_()
     r["decode_step_ms_by_batch_ctx700"] = bs_res
     print(bs_res, flush=True)
     profile_decode(eng, "llava_b1")
     save()
     r["clip"] = clip_bench(eng)
     print(r["clip"], flush=True)
+    del eng
+
+
+@part("decode")
+def _():
+    """Issue 8 decode gap only: attention kernel A/B (partition per sequence vs the graph's
+    capacity), LLaVA-1.5-7B decode b=1 vs the floor, its profile; CLIP batched profile."""
+    from mmhpc.kernels.paged_attention import paged_decode_attention
+    r = R.setdefault("decode", {})
+    # kernel: b=1, 32 heads (no GQA), head_dim 128, bf16, graph capacity 4096 tokens
+    nb_pool, bsz = 512, 16
+    kv = torch.randn(2, nb_pool, 32, bsz, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    tables = torch.arange(256, device="cuda", dtype=torch.int32).view(1, 256)
+    kab = {}
+    for ctx in (616, 2000, 4096):
+        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+        outs = {}
+        for per_seq in (False, True):
+            fn = lambda: paged_decode_attention(q, kv, tables, lens, 128 ** -0.5,  # noqa: E731
+                                                max_context_len=4096, per_seq_partition=per_seq)
+            outs[per_seq] = fn().float()
+            kab[f"ctx{ctx}_{'per_seq' if per_seq else 'capacity'}_us"] = round(
+                cuda_time(fn, 200) * 1e3, 2)
+        kab[f"ctx{ctx}_max_abs_diff"] = float((outs[True] - outs[False]).abs().max())
+    r["attn_kernel_b1_cap4096"] = kab
+    print(kab, flush=True)
+    del kv
+    eng = build_engine("arch:llava-1.5-7b", 256)
+    r["weights_read_GB"] = round(llm_bytes(eng.runner.model) / 1e9, 3)
+    bw = R.get("gemv_read_TBps", 2.5) * 1e12
+    r["floor_ms_weights"] = round(r["weights_read_GB"] * 1e9 / bw * 1e3, 3)
+    for ctx in (616, 2000):
+        d = decode_b1(eng, f"llava{ctx}", ctx)
+        d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
+        d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
+        r[f"decode_b1_ctx{ctx}_ms"] = d
+        print(ctx, d, flush=True)
+        save()
+    cs = eng.runner.cuda_steps
+    bs_res = {}
+    nb = 700 // 16 + 1
+    for bs in (16, 64, 128, 256):
+        b = cs.bufs[bs]
+        b.lens[:bs] = 700
+        b.tables[:bs, :nb] = torch.arange(bs * nb, device="cuda", dtype=torch.int32).view(bs, nb) \
+            % eng.runner.num_blocks
+        b.slots[:bs] = -1
+        bs_res[bs] = round(cuda_time(lambda: cs.graphs[bs].replay(), 10), 3)
+        b.lens.zero_()
+    r["decode_step_ms_by_batch_ctx700"] = bs_res
+    print(bs_res, flush=True)
+    profile_decode(eng, "llava_b1_v2")
+    save()
+    # CLIP ViT-L/336 batched: time and top kernels
+    from torch.profiler import ProfilerActivity, profile
+    from mmhpc.engine.sequence import MMItem
+    model = eng.runner.model
+    px = torch.randn(64, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    items = lambda: [MMItem("x", 0, 576, None, px[i:i + 1]) for i in range(64)]  # noqa: E731
+    r["clip_bs64_ms_per_image"] = round(cuda_time(lambda: model.encode(items()), 10) / 64, 4)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            model.encode(items())
+        torch.cuda.synchronize()
+    t = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    open(os.path.join(OUT, "profile_clip_bs64.txt"), "w").write(t)
+    print(r["clip_bs64_ms_per_image"], "ms/image CLIP b64\n", t[:7000], flush=True)
+    del eng
+
+
+@part("decode_host")
+def _():
+    """Where a b=1 decode step's wall time goes beyond the graph: phases timed on the host
+    (scheduler, execute = input prep + replay launch, sampler = GPU wait + argmax sync,
+    rest = postprocess), and a chrome trace of 6 steps (GPU idle gaps between replays)."""
+    from torch.profiler import ProfilerActivity, profile
+    from mmhpc.engine.sequence import SamplingParams
+    eng = build_engine("arch:llava-1.5-7b", 256)
+    acc: dict = {}
+
+    def timed(obj, attr, key):
+        fn = getattr(obj, attr)
+
+        def wrap(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc.setdefault(key, []).append((time.perf_counter() - t) * 1e3)
+        setattr(obj, attr, wrap)
+    timed(eng.scheduler, "schedule", "schedule")
+    timed(eng.runner, "execute", "execute")
+
+    class _TimedSampler:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return self.inner(*a, **k)
+            finally:
+                acc.setdefault("sampler", []).append((time.perf_counter() - t) * 1e3)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    eng.sampler = _TimedSampler(eng.sampler)
+    ids = [1] + torch.randint(100, 20000, (615,)).tolist()
+    eng.add_request("h", ids, SamplingParams(max_tokens=70, ignore_eos=True))
+    eng.step()
+    torch.cuda.synchronize()
+    acc.clear()
+    walls = []
+    for i in range(60):
+        t = time.perf_counter()
+        eng.step()
+        walls.append((time.perf_counter() - t) * 1e3)
+    r = R.setdefault("decode_host", {})
+    r["wall_ms"] = round(statistics.median(walls[2:]), 3)
+    for k, v in acc.items():
+        r[k + "_ms"] = round(statistics.median(v[2:]), 3)
+    print(r, flush=True)
+    eng.add_request("h2", ids, SamplingParams(max_tokens=12, ignore_eos=True))
+    eng.step()
+    eng.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(6):
+            eng.step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(os.path.join(OUT, "trace_decode_b1.json"))
     del eng
 
 

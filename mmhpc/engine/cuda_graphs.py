@@ -44,31 +44,37 @@ class CudaStepRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         dev, M = self.device, self.max_bs
-        self.ids = torch.zeros(M, dtype=torch.long, device=dev)
-        self.pos = torch.zeros((3, M) if self.uses_mrope else (M,), dtype=torch.long, device=dev)
-        self.slots = torch.full((M,), -1, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(M, self.max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(M, dtype=torch.int32, device=dev)
+        # One packed buffer per graph size n (ids, slots, positions: int64; context lengths,
+        # block tables: int32), filled on the host in a pinned twin and sent with ONE H2D copy
+        # per step; the graph of size n reads the device views of its own buffer.
+        self.npos = 3 if self.uses_mrope else 1
+        self.bufs = {n: _StepBuffers(n, self.npos, self.max_blocks, dev)
+                     for n in sorted(set(self.sizes + [M]))}
+        big = self.bufs[max(self.bufs)]
+        self.ids, self.pos, self.slots = big.ids, big.pos, big.slots     # eager decode, tests
+        self.tables, self.lens = big.tables, big.lens
         self.logits: dict[int, torch.Tensor] = {}
         self._host_tables = np.zeros((M, self.max_blocks), dtype=np.int32)
+        self._copied = torch.cuda.Event() if dev.type == "cuda" else None
 
     # ---- graphs ------------------------------------------------------------------------------
 
     def _decode_forward(self, n: int) -> torch.Tensor:
-        pos = self.pos[:, :n] if self.uses_mrope else self.pos[:n]
-        meta = GpuAttnMeta(self.slots[:n], self.tables[:n], self.lens[:n], None, 1,
-                           self.max_context, decode=True)
-        h = self.decoder(self.ids[:n], pos, meta, self.runner.kv_cache)
-        return self.model.compute_logits(h)
+        b = self.bufs[n]
+        meta = GpuAttnMeta(b.slots, b.tables, b.lens, None, 1, self.max_context, decode=True)
+        h = self.decoder(b.ids, b.pos if self.uses_mrope else b.pos[0], meta,
+                         self.runner.kv_cache)
+        return self.model.compute_logits(h).float()
 
     @torch.inference_mode()
     def capture(self, sizes: list[int] | None = None) -> None:
         """Capture decode graphs, largest first (they share one memory pool)."""
         if not self.use_graphs:
             return
-        self.slots.fill_(-1)
-        self.lens.fill_(1)                  # attend to slot 0 of block 0: harmless, finite
-        self.tables.zero_()
+        for b in self.bufs.values():
+            b.slots.fill_(-1)
+            b.lens.fill_(1)                 # attend to slot 0 of block 0: harmless, finite
+            b.tables.zero_()
         for n in sorted(sizes or self.sizes, reverse=True):
             if n in self.graphs:
                 continue
@@ -84,7 +90,8 @@ class CudaStepRunner:
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[n] = g
-        self.lens.zero_()
+        for b in self.bufs.values():
+            b.lens.zero_()
         torch.cuda.synchronize(self.device)
 
     # ---- steps -------------------------------------------------------------------------------
@@ -112,35 +119,36 @@ class CudaStepRunner:
     def _decode(self, step) -> torch.Tensor:
         B = len(step.context_lens)
         n = next((s for s in self.sizes if s >= B), B) if self.use_graphs else B
-        ids = np.zeros(n, dtype=np.int64)
-        ids[:B] = step.input_ids
-        slots = np.full(n, -1, dtype=np.int64)
-        slots[:B] = step.slots
-        lens = np.zeros(n, dtype=np.int32)
-        lens[:B] = step.context_lens
-        tables = self._fill_tables(step.block_tables, step.context_lens, n)
-        self.ids[:n].copy_(torch.from_numpy(ids), non_blocking=True)
-        self.slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.lens[:n].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.tables[:n].copy_(torch.from_numpy(tables), non_blocking=True)
-        pos = step.positions
-        if self.uses_mrope:
-            self.pos[:, :B].copy_(pos, non_blocking=True)
-            self.pos[:, B:n].zero_()
-        else:
-            self.pos[:B].copy_(pos, non_blocking=True)
-            self.pos[B:n].zero_()
+        b = self.bufs.get(n)
+        if b is None:                       # eager decode of a size without a buffer
+            b = self.bufs[next(s for s in sorted(self.bufs) if s >= B)]
+        if self._copied is not None:
+            self._copied.synchronize()      # the last step's copy has left the pinned buffer
+        h = b.host
+        h.ids[:B] = step.input_ids
+        h.ids[B:n] = 0
+        h.slots[:B] = step.slots
+        h.slots[B:n] = -1
+        h.pos[:, :B] = step.positions.numpy().reshape(self.npos, B)
+        h.pos[:, B:n] = 0
+        h.lens[:B] = step.context_lens
+        h.lens[B:n] = 0
+        bs = self.block_size
+        for i, (t, c) in enumerate(zip(step.block_tables, step.context_lens)):
+            nb = -(-c // bs)               # rows past a context are never read: no clearing
+            h.tables[i, :nb] = t[:nb]
+        b.send(n)
+        if self._copied is not None:
+            self._copied.record()
         g = self.graphs.get(n) if self.use_graphs else None
-        if g is not None:
+        if g is not None and b.n == n:
             g.replay()
-            logits = self.logits[n]
-        else:
-            pos_t = self.pos[:, :n] if self.uses_mrope else self.pos[:n]
-            meta = GpuAttnMeta(self.slots[:n], self.tables[:n], self.lens[:n], None, 1,
-                               max(step.context_lens), decode=True)
-            logits = self.model.compute_logits(
-                self.decoder(self.ids[:n], pos_t, meta, self.runner.kv_cache))
-        return logits[:B].float()
+            return self.logits[n][:B]
+        pos_t = b.pos[:, :n] if self.uses_mrope else b.pos[0, :n]
+        meta = GpuAttnMeta(b.slots[:n], b.tables[:n], b.lens[:n], None, 1,
+                           max(step.context_lens), decode=True)
+        return self.model.compute_logits(
+            self.decoder(b.ids[:n], pos_t, meta, self.runner.kv_cache))[:B].float()
 
     def _eager(self, step) -> torch.Tensor:
         dev = self.device
@@ -164,3 +172,38 @@ class CudaStepRunner:
             return h.new_empty((0, 0), dtype=torch.float32)
         rows = torch.tensor(step.sample_rows, dtype=torch.long).to(dev, non_blocking=True)
         return self.model.compute_logits(h[rows]).float()
+
+
+class _HostViews:
+    pass
+
+
+class _StepBuffers:
+    """Inputs of an n-row decode step: one device buffer and its pinned host twin, both laid out
+    [ids n | slots n | positions npos*n] int64, then [lens n | tables n*max_blocks] int32."""
+
+    def __init__(self, n: int, npos: int, max_blocks: int, device: torch.device):
+        self.n = n
+        w64 = (2 + npos) * n
+        w32 = n + n * max_blocks
+        words = w64 + (w32 + 1) // 2
+        self.dev = torch.zeros(words, dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self.host_t = torch.zeros(words, dtype=torch.long, pin_memory=pin)
+        for obj, buf in ((self, self.dev), (_HostViews(), self.host_t)):
+            obj.ids = buf[:n]
+            obj.slots = buf[n:2 * n]
+            obj.pos = buf[2 * n:w64].view(npos, n)
+            i32 = buf[w64:].view(torch.int32)
+            obj.lens = i32[:n]
+            obj.tables = i32[n:w32].view(n, max_blocks)
+            if buf is self.host_t:
+                self.host = _HostViews()
+                for k in ("ids", "slots", "pos", "lens", "tables"):
+                    setattr(self.host, k, getattr(obj, k).numpy())
+        self._w64, self._max_blocks = w64, max_blocks
+        self.slots.fill_(-1)
+
+    def send(self, rows: int) -> None:
+        """One H2D copy of the whole buffer (tables of `rows` rows: the rest is never read)."""
+        self.dev.copy_(self.host_t, non_blocking=True)

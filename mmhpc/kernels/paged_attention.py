@@ -30,15 +30,23 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PER_SEQ: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads that share it), one partition.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
-    start = s * partition_size
-    end = tl.minimum(start + partition_size, ctx)
+    # This sequence's partition: ITS context split evenly over the grid's num_splits partitions
+    # (BLOCK_N-aligned), not the host bound's. A graph sized for the model's longest context
+    # then still spreads a short context over all programs instead of a few full ones.
+    if PER_SEQ:
+        part = tl.maximum(((ctx + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N
+                          * BLOCK_N, BLOCK_N)
+    else:                                   # the host bound's partition (before issue 8's fix)
+        part = partition_size
+    start = s * part
+    end = tl.minimum(start + part, ctx)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -132,11 +140,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache_layer: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int | None = None, out: torch.Tensor | None = None,
                            num_splits: int | None = None, block_n: int = 64,
-                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int = 2,
+                           per_seq_partition: bool = True) -> torch.Tensor:
     """q: [B, Hq, D]; kv_cache_layer: [2, num_blocks, Hkv, block_size, D] (same dtype as q);
     block_tables: [B, max_blocks] int32; context_lens: [B] int32 (keys incl. the new one; 0 = padding,
     gives zeros). max_context_len: a host bound on context_lens (defaults to the block table's
-    capacity, which is graph-safe but may pick more partitions than needed)."""
+    capacity, which is graph-safe). It sets the number of partitions; each sequence then splits
+    its own context evenly over them (so a graph captured for the longest context wastes no
+    program on a short one)."""
     _check_cache(q, kv_cache_layer)
     batch, num_heads, head_dim = q.shape
     _, _, num_kv_heads, block_size, _ = kv_cache_layer.shape
@@ -167,7 +178,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache_layer: torch.Tensor,
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), PER_SEQ=per_seq_partition,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](
