@@ -21,6 +21,12 @@ class TokenStream:
     num_cached_tokens: int = 0
     error: str | None = None
 
+    @classmethod
+    def of(cls, out, stage: str) -> "TokenStream":
+        """The message for one engine `RequestOutput` of this stage."""
+        return cls(out.request_id, out.new_token_ids, stage, out.finished, out.finish_reason,
+                   out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error)
+
 
 @register
 @dataclass

@@ -75,9 +75,7 @@ class AggregatedWorker(Worker):
             req = self.requests.get(out.request_id)
             if req is None:
                 continue
-            self.send(req.frontend_rank, TokenStream(
-                out.request_id, out.new_token_ids, "aggregated", out.finished, out.finish_reason,
-                out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error))
+            self.send(req.frontend_rank, TokenStream.of(out, "aggregated"))
             if out.finished:
                 del self.requests[out.request_id]
 

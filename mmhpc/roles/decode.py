@@ -144,9 +144,7 @@ class DecodeWorker(Worker):
             msg = self.active.get(out.request_id)
             if msg is None:
                 continue
-            self.send(msg.frontend_rank, TokenStream(
-                out.request_id, out.new_token_ids, "decode", out.finished, out.finish_reason,
-                out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error))
+            self.send(msg.frontend_rank, TokenStream.of(out, "decode"))
             if out.finished:
                 del self.active[out.request_id]
 

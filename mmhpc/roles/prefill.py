@@ -207,9 +207,7 @@ class PrefillWorker(Worker):
             req = self.requests.get(out.request_id)
             if req is None:
                 continue
-            self.send(req.frontend_rank, TokenStream(
-                out.request_id, out.new_token_ids, "prefill", out.finished, out.finish_reason,
-                out.logprobs, out.num_prompt_tokens, out.num_cached_tokens, out.error))
+            self.send(req.frontend_rank, TokenStream.of(out, "prefill"))
             self._forget(out.request_id)
             if not out.finished:
                 self._hand_off(req, out.new_token_ids[0])
