@@ -1,5 +1,6 @@
 """E/P/D under real `mpirun`: greedy text over HTTP (openai client, 16 concurrent requests,
-with and without images) equals `mmhpc.LLM` offline output (itself oracle-tested against HF).
+with and without images; pre-computed embeddings files, local and fetched, alone and mixed
+with an image) equals `mmhpc.LLM` offline output (itself oracle-tested against HF).
 Each deployment starts once per module; cases are data."""
 from __future__ import annotations
 
@@ -63,10 +64,8 @@ _EXPECTED: dict[str, list[str]] = {}
 
 def expected(family: str) -> list[str]:
     if family not in _EXPECTED:
-        from mmhpc import LLM
         from mmhpc.engine.sequence import SamplingParams
-        from mmhpc.tools.tiny import tiny_checkpoint
-        llm = LLM(str(tiny_checkpoint(family)), max_model_len=512)
+        llm = offline_llm(family)
         prompts = []
         for text, image in _requests(family):
             parts = [{"type": "text", "text": text}]
@@ -78,12 +77,25 @@ def expected(family: str) -> list[str]:
     return _EXPECTED[family]
 
 
+def offline_llm(family: str):
+    if family not in _LLM:
+        from mmhpc import LLM
+        from mmhpc.tools.tiny import tiny_checkpoint
+        _LLM[family] = LLM(str(tiny_checkpoint(family)), max_model_len=512)
+    return _LLM[family]
+
+
+_LLM: dict = {}
+
+
 @pytest.fixture(scope="module", params=CASES)
 def deployment(request, tmp_path_factory):
     name, family, ranks, overrides = request.param
-    dep = Deployment(ranks, [f"model=tiny_{family}", *overrides],
+    media = tmp_path_factory.mktemp(name + "-media")     # embeddings files (local paths)
+    dep = Deployment(ranks, [f"model=tiny_{family}", *overrides,
+                             f"media.allowed_local_path={media}", "media.allow_private_urls=true"],
                      tmp_path_factory.mktemp(name) / "job.log").start()
-    dep.family = family
+    dep.family, dep.media = family, media
     yield dep
     rc = dep.stop()
     assert rc in (0, 143, -15, None) or "Terminated" in dep.log(), dep.log()[-3000:]
@@ -131,3 +143,89 @@ def test_stream_and_blocks_freed(deployment):
             time.sleep(0.5)
         else:
             pytest.fail(f"blocks not freed: {deployment.ranks()}")
+
+
+class _Payload:
+    """A .pt whose unpickling would run code: the frontend must refuse it (4xx), never run it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_embedding_files(deployment):
+    """Pre-computed embeddings files in every deployment: the frontend checks and hashes them,
+    the rank that encodes loads them again (a local file by path, re-checked; a fetched one from
+    its bytes) into its embedding pool: no tensor rides ZeroMQ. Dict-style .pt with an extra
+    key; for Qwen2-VL a non-default M-RoPE grid from the file. A pickle payload gets a 400."""
+    import time
+
+    import openai
+    import torch
+    from safetensors.torch import save_file
+
+    from imgserver import ImageServer
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.server.media import text_hidden_size
+    from mmhpc.tools.tiny import tiny_checkpoint
+
+    family, media = deployment.family, deployment.media
+    llm = offline_llm(family)
+    hidden = text_hidden_size(tiny_checkpoint(family))
+    gen = torch.Generator().manual_seed(7)
+    emb, emb2 = torch.randn(6, hidden, generator=gen), torch.randn(4, hidden, generator=gen)
+    entry: dict = {"mm_embeddings": emb, "note": torch.tensor([1, 2])}
+    emb_in: object = emb
+    if family == "qwen2_vl":
+        m = llm.engine.processor.merge_size
+        entry["image_grid_thw"] = torch.tensor([[1, 2 * m, 3 * m]])     # not the default grid
+        emb_in = {"embeddings": emb, "grid_thw": (1, 2 * m, 3 * m)}
+    torch.save(entry, media / "emb.pt")
+    marker = media / "pwned"
+    torch.save({"mm_embeddings": _Payload(str(marker))}, media / "evil.pt")
+    srv = ImageServer().start()
+    save_file({"mm_embeddings": emb2}, str(media / "emb2.safetensors"))
+    srv.add("/emb2.safetensors", (media / "emb2.safetensors").read_bytes())
+    image = make_image(3, 40, 56)
+    cases = [  # (text, parts, offline images)
+        ("Describe these embeddings.", [str(media / "emb.pt")], [emb_in]),
+        ("Compare the picture and the embeddings.",
+         [_data_url(image), srv.url("/emb2.safetensors")], [image, emb2]),
+    ]
+    try:
+        client = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
+                               timeout=120)
+        model = client.models.list().data[0].id
+
+        def ask(case):
+            text, urls, _ = case
+            parts = [{"type": "text", "text": text}] + [
+                {"type": "image_url", "image_url": {"url": u}} for u in urls]
+            r = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, temperature=0,
+                                               messages=[{"role": "user", "content": parts}])
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = list(pool.map(ask, cases))
+        want = [o.text for o in llm.generate(
+            [[{"role": "user", "content": [{"type": "text", "text": text}] +
+               [{"type": "image", "image": im} for im in ims]}] for text, _, ims in cases],
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))]
+        assert got == want
+        with pytest.raises(openai.BadRequestError) as bad:
+            ask(("Hi.", [f"file://{media}/evil.pt"], None))
+        assert bad.value.status_code == 400 and "invalid_embeddings" in str(bad.value.body)
+        assert not marker.exists()
+        assert ask(cases[0]) == want[0]                      # served again (encode cache)
+        encoders = [r for r, s in deployment.ranks().items()
+                    if s["role"] == "encode"] if deployment.num_ranks > 1 else []
+        if encoders:                 # E/P/D: the files were loaded by encode, not by prefill
+            end = time.monotonic() + 10
+            while sum(deployment.ranks()[r].get("num_loaded", 0) for r in encoders) < 2:
+                assert time.monotonic() < end, deployment.ranks()
+                time.sleep(0.3)
+    finally:
+        srv.stop()

@@ -9,16 +9,20 @@ from mmhpc.transport.codec import register
 @register
 @dataclass
 class ImageItem:
-    """One image to encode. The frontend has fetched and hashed it; the bytes ride ZeroMQ
-    (media, not tensors). A pre-computed embedding file is named by `path` instead."""
-    content_hash: str
+    """One image to encode. The frontend has fetched, checked and hashed it; the bytes ride
+    ZeroMQ (media, not tensors). A pre-computed embeddings file (checked by the frontend too)
+    is loaded again, with the same safe loader, by the rank that encodes: a local file by
+    `path` (re-checked there against media.allowed_local_path), a fetched one by its bytes."""
+    content_hash: str                  # embeddings: tensor_hash of the loaded float32 tensor
     offset: int
     num_tokens: int
-    data: bytes = b""                  # encoded file bytes (format="encoded") or raw RGB8
-    format: str = "encoded"            # "encoded" | "rgb" | "embedding_file"
+    data: bytes = b""                  # "encoded": file bytes, "rgb": RGB8, "embedding_bytes":
+                                       # the .pt/.pth/.bin/.safetensors file's bytes
+    format: str = "encoded"            # "encoded" | "rgb" | "embedding_file" | "embedding_bytes"
     width: int = 0
     height: int = 0
-    path: str = ""                     # format="embedding_file": inside media.allowed_local_path
+    path: str = ""                     # "embedding_file": the file, inside allowed_local_path;
+                                       # "embedding_bytes": its name (the suffix picks the parser)
 
 
 @register

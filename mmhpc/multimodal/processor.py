@@ -53,7 +53,8 @@ class InputProcessor:
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
     `grid_thw` for Qwen2-VL) or a tensor of pre-computed embeddings `[n, hidden]` (then
     `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
-    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches).
+    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
+    entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
     """
 
     def __init__(self, model_path: str | Path):
@@ -144,9 +145,10 @@ class InputProcessor:
                       pixel_values=pixel_values)
 
     def _embedding_item(self, item: Any) -> MMItem:
-        grid = None
+        grid = source = None
         if isinstance(item, dict):
             grid = tuple(int(x) for x in item["grid_thw"]) if item.get("grid_thw") else None
+            source = item.get("file")
             item = item["embeddings"]
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
@@ -157,12 +159,17 @@ class InputProcessor:
             if grid[0] * grid[1] * grid[2] // m**2 != n:
                 raise ValueError(f"grid_thw {grid} does not hold {n} merged tokens")
         return MMItem(content_hash=tensor_hash(item), offset=-1, num_tokens=n, grid_thw=grid,
-                      embeddings=item)
+                      embeddings=item, source=source)
 
     # --------------------------------------------------------------- prompts
     def image_item(self, image) -> MMItem:
         """One PIL image → MMItem with pixel values (and grid); offset is set by `process`."""
         return self._image_item(image)
+
+    def embedding_item(self, embeddings) -> MMItem:
+        """Pre-computed embeddings (a [n, hidden] tensor, or {"embeddings", "grid_thw"}) →
+        MMItem (content hash over the tensor, grid checked / defaulted for Qwen2-VL)."""
+        return self._embedding_item(embeddings)
 
     def _counted_item(self, image) -> MMItem:
         """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""

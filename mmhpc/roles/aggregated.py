@@ -2,7 +2,8 @@
 `LocalEngineClient` on rank 0, see mmhpc.launch.main). Each instance runs the whole engine;
 the frontend's RemoteEngineClient routes requests to the least loaded one:
 
-    GenerateRequest (prompt ids + images as bytes) → preprocess → engine.add_request →
+    GenerateRequest (prompt ids + images as bytes, embeddings files by path or bytes) →
+    preprocess / load → engine.add_request →
     continuous batching → TokenStream(stage="aggregated") per step → the frontend.
 AbortRequest or the request's deadline frees its blocks. Instance 0 may share rank 0 with
 the frontend (`deployment.frontend_shares_rank=true`): its loop runs in a thread there.
@@ -15,7 +16,7 @@ import time
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
-from mmhpc.roles.encode import decode_image
+from mmhpc.roles.encode import media_item
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class AggregatedWorker(Worker):
         from mmhpc.engine.engine import LLMEngine
         self.engine = LLMEngine(ctx.config, device=ctx.device)
         self.processor = self.engine.processor
+        self.hidden_size = self.engine.runner.model.text_config.hidden_size
         self.requests: dict[str, GenerateRequest] = {}
 
     def handle(self, src: int, msg) -> None:
@@ -52,11 +54,8 @@ class AggregatedWorker(Worker):
 
     def _add(self, req: GenerateRequest) -> None:
         try:
-            items = []
-            for meta, img in zip(req.mm_items, req.images):
-                item = self.processor.image_item(decode_image(img))
-                item.offset = meta.offset
-                items.append(item)
+            items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+                     for img in req.images]
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items)
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             self._fail(req, f"{type(e).__name__}: {e}")

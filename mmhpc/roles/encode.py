@@ -1,6 +1,9 @@
 """Encode role: image bytes → processor → vision encoder + projector (batched across the
 requests of one loop turn) → rows of a NIXL-registered EmbeddingPool → EmbeddingsReady to the
-request's prefill rank, which READs the rows and answers ReleaseEmbeddings.
+request's prefill rank, which READs the rows and answers ReleaseEmbeddings. Pre-computed
+embeddings files enter here too: loaded (`load_embedding_item`, the frontend's safe loader and
+checks) straight into the pool, no vision encoder; EP/D prefill and the aggregated role load
+them the same way (`media_item`).
 
 Entries are cached by content hash (same hash → no re-encode) and pinned per request until
 ReleaseEmbeddings, an AbortRequest, or the lease (timeouts.kv_lease_s); unpinned entries are
@@ -33,6 +36,9 @@ class _Entry:
     pins: dict[str, float] = field(default_factory=dict)    # request_id -> lease expiry
 
 
+EMBEDDING_FORMATS = ("embedding_file", "embedding_bytes")
+
+
 def decode_image(item: ImageItem):
     from PIL import Image
     if item.format == "rgb":
@@ -40,6 +46,43 @@ def decode_image(item: ImageItem):
     if item.format == "encoded":
         return Image.open(io.BytesIO(item.data)).convert("RGB")
     raise ValueError(f"image format {item.format!r} is not supported by the encode role")
+
+
+def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
+                        max_tokens: int) -> MMItem:
+    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32, by the
+    frontend's own rules: a local file re-checked against media.allowed_local_path and the
+    size cap, loaded without pickle code, shape / dtype / hidden size checked, its grid (or the
+    default) taken as the frontend did. The content hash must be the frontend's: a file that
+    changed since the frontend read it fails its request (the caches key on that hash)."""
+    from mmhpc.server.media import load_embeddings, read_local_file
+    cap = int(media_cfg.max_file_size_mb * (1 << 20))
+    if item.format == "embedding_file":
+        _, data = read_local_file(media_cfg.allowed_local_path, item.path, cap)
+    elif len(item.data) > cap:
+        raise ValueError(f"embeddings file is {len(item.data)} bytes; the limit is {cap}")
+    else:
+        data = item.data
+    emb = load_embeddings(data, item.path, hidden_size, max_tokens)
+    mm = processor.embedding_item(emb.processor_input())
+    if mm.content_hash != item.content_hash:
+        raise ValueError(f"embeddings file {item.path!r} changed since the frontend read it")
+    if mm.num_tokens != item.num_tokens:
+        raise ValueError(f"embeddings file has {mm.num_tokens} rows here, the frontend "
+                         f"counted {item.num_tokens}")
+    mm.offset = item.offset
+    return mm
+
+
+def media_item(processor, item: ImageItem, config, hidden_size: int) -> MMItem:
+    """An ImageItem → MMItem ready for the engine: an image preprocessed (pixel values, grid)
+    or an embeddings file loaded (see load_embedding_item). Offset from the item."""
+    if item.format in EMBEDDING_FORMATS:
+        return load_embedding_item(processor, item, config.media, hidden_size,
+                                   config.model.max_model_len)
+    mm = processor.image_item(decode_image(item))
+    mm.offset = item.offset
+    return mm
 
 
 class EncodeWorker(Worker):
@@ -56,6 +99,7 @@ class EncodeWorker(Worker):
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
         self.pending: list[EncodeRequest] = []
         self.num_encoded = 0
+        self.num_loaded = 0                 # pre-computed embeddings files
         self.num_cache_hits = 0
 
     def handle(self, src: int, msg) -> None:
@@ -79,7 +123,7 @@ class EncodeWorker(Worker):
             self._encode(batch)
         self.stats = dict(num_waiting=len(self.pending), num_cached_items=len(self.cache),
                           num_free_rows=self.pool.num_free_rows, num_encoded=self.num_encoded,
-                          num_cache_hits=self.num_cache_hits)
+                          num_loaded=self.num_loaded, num_cache_hits=self.num_cache_hits)
 
     # ------------------------------------------------------------------------------------
     def _encode(self, batch: list[EncodeRequest]) -> None:
@@ -97,24 +141,27 @@ class EncodeWorker(Worker):
                         todo[it.content_hash] = self._mm_item(it)
                 live.append(req)
             except Exception as e:  # noqa: BLE001 - a bad image fails its request only
-                self._fail(req, f"cannot preprocess image: {type(e).__name__}: {e}")
-        if todo:
+                self._fail(req, f"cannot prepare image: {type(e).__name__}: {e}")
+        images = [m for m in todo.values() if m.embeddings is None]  # files come loaded
+        if images:
             try:
-                self.engine.encode(list(todo.values()))     # one vision batch
+                self.engine.encode(images)                  # one vision batch
             except Exception as e:  # noqa: BLE001
                 log.exception("encode rank %d: vision encoder failed", self.rank)
                 for req in live:
                     self._fail(req, f"vision encoder failed: {type(e).__name__}: {e}")
                 return
-            self.num_encoded += len(todo)
-            for h, item in todo.items():
-                self._store(h, item)
+            self.num_encoded += len(images)
+        self.num_loaded += len(todo) - len(images)
+        for h, item in todo.items():
+            self._store(h, item)
         for req in live:
             self._publish(req)
 
     def _mm_item(self, it: ImageItem) -> MMItem:
-        if it.format == "embedding_file":
-            raise ValueError("pre-computed embedding files are not supported by E/P/D yet")
+        if it.format in EMBEDDING_FORMATS:
+            return load_embedding_item(self.processor, it, self.ctx.config.media,
+                                       self.hidden_size, self.ctx.config.model.max_model_len)
         item = self.processor.image_item(decode_image(it))
         if item.num_tokens != it.num_tokens:
             raise ValueError(f"image has {item.num_tokens} tokens here, the frontend counted "

@@ -214,8 +214,17 @@ class RemoteEngineClient(EngineClient):
 
     def _image_item(self, it) -> ImageItem:
         if it.embeddings is not None:
-            raise ValueError("pre-computed image embeddings are not supported by the "
-                             "disaggregated deployments yet")
+            # A pre-computed embeddings file (checked and hashed here): the rank that encodes
+            # loads it again by path, or from its bytes when it was fetched; no tensor leaves.
+            f = it.source
+            if f is None:
+                raise ValueError("pre-computed embeddings without their file cannot be sent "
+                                 "to another rank")
+            if f.local_path:
+                return ImageItem(it.content_hash, it.offset, it.num_tokens,
+                                 format="embedding_file", path=f.local_path)
+            return ImageItem(it.content_hash, it.offset, it.num_tokens, f.data,
+                             "embedding_bytes", path=f.source)
         img = self.images.get(it.content_hash)
         if img is None:
             raise ValueError(f"image {it.content_hash[:12]} is not held by the frontend")

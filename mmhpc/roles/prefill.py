@@ -26,7 +26,7 @@ from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
 from mmhpc.roles.embed_pool import EmbeddingPool
-from mmhpc.roles.encode import decode_image
+from mmhpc.roles.encode import media_item
 from mmhpc.roles.worker import Worker, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class PrefillWorker(Worker):
         from mmhpc.engine.engine import LLMEngine
         self.engine = LLMEngine(ctx.config, device=ctx.device)
         self.processor = self.engine.processor
+        self.hidden_size = self.engine.runner.model.text_config.hidden_size
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
@@ -89,13 +90,10 @@ class PrefillWorker(Worker):
         self.deadlines[rid] = stage_deadline(req.deadline, stage_s)
         if req.encode_rank < 0:
             try:
-                items = []
-                for meta, img in zip(req.mm_items, req.images):
-                    item = self.processor.image_item(decode_image(img))
-                    item.offset = meta.offset
-                    items.append(item)
+                items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+                         for img in req.images]
             except Exception as e:  # noqa: BLE001
-                self._fail(rid, f"cannot preprocess image: {type(e).__name__}: {e}")
+                self._fail(rid, f"cannot prepare image: {type(e).__name__}: {e}")
                 return
             self._add(req, items)
 

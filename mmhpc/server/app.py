@@ -153,18 +153,11 @@ class Frontend:
     # ------------------------------------------------------------------------- inputs
     @staticmethod
     def _processor_input(item: Any) -> Any:
-        """Embeddings → the processor's input: the tensor, or {"embeddings", "grid_thw"} when
-        the file carries an M-RoPE grid (grid_thw / image_grid_thw)."""
+        """Embeddings → the processor's input {"embeddings", "grid_thw", "file"} (grid from the
+        file's grid_thw / image_grid_thw, else the default; "file" lets a disaggregated
+        frontend ship the file itself); images pass as they are."""
         if isinstance(item, Embeddings):
-            grid = item.aux.get("grid_thw", item.aux.get("image_grid_thw"))
-            if grid is not None:
-                try:
-                    grid = tuple(int(x) for x in (grid.reshape(-1).tolist()
-                                                  if hasattr(grid, "reshape") else grid))
-                except (TypeError, ValueError):
-                    raise P.bad("embeddings file: grid_thw must be 3 integers") from None
-                return {"embeddings": item.tensor, "grid_thw": grid}
-            return item.tensor
+            return item.processor_input()
         return item
 
     def _tokenize_chat(self, messages: list[dict], media: list) -> tuple[list[int], list]:

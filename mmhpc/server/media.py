@@ -55,6 +55,25 @@ class Embeddings:
     tensor: Any
     aux: dict = field(default_factory=dict)
     source: str = ""
+    # How a disaggregated frontend ships the file to the rank that loads it again (tensors
+    # never ride ZeroMQ): a local file by its resolved path, a fetched one by its bytes.
+    local_path: str = ""
+    data: bytes = field(default=b"", repr=False)
+
+    def processor_input(self) -> dict:
+        """The processor's input: {"embeddings", "grid_thw" (None: the default), "file"}; the
+        grid comes from the file's grid_thw / image_grid_thw entry (Qwen2-VL M-RoPE)."""
+        grid = self.aux.get("grid_thw", self.aux.get("image_grid_thw"))
+        if grid is not None:
+            try:
+                grid = tuple(int(x) for x in (grid.reshape(-1).tolist()
+                                              if hasattr(grid, "reshape") else grid))
+            except (TypeError, ValueError):
+                grid = ()
+            if len(grid) != 3:
+                raise media_error("embeddings file: grid_thw must be 3 integers",
+                                  code="invalid_embeddings")
+        return {"embeddings": self.tensor, "grid_thw": grid, "file": self}
 
 
 MediaItem = Union[Image.Image, Embeddings]
@@ -148,15 +167,21 @@ class MediaLoader:
             else:
                 path = url
             is_emb = path.lower().endswith(EMBEDDING_SUFFIXES)
-            data = await asyncio.to_thread(self._read_local, path,
-                                           self.file_cap if is_emb else self.image_cap, param)
+            real, data = await asyncio.to_thread(self._read_local, path,
+                                                 self.file_cap if is_emb else self.image_cap,
+                                                 param)
             name = path
         else:
             raise media_error(f"unsupported URL scheme {parts.scheme!r} (http, https, data, file)",
                               param, code="unsupported_url_scheme")
         if is_emb:
-            return await asyncio.to_thread(load_embeddings, data, name, self.hidden_size,
-                                           self.max_tokens, param)
+            emb = await asyncio.to_thread(load_embeddings, data, name, self.hidden_size,
+                                          self.max_tokens, param)
+            if scheme in ("http", "https"):
+                emb.data = data
+            else:
+                emb.local_path = real
+            return emb
         return await asyncio.to_thread(decode_image, data, self.cfg.max_image_pixels, param)
 
     # -- data: URLs
@@ -181,32 +206,8 @@ class MediaLoader:
         return mime, data
 
     # -- local files
-    def _read_local(self, path: str, cap: int, param: Optional[str]) -> bytes:
-        root = self.cfg.allowed_local_path
-        if not root:
-            raise media_error("local files are not allowed on this server "
-                              "(media.allowed_local_path is empty)", param, code="local_file_refused")
-        root_real = os.path.realpath(root)
-        real = os.path.realpath(os.path.join(root_real, path))
-        if os.path.commonpath([real, root_real]) != root_real:
-            raise media_error(f"path {path!r} is outside the allowed directory", param,
-                              code="local_file_refused")
-        try:
-            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as e:
-            raise media_error(f"cannot open {path!r}: {e.strerror}", param) from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise media_error(f"{path!r} is not a regular file", param)
-            if st.st_size > cap:
-                raise media_error(f"file {path!r} is {st.st_size} bytes; the limit is {cap}",
-                                  param, code="media_too_large")
-            data = f.read(cap + 1)
-        if len(data) > cap:
-            raise media_error(f"file {path!r} is larger than {cap} bytes", param,
-                              code="media_too_large")
-        return data
+    def _read_local(self, path: str, cap: int, param: Optional[str]) -> tuple[str, bytes]:
+        return read_local_file(self.cfg.allowed_local_path, path, cap, param)
 
     # -- http(s)
     async def _pin(self, resolver: _PinnedResolver, url: URL, param: Optional[str]) -> None:
@@ -284,6 +285,38 @@ class MediaLoader:
         except (aiohttp.ClientError, OSError, ValueError) as e:
             raise media_error(f"fetching {url!r} failed: {type(e).__name__}: {e}", param,
                               code="media_fetch_failed") from None
+
+
+# ----------------------------------------------------------------------------- local files
+def read_local_file(root: str, path: str, cap: int,
+                    param: Optional[str] = None) -> tuple[str, bytes]:
+    """(real path, bytes) of a local file below `root` (media.allowed_local_path): resolved
+    (links, ..) and checked to stay inside, opened without following a final link, a regular
+    file, at most `cap` bytes. Any rank that reads a client's file goes through here."""
+    if not root:
+        raise media_error("local files are not allowed on this server "
+                          "(media.allowed_local_path is empty)", param, code="local_file_refused")
+    root_real = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root_real, path))
+    if os.path.commonpath([real, root_real]) != root_real:
+        raise media_error(f"path {path!r} is outside the allowed directory", param,
+                          code="local_file_refused")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise media_error(f"cannot open {path!r}: {e.strerror}", param) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise media_error(f"{path!r} is not a regular file", param)
+        if st.st_size > cap:
+            raise media_error(f"file {path!r} is {st.st_size} bytes; the limit is {cap}",
+                              param, code="media_too_large")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise media_error(f"file {path!r} is larger than {cap} bytes", param,
+                          code="media_too_large")
+    return real, data
 
 
 # ----------------------------------------------------------------------------- decoders
