@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # E/P/D on this machine (4 ranks: frontend, encode, prefill, decode) with the default model.
+# exec: mpirun is make's child, so a SIGTERM to make (which make passes to its children)
+# reaches mpirun, which passes it to the ranks; Ctrl-C reaches them through mpirun as well.
 serve: setup
-	OMP_NUM_THREADS=1 $(BIN)/mpirun -n 4 $(BIN)/python -m mmhpc deployment=e_p_d $(ARGS)
+	OMP_NUM_THREADS=1 exec $(BIN)/mpirun -n 4 $(BIN)/python -m mmhpc deployment=e_p_d $(ARGS)
 
 test: setup
 	OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(ARGS)

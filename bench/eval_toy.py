@@ -6,12 +6,20 @@ Draws ``n`` fresh synthetic images and questions with ``mmhpc.tools.toydata.data
 sends each as one chat completion (the image as a base64 PNG ``data:`` URL, then the question)
 to any OpenAI-compatible server with greedy decoding (temperature 0), and prints the accuracy
 per question type (shape, colour, count, describe) as a markdown table; ``--json`` also writes
-the table and every wrong answer to a file. Exits 1 when a request fails.
+the table and every wrong answer to a file. It also prints a digest (sha256 of the answers in
+order); ``--answers FILE`` writes every answer, and
+
+    python bench/eval_toy.py --compare agg.json epd.json
+
+compares two such dumps (e.g. the aggregated and the E/P/D deployment): it prints
+"answers identical: yes" or every differing answer, and exits 1 when they differ.
+Exits 1 when a request fails.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import sys
 import time
@@ -41,6 +49,26 @@ def score(samples, preds) -> dict[str, dict]:
     for r in table.values():
         r["accuracy"] = r["correct"] / max(1, r["n"])
     return table
+
+
+def digest(preds) -> str:
+    """sha256 (first 16 hex digits) of the answers in order (a failed request counts as null)."""
+    return hashlib.sha256(json.dumps(list(preds)).encode()).hexdigest()[:16]
+
+
+def compare(path_a: str, path_b: str) -> int:
+    """Compares two ``--answers`` dumps; 0 when every answer is the same."""
+    a, b = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
+    if (a["n"], a["seed"]) != (b["n"], b["seed"]):
+        print(f"different data: n/seed {a['n']}/{a['seed']} vs {b['n']}/{b['seed']}")
+        return 1
+    diff = [i for i, (x, y) in enumerate(zip(a["answers"], b["answers"])) if x != y]
+    print(f"{path_a}: digest {digest(a['answers'])}, {path_b}: digest {digest(b['answers'])}")
+    for i in diff[:20]:
+        print(f"  #{i} [{a['qtypes'][i]}] {a['answers'][i]!r} != {b['answers'][i]!r}")
+    print(f"answers identical: {'no' if diff else 'yes'} ({len(a['answers']) - len(diff)}/"
+          f"{len(a['answers'])} the same)")
+    return 1 if diff else 0
 
 
 def format_table(table) -> str:
@@ -84,6 +112,7 @@ async def run(args) -> int:
     table = score(samples, preds)
     print(f"model {model} at {base}: {args.n} requests (seed {args.seed}) in {wall:.1f} s")
     print(format_table(table))
+    print(f"answers digest: {digest(preds)}")
     wrong = [{"qtype": s.qtype, "question": s.question, "answer": s.answer, "got": p}
              for s, p in zip(samples, preds) if p is None or not toydata.is_correct(p, s.answer)]
     for w in wrong[:args.show_wrong]:
@@ -94,6 +123,11 @@ async def run(args) -> int:
         Path(args.json).write_text(json.dumps(
             {"url": base, "model": model, "n": args.n, "seed": args.seed, "wall_s": wall,
              "table": table, "wrong": wrong, "errors": errors}, indent=2) + "\n")
+    if args.answers:
+        Path(args.answers).write_text(json.dumps(
+            {"url": base, "model": model, "n": args.n, "seed": args.seed,
+             "digest": digest(preds), "qtypes": [s.qtype for s in samples],
+             "answers": list(preds)}, indent=1) + "\n")
     return 1 if errors else 0
 
 
@@ -109,7 +143,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--show-wrong", type=int, default=10)
     ap.add_argument("--json", default=None, help="write the table and wrong answers here")
-    return asyncio.run(run(ap.parse_args(argv)))
+    ap.add_argument("--answers", default=None, help="write every answer (in order) here")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                    help="compare two --answers files instead of evaluating")
+    args = ap.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,15 @@ def test_toy_model_answers_fresh_questions(toy_model):
     right = [toydata.is_correct(p, s.answer) for s, p in zip(samples, preds)]
     wrong = [(s.qtype, s.answer, p) for s, p, ok in zip(samples, preds, right) if not ok]
     assert sum(right) >= 22, wrong
+
+
+def test_sample_cli_writes_one_image_and_its_answers(tmp_path, capsys):
+    """`python -m mmhpc.tools.toydata --sample /tmp/shapes.png` (the README's first request)."""
+    out = tmp_path / "shapes.png"
+    assert toydata.main(["--sample", str(out)]) == 0
+    image, qa = toydata.sample_scene(0)
+    assert Image.open(out).convert("RGB").tobytes() == image.tobytes()
+    assert set(qa) == set(toydata.QUESTIONS.values())       # one object: every question defined
+    printed = capsys.readouterr().out
+    for question, answer in qa.items():
+        assert question in printed and answer in printed

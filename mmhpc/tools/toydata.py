@@ -239,12 +239,46 @@ def contact_sheet(samples, cols: int = 8) -> Image.Image:
     return sheet
 
 
-if __name__ == "__main__":   # python -m mmhpc.tools.toydata [n] [seed] [sheet.png]
-    import sys
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    data = dataset(n, seed)
+def sample_scene(seed: int = 0, n: int = 1) -> tuple[Image.Image, dict[str, str]]:
+    """One scene of ``n`` objects from ``random.Random(seed)``: its image and every well-defined
+    question -> its exact answer (with one object every question type is defined)."""
+    rng = random.Random(seed)
+    objects = make_objects(rng, n)
+    image = render(objects, rng.choice(BACKGROUNDS), rng)
+    return image, {QUESTIONS[q]: a for q, a in answers(objects).items()}
+
+
+def main(argv=None) -> int:
+    """python -m mmhpc.tools.toydata --sample /tmp/shapes.png [--seed 0] [--objects 1]
+    python -m mmhpc.tools.toydata [n] [seed] [sheet.png]     (n samples; a contact sheet)"""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mmhpc.tools.toydata",
+                                 description="Synthetic shapes images and questions (issue 9).")
+    ap.add_argument("n", nargs="?", type=int, default=16, help="samples to list (default 16)")
+    ap.add_argument("seed", nargs="?", type=int, default=None, help="default 0")
+    ap.add_argument("sheet", nargs="?", default=None, help="write their contact sheet here")
+    ap.add_argument("--sample", metavar="PNG", default=None,
+                    help="write one test image here and print its questions and answers")
+    ap.add_argument("--seed", dest="seed_opt", type=int, default=None)
+    ap.add_argument("--objects", type=int, default=1, choices=range(1, MAX_OBJECTS + 1),
+                    help="objects in the --sample image (default 1)")
+    args = ap.parse_args(argv)
+    seed = args.seed_opt if args.seed_opt is not None else (args.seed or 0)
+    if args.sample:
+        image, qa = sample_scene(seed, args.objects)
+        image.save(args.sample)
+        print(f"wrote {args.sample} ({IMAGE_SIZE}x{IMAGE_SIZE} PNG, seed {seed}); "
+              f"questions and the answers expected:")
+        for q, a in qa.items():
+            print(f"  {q!r:32s} -> {a}")
+        return 0
+    data = dataset(args.n, seed)
     for s in data:
         print(f"{s.qtype:9s} {s.question!r:34s} -> {s.answer}")
-    if len(sys.argv) > 3:
-        contact_sheet(data).save(sys.argv[3])
+    if args.sheet:
+        contact_sheet(data).save(args.sheet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
