@@ -37,20 +37,6 @@ def messages_for(sample) -> list[dict]:
     ]}]
 
 
-def score(samples, preds) -> dict[str, dict]:
-    table: dict[str, dict] = {}
-    for s, p in zip(samples, preds):
-        row = table.setdefault(s.qtype, {"n": 0, "correct": 0})
-        row["n"] += 1
-        row["correct"] += p is not None and toydata.is_correct(p, s.answer)
-    table = {q: table[q] for q in toydata.QTYPES if q in table}
-    table["all"] = {"n": sum(r["n"] for r in table.values()),
-                    "correct": sum(r["correct"] for r in table.values())}
-    for r in table.values():
-        r["accuracy"] = r["correct"] / max(1, r["n"])
-    return table
-
-
 def digest(preds) -> str:
     """sha256 (first 16 hex digits) of the answers in order (a failed request counts as null)."""
     return hashlib.sha256(json.dumps(list(preds)).encode()).hexdigest()[:16]
@@ -69,13 +55,6 @@ def compare(path_a: str, path_b: str) -> int:
     print(f"answers identical: {'no' if diff else 'yes'} ({len(a['answers']) - len(diff)}/"
           f"{len(a['answers'])} the same)")
     return 1 if diff else 0
-
-
-def format_table(table) -> str:
-    lines = ["| question type | n | correct | accuracy |", "|---|---|---|---|"]
-    for q, r in table.items():
-        lines.append(f"| {q} | {r['n']} | {r['correct']} | {100 * r['accuracy']:.1f}% |")
-    return "\n".join(lines)
 
 
 async def run(args) -> int:
@@ -109,9 +88,9 @@ async def run(args) -> int:
     preds = await asyncio.gather(*(ask(s) for s in samples))
     wall = time.time() - t0
     await client.close()
-    table = score(samples, preds)
+    table = toydata.score(samples, preds)
     print(f"model {model} at {base}: {args.n} requests (seed {args.seed}) in {wall:.1f} s")
-    print(format_table(table))
+    print(toydata.format_table(table))
     print(f"answers digest: {digest(preds)}")
     wrong = [{"qtype": s.qtype, "question": s.question, "answer": s.answer, "got": p}
              for s, p in zip(samples, preds) if p is None or not toydata.is_correct(p, s.answer)]

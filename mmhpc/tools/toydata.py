@@ -117,6 +117,32 @@ def is_correct(pred: str, answer: str) -> bool:
     return normalize(pred) == normalize(answer)
 
 
+def score(samples, preds, verbose: bool = False) -> dict[str, dict[str, float]]:
+    """Per-question-type accuracy of `preds` (None: no answer) against the samples."""
+    table: dict[str, dict[str, float]] = {}
+    for s, p in zip(samples, preds):
+        row = table.setdefault(s.qtype, {"n": 0, "correct": 0})
+        row["n"] += 1
+        ok = p is not None and is_correct(p, s.answer)
+        row["correct"] += ok
+        if verbose and not ok:
+            print(f"  [{s.qtype}] want {s.answer!r} got {p!r}")
+    allrow = {"n": sum(r["n"] for r in table.values()),
+              "correct": sum(r["correct"] for r in table.values())}
+    table = {q: table[q] for q in QTYPES if q in table}
+    table["all"] = allrow
+    for r in table.values():
+        r["accuracy"] = r["correct"] / max(1, r["n"])
+    return table
+
+
+def format_table(table) -> str:
+    lines = ["| question type | n | correct | accuracy |", "|---|---|---|---|"]
+    for q, r in table.items():
+        lines.append(f"| {q} | {r['n']} | {r['correct']} | {100 * r['accuracy']:.1f}% |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- drawing
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":

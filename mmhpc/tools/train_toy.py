@@ -158,32 +158,7 @@ def evaluate(model, processor, n: int = 200, seed: int = EVAL_SEED, batch_size: 
     samples = toydata.dataset(n, seed)
     preds = generate_answers(model, processor, samples, batch_size=batch_size)
     model.train(was_training)
-    return score(samples, preds, verbose=verbose)
-
-
-def score(samples, preds, verbose: bool = False) -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
-    for s, p in zip(samples, preds):
-        row = table.setdefault(s.qtype, {"n": 0, "correct": 0})
-        row["n"] += 1
-        ok = toydata.is_correct(p, s.answer)
-        row["correct"] += ok
-        if verbose and not ok:
-            print(f"  [{s.qtype}] want {s.answer!r} got {p!r}")
-    allrow = {"n": sum(r["n"] for r in table.values()),
-              "correct": sum(r["correct"] for r in table.values())}
-    table = {q: table[q] for q in toydata.QTYPES if q in table}
-    table["all"] = allrow
-    for r in table.values():
-        r["accuracy"] = r["correct"] / max(1, r["n"])
-    return table
-
-
-def format_table(table) -> str:
-    lines = ["| question type | n | correct | accuracy |", "|---|---|---|---|"]
-    for q, r in table.items():
-        lines.append(f"| {q} | {r['n']} | {r['correct']} | {100 * r['accuracy']:.1f}% |")
-    return "\n".join(lines)
+    return toydata.score(samples, preds, verbose=verbose)
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,7 +261,7 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
         from mmhpc.tools.tiny import _portable_configs
         _portable_configs(out)
     table = evaluate(model, processor, n=eval_n, seed=eval_seed, verbose=True)
-    print(format_table(table))
+    print(toydata.format_table(table))
     if vision_intermediate:
         sizes["vision_intermediate"] = vision_intermediate
     info = {"seed": seed, "qtype_weights": qtype_weights, "steps": steps, "batch_size": batch_size, "lr": lr, "device": device,
