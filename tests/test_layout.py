@@ -104,8 +104,13 @@ def test_tp_must_divide_heads():
 
 
 def test_more_ranks_per_node_than_gpus():
-    with pytest.raises(LayoutError, match="at most 8 ranks per node"):
-        make_layout(16, 16, DeploymentConfig(aggregated=GroupConfig(16)), gpus_per_node=8)
+    # tp=1 ranks share GPUs round-robin (E/P/D's 4 ranks on one GPU) ...
+    lay = make_layout(16, 16, DeploymentConfig(aggregated=GroupConfig(16)), gpus_per_node=8)
+    assert [r.device for r in lay] == [r % 8 for r in range(16)]
+    assert [r.device for r in make_layout(4, 4, dep(encode=(1, 1), prefill=(1, 1), decode=(1, 1)), gpus_per_node=1)] == [0] * 4
+    # ... but one TP instance never puts two of its ranks on one GPU (NCCL refuses that).
+    with pytest.raises(LayoutError, match="at most 2 ranks per node"):
+        make_layout(4, 4, DeploymentConfig(aggregated=GroupConfig(1, 4)), gpus_per_node=2)
 
 
 # Golden dry-run tables: (file, overrides, --world-size)
@@ -121,6 +126,10 @@ GOLDEN_CASES = [
     ("gb200_2nodes.txt", ["cluster=gb200", "cluster.nodes=2", "deployment=ep_d",
                           "deployment.frontend_shares_rank=true", "deployment.prefill.tp=2",
                           "deployment.decode.instances=3", "deployment.decode.tp=2"], None),
+    ("gb200_4nodes.txt", ["cluster=gb200", "cluster.nodes=4", "deployment=e_p_d",
+                          "deployment.encode.instances=3", "deployment.prefill.instances=4",
+                          "deployment.prefill.tp=2", "deployment.decode.instances=2",
+                          "deployment.decode.tp=2"], None),
     ("agg_tp2_world8.txt", ["deployment.aggregated.instances=4", "deployment.aggregated.tp=2"], 8),
 ]
 
