@@ -140,9 +140,8 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     if world_size % ranks_per_node:
         raise LayoutError(f"world size {world_size} is not a multiple of {ranks_per_node} "
                           f"ranks per node: launch the same number of ranks on every node")
-    if gpus_per_node and ranks_per_node > gpus_per_node:
-        raise LayoutError(f"{ranks_per_node} ranks per node but {gpus_per_node} GPUs per node: "
-                          f"launch at most {gpus_per_node} ranks per node (one per GPU)")
+    # More ranks than GPUs on a node: ranks share GPUs round-robin (local rank % GPUs), e.g.
+    # E/P/D's 4 ranks on one GPU; a TP instance still needs one GPU per rank (checked below).
     _check_heads(dep, num_heads, num_kv_heads)
 
     need = dep.num_ranks
@@ -206,9 +205,20 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     ranks = [RankInfo(rank=r, world_size=world_size, role=role, instance=inst,
                       rank_in_instance=tp_rank, tp=tp, node=r // ranks_per_node,
                       local_rank=r % ranks_per_node,
-                      device=(r % ranks_per_node) if gpus_per_node else -1,
+                      device=(r % ranks_per_node) % gpus_per_node if gpus_per_node else -1,
                       hosts_frontend=(r == 0))
              for r, role, inst, tp_rank, tp in slots]
+    if gpus_per_node:
+        per_instance: dict[tuple[str, int], list[RankInfo]] = {}
+        for info in ranks:
+            if info.instance >= 0 and info.tp > 1:
+                per_instance.setdefault((info.role, info.instance), []).append(info)
+        for (role, inst), members in per_instance.items():
+            if len({(m.node, m.device) for m in members}) < len(members):
+                raise LayoutError(f"{role} instance {inst} (tp={members[0].tp}) would put two "
+                                  f"TP ranks on one GPU ({gpus_per_node} GPUs per node, "
+                                  f"{ranks_per_node} ranks per node): launch at most "
+                                  f"{gpus_per_node} ranks per node")
     layout = Layout(world_size, ranks_per_node, dep.name, ranks)
     layout._validate()
     return layout
