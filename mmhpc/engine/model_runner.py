@@ -75,26 +75,28 @@ class ModelRunner:
 
     # ---- prefill / decode --------------------------------------------------------------------
 
-    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+    def _add_positions(self, pos: list, seq: Sequence, start: int, end: int) -> None:
+        """Append the positions of tokens [start, end) to pos: [T] ints, or [3][T] (M-RoPE)."""
         if not self.uses_mrope:
-            return torch.arange(start, end)
-        if seq.mrope_positions is None:                  # text only: t = h = w
-            return torch.arange(start, end).expand(3, -1)
-        num_prompt = seq.num_prompt_tokens
-        parts = []
-        if start < num_prompt:
-            parts.append(seq.mrope_positions[:, start:min(end, num_prompt)])
-        if end > num_prompt:
-            gen = torch.arange(max(start, num_prompt), end) + seq.mrope_delta
-            parts.append(gen.expand(3, -1))
-        return torch.cat(parts, dim=1)
+            pos.extend(range(start, end))
+            return
+        mid = start                                      # [start, mid): precomputed t/h/w
+        if seq.mrope_positions is not None:
+            mid = min(max(start, seq.num_prompt_tokens), end)
+        if mid > start:
+            for row, vals in zip(pos, seq.mrope_positions[:, start:mid].tolist()):
+                row.extend(vals)
+        gen = range(mid + seq.mrope_delta, end + seq.mrope_delta)   # generated/text: t = h = w
+        for row in pos:
+            row.extend(gen)
 
     @torch.inference_mode()
     def execute(self, scheduled) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step's `ScheduledSeq`s; returns (logits [N, V] float32, the N seqs to sample)."""
         bs = self.block_size
         input_ids: list[int] = []
-        positions, slots, mm_rows, mm_vals = [], [], [], []
+        positions: list = [[], [], []] if self.uses_mrope else []   # [3][T] or [T]
+        slots, mm_rows, mm_vals = [], [], []
         query_start, context_lens, tables = [0], [], []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
@@ -103,7 +105,7 @@ class ModelRunner:
             end = start + s.num_new_tokens
             base = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
-            positions.append(self._positions(seq, start, end))
+            self._add_positions(positions, seq, start, end)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             for it in seq.mm_items:                      # placeholder rows inside this chunk
@@ -117,7 +119,7 @@ class ModelRunner:
             if s.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        step = StepInputs(input_ids, torch.cat(positions, dim=-1), slots, query_start,
+        step = StepInputs(input_ids, torch.tensor(positions, dtype=torch.long), slots, query_start,
                           context_lens, tables, sample_rows,
                           (torch.cat(mm_rows), torch.cat(mm_vals)) if mm_rows else None)
         self.tp.broadcast_object(step)   # TP followers run it too (mmhpc.engine.tp_worker)

@@ -7,6 +7,7 @@ A token's slot is `block_id * block_size + offset`; the runner computes the slot
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,53 @@ class AttentionMetadata:
     context_lens: list[int]           # [B]: KV length of seq i after this step (cached + new)
     block_tables: list[list[int]]     # [B][num_blocks_i]
     block_size: int
+
+    # Built once per step (on first use), shared by every layer.
+    @cached_property
+    def slot_blocks_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slot_mapping // self.block_size, self.slot_mapping % self.block_size  # [T], [T]
+
+    @cached_property
+    def groups(self) -> tuple[list["AttentionGroup"], list[int]]:
+        """Batched SDPA groups (decodes; prefill chunks when padding them to the longest costs
+        at most 2x) and the sequences left to the per-sequence loop."""
+        qs = self.query_start_loc
+        q_lens = [qs[i + 1] - qs[i] for i in range(len(self.context_lens))]
+        decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        prefills = [i for i, n in enumerate(q_lens) if n > 1]
+        groups = [AttentionGroup.build(self, decodes)] if decodes else []
+        if len(prefills) > 1 and len(prefills) * max(q_lens) <= 2 * sum(q_lens[i] for i in prefills):
+            groups.append(AttentionGroup.build(self, prefills))
+            prefills = []
+        return groups, prefills
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of one step run as one SDPA: queries padded to `max_q`, KV to `num_blocks`."""
+    num_seqs: int
+    max_q: int
+    tok_rows: torch.Tensor    # [N] long: rows of the group's tokens in the step
+    pad_rows: torch.Tensor    # [N] long: the same tokens in the padded [num_seqs * max_q] layout
+    blocks: torch.Tensor      # [num_seqs, num_blocks] long: block tables, padded with block 0
+    mask: torch.Tensor        # [num_seqs, 1, max_q, num_blocks * bs] bool: query j sees key k
+                              # iff k <= ctx - q_len + j (causal, and nothing past ctx)
+
+    @staticmethod
+    def build(meta: AttentionMetadata, seqs: list[int]) -> "AttentionGroup":
+        qs, bs, dev = meta.query_start_loc, meta.block_size, meta.slot_mapping.device
+        q_lens = [qs[i + 1] - qs[i] for i in seqs]
+        max_q, num_blocks = max(q_lens), -(-max(meta.context_lens[i] for i in seqs) // bs)
+        tables = [meta.block_tables[i][:num_blocks] for i in seqs]
+        tok_rows = [r for i in seqs for r in range(qs[i], qs[i + 1])]
+        pad_rows = [b * max_q + j for b, n in enumerate(q_lens) for j in range(n)]
+        first = torch.tensor([meta.context_lens[i] - n for i, n in zip(seqs, q_lens)], device=dev)
+        last_key = first[:, None] + torch.arange(max_q, device=dev)               # [B, max_q]
+        keys = torch.arange(num_blocks * bs, device=dev)
+        return AttentionGroup(
+            len(seqs), max_q, torch.tensor(tok_rows, device=dev), torch.tensor(pad_rows, device=dev),
+            torch.tensor([t + [0] * (num_blocks - len(t)) for t in tables], device=dev),
+            (keys <= last_key[:, :, None])[:, None])
 
 
 class RMSNorm(nn.Module):
@@ -92,20 +140,48 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor, block_size: int) -> None:
+             meta: AttentionMetadata) -> None:
     # layer_cache: [2, num_blocks, KVH, bs, D]; k, v: [T, KVH, D]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    blocks, offsets = meta.slot_blocks_offsets
     layer_cache[0, blocks, :, offsets] = k.to(layer_cache.dtype)
     layer_cache[1, blocks, :, offsets] = v.to(layer_cache.dtype)
 
 
+def _group_attention(q: torch.Tensor, layer_cache: torch.Tensor, g: AttentionGroup,
+                     scale: float) -> torch.Tensor:
+    """One SDPA for a group; GQA without repeating KV: a KV head's G query heads (x max_q
+    positions) ride as G * max_q query rows. Returns [N, H, D] for `g.tok_rows`."""
+    B, max_q, (H, D), KVH = g.num_seqs, g.max_q, q.shape[1:], layer_cache.shape[2]
+    G = H // KVH
+    # (block, kv head) pairs in [B, KVH, num_blocks] order: one gather, already head-major
+    pairs = (g.blocks[:, None, :] * KVH + torch.arange(KVH, device=q.device)[:, None]).flatten()
+    kv = layer_cache.flatten(1, 2).index_select(1, pairs)          # [2, B*KVH*nb, bs, D]
+    kv = kv.view(2, B, KVH, -1, D).to(q.dtype)                     # [2, B, KVH, L, D]
+    qg = q.index_select(0, g.tok_rows)                             # [N, H, D]
+    if max_q == 1:                                                 # decodes: nothing to pad
+        o = F.scaled_dot_product_attention(qg.view(B, KVH, G, D), kv[0], kv[1],
+                                           attn_mask=g.mask, scale=scale)
+        return o.reshape(B, H, D)
+    qp = q.new_zeros(B * max_q, H, D).index_copy_(0, g.pad_rows, qg)
+    qp = qp.view(B, max_q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * max_q, D)
+    mask = g.mask.expand(-1, G, -1, -1).reshape(B, 1, G * max_q, -1)   # rows (g, j)
+    o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=mask, scale=scale)
+    o = o.view(B, KVH, G, max_q, D).permute(0, 3, 1, 2, 4).reshape(B * max_q, H, D)
+    return o.index_select(0, g.pad_rows)                           # [N, H, D]
+
+
 def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
-    """Reference paged attention (CPU, exact): per sequence, gather its blocks and run SDPA.
-    The new queries sit at the END of the context, so query j sees keys 0..ctx-q_len+j."""
+    """Reference paged attention (CPU, exact). The new queries sit at the END of the context,
+    so query j sees keys 0..ctx-q_len+j. Batched groups (`meta.groups`) run one SDPA each;
+    the sequences left over run one by one: gather its blocks, SDPA."""
     num_heads, num_kv_heads = q.shape[1], layer_cache.shape[2]
     out = torch.empty_like(q)                                      # [T, H, D]
-    for i, ctx in enumerate(meta.context_lens):
+    groups, singles = meta.groups
+    for g in groups:
+        out.index_copy_(0, g.tok_rows, _group_attention(q, layer_cache, g, scale))
+    for i in singles:
+        ctx = meta.context_lens[i]
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         q_len = end - start
         num_blocks = (ctx + meta.block_size - 1) // meta.block_size
@@ -160,7 +236,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(layer_cache, k, v, meta.slot_mapping, meta.block_size)
+        write_kv(layer_cache, k, v, meta)
         o = paged_attention(q, layer_cache, meta, self.scale)     # [T, H, D]
         return self.o_proj(o.reshape(T, -1))
 
