@@ -1,5 +1,5 @@
 import sys
 
-from mmhpc.launch.main import main
+from mmhpc.launch.main import exit_fast, main
 
-sys.exit(main())
+exit_fast(main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 - srun --mpi=pmi2 runs MPI ranks, and the launcher's JobEnv reads them right;
 - golden file: the submission script submitit writes for cluster=h200 on 4 nodes
   (MMHPC_UPDATE_GOLDEN=1 rewrites it);
-- end to end, per deployment in SERVE_CASES: `sbatch slurm/serve.sbatch` and the submitit
+- end to end, per deployment in SBATCH_CASES / SUBMITIT_CASES: `sbatch slurm/serve.sbatch` and the submitit
   launcher bring the server up, the URL file answers HTTP, `scancel` ends the job.
 """
 from __future__ import annotations
@@ -32,11 +32,16 @@ def _roles_landed() -> bool:
     return any(p.stem != "__init__" for p in (ROOT / "mmhpc" / "roles").glob("*.py"))
 
 
-# (deployment overrides, ranks). E/P/D loads the model on 4 ranks (minutes on a shared CPU): slow.
-SERVE_CASES = [
+# (deployment overrides, ranks). E/P/D on 4 ranks: ~16 s by sbatch (default tier), ~30 s by
+# submitit (slow) on the shared 2-core box.
+_NO_ROLES = pytest.mark.skipif(not _roles_landed(), reason="E/P/D roles (mmhpc/roles) not there yet")
+SBATCH_CASES = [
     pytest.param(["deployment=agg"], 1, id="agg"),
-    pytest.param(["deployment=e_p_d"], 4, id="e_p_d", marks=[pytest.mark.slow, pytest.mark.skipif(
-        not _roles_landed(), reason="E/P/D roles (mmhpc/roles) not there yet")]),
+    pytest.param(["deployment=e_p_d"], 4, id="e_p_d", marks=[_NO_ROLES]),
+]
+SUBMITIT_CASES = [
+    pytest.param(["deployment=agg"], 1, id="agg"),
+    pytest.param(["deployment=e_p_d"], 4, id="e_p_d", marks=[pytest.mark.slow, _NO_ROLES]),
 ]
 MODEL = ["model=tiny_llava"]
 END_STATES = ("CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "")
@@ -201,8 +206,19 @@ def _serve_overrides(deployment: list[str], port: int) -> list[str]:
     return [*deployment, *MODEL, f"server.port={port}", f"cluster.frontend_port={port}"]
 
 
+def _leftovers(pattern: str, timeout_s: float = 10) -> list[str]:
+    """Processes of the job (`pattern` on their command line: the port, the log folder) alive."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["pgrep", "-af", pattern], capture_output=True,
+                             text=True).stdout.splitlines()
+        out = [ln for ln in out if "pgrep" not in ln]
+        if not out or time.monotonic() > deadline:
+            return out
+
+
 @pytest.mark.slurm
-@pytest.mark.parametrize("deployment, ranks", SERVE_CASES)
+@pytest.mark.parametrize("deployment, ranks", SBATCH_CASES)
 def test_sbatch_serve_answers_and_scancel_ends(slurm_cluster, tmp_path, deployment, ranks):
     port = _free_port()
     env = dict(os.environ, MMHPC_SRUN_MPI=MPI, OMP_NUM_THREADS="1")
@@ -226,9 +242,12 @@ def test_sbatch_serve_answers_and_scancel_ends(slurm_cluster, tmp_path, deployme
         subprocess.run(["scancel", job_id])
     assert _wait_state(job_id, END_STATES, 60) == "CANCELLED", log.read_text()
     assert _port_closed(url, 30)
-    # the batch script outlived the drain: every rank exited on SIGTERM before KillWait's SIGKILL
+    # the batch script outlived the drain: every rank exited on SIGTERM before KillWait's SIGKILL,
+    # with status 0 (srun's is the worst of its tasks'), and nothing of the job is left
     content = _wait_log(log, "mmhpc: srun exited", timeout_s=30)
-    assert "mmhpc: srun exited" in content, f"ranks did not exit on SIGTERM before KillWait:\n{content}"
+    assert "mmhpc: srun exited with 0" in content, \
+        f"ranks did not all exit 0 on SIGTERM before KillWait:\n{content}"
+    assert not _leftovers(f"server.port={port} "), _leftovers(f"server.port={port} ", 0)
 
 
 def _wait_log(log: Path, text: str, timeout_s: float = 10) -> str:
@@ -242,7 +261,7 @@ def _wait_log(log: Path, text: str, timeout_s: float = 10) -> str:
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("deployment, ranks", SERVE_CASES)
+@pytest.mark.parametrize("deployment, ranks", SUBMITIT_CASES)
 def test_submitit_serve_answers_and_cancel_ends(slurm_cluster, tmp_path, deployment, ranks,
                                                 monkeypatch):
     from mmhpc.launch.submit import SubmitOptions, submit
@@ -260,3 +279,7 @@ def test_submitit_serve_answers_and_cancel_ends(slurm_cluster, tmp_path, deploym
         job.cancel(check=False)
     assert _wait_state(job.job_id, END_STATES, 60) == "CANCELLED"
     assert _port_closed(url, 30)
+    assert not _leftovers(str(tmp_path / "logs")), _leftovers(str(tmp_path / "logs"), 0)
+    # every rank drained and returned (no SIGKILL at KillWait: srun would say "Killed")
+    logs = "".join(p.read_text() for p in (tmp_path / "logs" / str(job.job_id)).glob("*_log.*"))
+    assert logs.count("Job completed successfully") == ranks and "Killed" not in logs, logs[-3000:]

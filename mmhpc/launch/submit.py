@@ -12,9 +12,10 @@ Ctrl-C cancels the job (SIGTERM: the server drains). From Python:
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import os
-import runpy
 import shlex
 import signal
 import subprocess
@@ -66,12 +67,15 @@ class ServeTask:
         # and is never requeued, so give the default/ mmhpc's own handlers back.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGUSR2, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        from mmhpc.launch.main import main
         sys.argv = ["mmhpc", *self.overrides]
-        try:
-            runpy.run_module("mmhpc", run_name="__main__", alter_sys=True)
-        except SystemExit as e:   # submitit would lose the result of a bare sys.exit
-            if e.code not in (0, None):
-                raise RuntimeError(f"mmhpc exited with {e.code}") from None
+        rc = main(list(self.overrides))
+        if rc:                    # submitit would lose the result of a bare sys.exit
+            raise RuntimeError(f"mmhpc exited with {rc}")
+        # At exit, after submitit saved the result: freeze the heap so that the interpreter's
+        # final garbage collection is quick (see mmhpc.launch.main.exit_fast); a slow one
+        # outlasted Slurm's KillWait after a drain on scancel.
+        atexit.register(gc.freeze)
 
 
 def split_args(argv: list[str]) -> tuple[list[str], SubmitOptions]:
