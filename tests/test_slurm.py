@@ -88,19 +88,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MESSAGES = [{"role": "user", "content": "Hello, what shape is it?"}]
+
+
 def _ask(url: str) -> dict:
-    """A small chat completion: the server answers (token values are the oracle tests' job)."""
+    """A greedy chat completion at the job's URL; its text must equal the offline engine's
+    (`mmhpc.LLM`, itself oracle-tested against HF generate) on the same tiny checkpoint."""
     with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=60) as r:
         model = json.loads(r.read())["data"][0]["id"]
-    body = json.dumps({"model": model, "max_tokens": 2, "temperature": 0,
-                       "messages": [{"role": "user", "content": "Hello"}]}).encode()
+    body = json.dumps({"model": model, "max_tokens": 8, "temperature": 0,
+                       "messages": MESSAGES}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
+            answer = json.loads(r.read())
     except urllib.error.HTTPError as e:
         pytest.fail(f"{e}: {e.read()[:2000]!r}")
+    from mmhpc import LLM, SamplingParams
+    from mmhpc.tools.tiny import tiny_checkpoint
+    expected = LLM(str(tiny_checkpoint("llava")), dtype="float32").generate(
+        MESSAGES, SamplingParams(max_tokens=8))[0].text
+    assert answer["choices"][0]["message"]["content"] == expected
+    return answer
 
 
 def _port_closed(url: str, timeout_s: float) -> bool:
