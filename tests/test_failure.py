@@ -20,7 +20,10 @@ OVERRIDES = ["model=tiny_llava", "deployment=e_p_d", "server.request_timeout_s=3
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    dep = Deployment(4, OVERRIDES, tmp_path_factory.mktemp("failure") / "job.log").start()
+    # MPICH's mpiexec kills every rank itself as soon as one dies (before mmhpc can name it);
+    # -disable-auto-cleanup leaves that to mmhpc's frontend (one line, then MPI_Abort).
+    dep = Deployment(4, OVERRIDES, tmp_path_factory.mktemp("failure") / "job.log",
+                     mpirun_args=("-disable-auto-cleanup",)).start()
     yield dep
     dep.stop()
 
