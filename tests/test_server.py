@@ -25,7 +25,7 @@ from mmhpc.config import Config
 from mmhpc.engine.sequence import MMItem
 from mmhpc.server.app import ServerThread
 
-MAX_LEN = 1024
+MAX_LEN = 4096
 QUESTION = "What is in this picture?"
 
 
@@ -203,11 +203,11 @@ def test_stream_disconnect_aborts(env):
     fe = st.frontend
     before = fe.metrics.generation_tokens
     body = {"model": env["model"], "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 900, "ignore_eos": True, "temperature": 0, "stream": True}
+            "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
     lines = stream_lines(url + "/v1/chat/completions", body, 4)
     assert len(lines) == 4 and fe.in_flight == 1
     wait_idle(st, timeout=20)
-    assert fe.metrics.generation_tokens - before < 900
+    assert fe.metrics.generation_tokens - before < 4000
 
 
 def test_nonstream_disconnect_aborts(env):
@@ -216,7 +216,7 @@ def test_nonstream_disconnect_aborts(env):
     fe = st.frontend
     aborted = fe.metrics.aborted
     body = {"model": env["model"], "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+            "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     with pytest.raises(socket.timeout):
         http("POST", url + "/v1/chat/completions", body, timeout=0.7)
     wait_idle(st, timeout=20)
