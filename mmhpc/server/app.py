@@ -186,6 +186,75 @@ class Frontend:
             return list(prompt)
         return self._process(prompt, [], "prompt")[0]
 
+    # ------------------------------------------------------------------------- outputs
+    async def _collect(self, outputs, num_choices: int) -> list[_Choice]:
+        """Drains `outputs` into one _Choice per index (non-streaming)."""
+        choices = [_Choice() for _ in range(num_choices)]
+        async with contextlib.aclosing(outputs):
+            async for i, out in outputs:
+                self._check_output(out)
+                c = choices[i]
+                c.text.append(out.text_delta)
+                c.num_tokens += len(out.new_token_ids)
+                c.logprobs += out.logprobs or []
+                c.num_cached = max(c.num_cached, out.num_cached_tokens)
+                if out.finished:
+                    c.reason = P.finish_reason(out)
+        return choices
+
+    async def _start_sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
+
+    async def _stream(self, request: web.Request, obj: str, rid: str, outputs,
+                      choice: Callable[[int, RequestOutput], Optional[dict]], num_prompt: int,
+                      include_usage: bool, first: list[dict]) -> web.StreamResponse:
+        """SSE: a chunk for each choice in `first`, then one for each output that `choice` turns
+        into a choice (None: nothing to send), the usage chunk if asked, [DONE]. An error midway
+        is sent as an error event; a client gone closes `outputs` (→ engine requests aborted)."""
+        created = int(time.time())
+        resp = await self._start_sse(request)
+        num_completion = 0
+
+        def chunk(choices: list[dict], u: Optional[dict] = None) -> bytes:
+            return P.sse(P.response(obj, rid, self.model, choices, u, created))
+        try:
+            for c in first:
+                await resp.write(chunk([c]))
+            async with contextlib.aclosing(outputs):
+                async for i, out in outputs:
+                    self._check_output(out)
+                    num_completion += len(out.new_token_ids)
+                    c = choice(i, out)
+                    if c is not None:
+                        await resp.write(chunk([c]))
+            if include_usage:
+                await resp.write(chunk([], P.usage(num_prompt, num_completion)))
+        except APIError as e:
+            await resp.write(P.sse(e.body()))
+        except ConnectionError:
+            self.metrics.aborted += 1
+            return resp
+        await resp.write(P.SSE_DONE)
+        await resp.write_eof()
+        return resp
+
+    def _chat_delta(self, logprobs: bool, i: int, out: RequestOutput) -> Optional[dict]:
+        reason = P.finish_reason(out)
+        lps = P.chat_logprobs(out.logprobs or [], self.token_str) if logprobs else None
+        if not out.text_delta and reason is None and not lps:
+            return None
+        return P.chat_delta(i, {"content": out.text_delta} if out.text_delta else {}, reason, lps)
+
+    def _completion_delta(self, logprobs: bool, i: int, out: RequestOutput) -> Optional[dict]:
+        reason = P.finish_reason(out)
+        if not out.text_delta and reason is None and not out.logprobs:
+            return None
+        lps = P.completion_logprobs(out.logprobs or [], self.token_str) if logprobs else None
+        return P.completion_choice(i, out.text_delta, reason, lps)
+
     # ------------------------------------------------------------------------- routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
         with self._admit("chat"):
@@ -207,64 +276,18 @@ class Frontend:
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             outputs = self._outputs(rid, ids, items, params, deadline, t0)
             if req.stream:
-                return await self._chat_stream(request, req, rid, len(ids), outputs)
-            choices = [_Choice() for _ in params]
-            async with contextlib.aclosing(outputs):
-                async for i, out in outputs:
-                    self._check_output(out)
-                    c = choices[i]
-                    c.text.append(out.text_delta)
-                    c.num_tokens += len(out.new_token_ids)
-                    c.logprobs += out.logprobs or []
-                    c.num_cached = max(c.num_cached, out.num_cached_tokens)
-                    if out.finished:
-                        c.reason = P.finish_reason(out)
+                role = [P.chat_delta(i, {"role": "assistant", "content": ""})
+                        for i in range(len(params))]
+                return await self._stream(request, P.CHAT_CHUNK, rid, outputs,
+                                          functools.partial(self._chat_delta, req.logprobs),
+                                          len(ids), req.include_usage, role)
+            choices = await self._collect(outputs, len(params))
             self.metrics.cached_tokens += sum(c.num_cached for c in choices)
-            body = P.chat_response(rid, self.model, [
+            return web.json_response(P.response(P.CHAT, rid, self.model, [
                 P.chat_choice(i, "".join(c.text), c.reason,
                               P.chat_logprobs(c.logprobs, self.token_str) if req.logprobs else None)
                 for i, c in enumerate(choices)],
-                P.usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached))
-            return web.json_response(body)
-
-    async def _start_sse(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        return resp
-
-    async def _chat_stream(self, request, req: P.ChatRequest, rid: str, num_prompt: int,
-                           outputs) -> web.StreamResponse:
-        created = int(time.time())
-        resp = await self._start_sse(request)
-        num_completion = 0
-        try:
-            for i in range(req.sampling.n):
-                await resp.write(P.sse(P.chat_chunk(rid, self.model, created, [
-                    P.chat_delta(i, {"role": "assistant", "content": ""})])))
-            async with contextlib.aclosing(outputs):
-                async for i, out in outputs:
-                    self._check_output(out)
-                    num_completion += len(out.new_token_ids)
-                    reason = P.finish_reason(out)
-                    lps = (P.chat_logprobs(out.logprobs or [], self.token_str)
-                           if req.logprobs else None)
-                    if not out.text_delta and reason is None and not lps:
-                        continue
-                    delta = {"content": out.text_delta} if out.text_delta else {}
-                    await resp.write(P.sse(P.chat_chunk(rid, self.model, created,
-                                                        [P.chat_delta(i, delta, reason, lps)])))
-            if req.include_usage:
-                await resp.write(P.sse(P.chat_chunk(rid, self.model, created, [],
-                                                    P.usage(num_prompt, num_completion))))
-        except APIError as e:
-            await resp.write(P.sse(e.body()))
-        except ConnectionError:             # client gone: outputs closed → engine aborted
-            self.metrics.aborted += 1
-            return resp
-        await resp.write(P.SSE_DONE)
-        await resp.write_eof()
-        return resp
+                P.usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         with self._admit("completions"):
@@ -284,52 +307,17 @@ class Frontend:
                           for i in range(n)]
                 streams.append(self._outputs(f"{rid}-{k}", ids, [], params, deadline, t0))
             merged = _merge_indexed(streams, n)
-            if req.stream:
-                return await self._completion_stream(request, req, rid, num_prompt, merged)
-            choices = [_Choice() for _ in range(len(prompt_ids) * n)]
-            async with contextlib.aclosing(merged):
-                async for i, out in merged:
-                    self._check_output(out)
-                    c = choices[i]
-                    c.text.append(out.text_delta)
-                    c.num_tokens += len(out.new_token_ids)
-                    c.logprobs += out.logprobs or []
-                    if out.finished:
-                        c.reason = P.finish_reason(out)
             lp = req.sampling.logprobs is not None
-            return web.json_response(P.completion_response(rid, self.model, [
+            if req.stream:
+                return await self._stream(request, P.COMPLETION, rid, merged,
+                                          functools.partial(self._completion_delta, lp),
+                                          num_prompt, req.include_usage, [])
+            choices = await self._collect(merged, len(prompt_ids) * n)
+            return web.json_response(P.response(P.COMPLETION, rid, self.model, [
                 P.completion_choice(i, "".join(c.text), c.reason,
                                     P.completion_logprobs(c.logprobs, self.token_str) if lp else None)
                 for i, c in enumerate(choices)],
                 P.usage(num_prompt, sum(c.num_tokens for c in choices))))
-
-    async def _completion_stream(self, request, req, rid, num_prompt, merged):
-        created = int(time.time())
-        resp = await self._start_sse(request)
-        num_completion = 0
-        lp = req.sampling.logprobs is not None
-        try:
-            async with contextlib.aclosing(merged):
-                async for i, out in merged:
-                    self._check_output(out)
-                    num_completion += len(out.new_token_ids)
-                    reason = P.finish_reason(out)
-                    if not out.text_delta and reason is None and not out.logprobs:
-                        continue
-                    lps = P.completion_logprobs(out.logprobs or [], self.token_str) if lp else None
-                    await resp.write(P.sse(P.completion_chunk(rid, self.model, created, [
-                        P.completion_choice(i, out.text_delta, reason, lps)])))
-            if req.include_usage:
-                await resp.write(P.sse(P.completion_chunk(rid, self.model, created, [],
-                                                          P.usage(num_prompt, num_completion))))
-        except APIError as e:
-            await resp.write(P.sse(e.body()))
-        except ConnectionError:
-            self.metrics.aborted += 1
-            return resp
-        await resp.write(P.SSE_DONE)
-        await resp.write_eof()
-        return resp
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

@@ -325,9 +325,18 @@ def completion_logprobs(lps: list[TokenLogprob], token_str, text_offset: int = 0
             "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, choices: list[dict], u: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": u}
+CHAT, CHAT_CHUNK, COMPLETION = "chat.completion", "chat.completion.chunk", "text_completion"
+
+
+def response(obj: str, rid: str, model: str, choices: list[dict], u: Optional[dict] = None,
+             created: Optional[int] = None) -> dict:
+    """The envelope of every response and stream chunk (`obj`: CHAT, CHAT_CHUNK or COMPLETION,
+    which also names completion chunks); "usage" only where `u` is given."""
+    body = {"id": rid, "object": obj, "created": int(time.time()) if created is None else created,
+            "model": model, "choices": choices}
+    if u is not None:
+        body["usage"] = u
+    return body
 
 
 def chat_choice(index: int, text: str, reason: Optional[str], logprobs: Optional[dict]) -> dict:
@@ -335,37 +344,14 @@ def chat_choice(index: int, text: str, reason: Optional[str], logprobs: Optional
             "logprobs": logprobs, "finish_reason": reason}
 
 
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict],
-               u: Optional[dict] = None) -> dict:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
-    if u is not None:
-        chunk["usage"] = u
-    return chunk
-
-
 def chat_delta(index: int, delta: dict, reason: Optional[str] = None,
                logprobs: Optional[dict] = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 
-def completion_response(rid: str, model: str, choices: list[dict], u: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": u}
-
-
 def completion_choice(index: int, text: str, reason: Optional[str],
                       logprobs: Optional[dict]) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-
-
-def completion_chunk(rid: str, model: str, created: int, choices: list[dict],
-                     u: Optional[dict] = None) -> dict:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": choices}
-    if u is not None:
-        chunk["usage"] = u
-    return chunk
 
 
 def sse(data: Any) -> bytes:
