@@ -84,12 +84,18 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     assert bm.num_free_blocks == 0
 
 
-def test_cache_hit_takes_block_off_free_list():
-    bm = BlockManager(num_blocks=3, block_size=4)
+def cached_prompt(num_blocks: int):
+    """A 9-token seq prefilled then freed (its 2 full blocks stay cached), and a new seq with the
+    same prompt."""
+    bm = BlockManager(num_blocks=num_blocks, block_size=4)
     a = make_seq("a", 9)
     prefill(bm, a)
     bm.free(a)
-    b = make_seq("b", 9)
+    return bm, make_seq("b", 9)
+
+
+def test_cache_hit_takes_block_off_free_list():
+    bm, b = cached_prompt(num_blocks=3)
     assert bm.lookup_prefix(b) == 8
     assert bm.num_free_blocks == 1
     assert bm.can_allocate(b, 1) and not bm.can_allocate(b, 5)
@@ -102,11 +108,7 @@ def test_prefix_caching_off():
 
 
 def test_undo_lookup_returns_blocks():
-    bm = BlockManager(num_blocks=8, block_size=4)
-    a = make_seq("a", 9)
-    prefill(bm, a)
-    bm.free(a)
-    b = make_seq("b", 9)
+    bm, b = cached_prompt(num_blocks=8)
     bm.lookup_prefix(b)
     bm.undo_lookup(b)
     assert bm.num_free_blocks == 8 and b.block_table == [] and b.num_computed_tokens == 0

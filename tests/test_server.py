@@ -197,28 +197,28 @@ def test_sampling_options(env):
     assert all(len(t.top_logprobs) == 3 for t in content)
 
 
+def long_chat(env, **kw) -> dict:
+    """A greedy chat request that runs 4000 tokens unless its client leaves."""
+    return {"model": env["model"], "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 4000, "ignore_eos": True, "temperature": 0, **kw}
+
+
 def test_stream_disconnect_aborts(env):
-    st, url = env["st"], env["url"]
+    st, fe = env["st"], env["st"].frontend
     wait_idle(st)
-    fe = st.frontend
     before = fe.metrics.generation_tokens
-    body = {"model": env["model"], "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
-    lines = stream_lines(url + "/v1/chat/completions", body, 4)
+    lines = stream_lines(env["url"] + "/v1/chat/completions", long_chat(env, stream=True), 4)
     assert len(lines) == 4 and fe.in_flight == 1
     wait_idle(st, timeout=20)
     assert fe.metrics.generation_tokens - before < 4000
 
 
 def test_nonstream_disconnect_aborts(env):
-    st, url = env["st"], env["url"]
+    st, fe = env["st"], env["st"].frontend
     wait_idle(st)
-    fe = st.frontend
     aborted = fe.metrics.aborted
-    body = {"model": env["model"], "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     with pytest.raises(socket.timeout):
-        http("POST", url + "/v1/chat/completions", body, timeout=0.7)
+        http("POST", env["url"] + "/v1/chat/completions", long_chat(env), timeout=0.7)
     wait_idle(st, timeout=20)
     assert fe.metrics.aborted == aborted + 1
 
