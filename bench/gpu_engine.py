@@ -165,34 +165,91 @@ def build_engine(path, max_num_seqs=256, **kw):
     return eng
 
 
-def decode_b1(eng, key, prompt_len, image_id=None, steps=64):
-    """One request, prompt_len tokens (text), decode `steps` tokens; ms/step from host clock
-    (whole engine step) and from CUDA events around graph replay (GPU only)."""
-    from mmhpc.engine.sequence import SamplingParams
-    res = {}
-    for graphs in (True, False):
-        cs = eng.runner.cuda_steps
-        cs.use_graphs = graphs
-        rid = f"{key}-{graphs}"
-        ids = [1] + torch.randint(100, 20000, (prompt_len - 1,)).tolist()
-        eng.add_request(rid, ids, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
-        eng.step()                                      # prefill
-        torch.cuda.synchronize()
-        ts = []
-        while eng.has_unfinished_requests():
+def _phase_timers(eng, acc: dict):
+    """Wrap scheduler.schedule / runner.execute / sampler to time them (ms) into acc; returns
+    a function that undoes the wrapping."""
+    undo = []
+
+    def wrap(obj, attr, key):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
             t = time.perf_counter()
-            eng.step()
-            ts.append((time.perf_counter() - t) * 1e3)
-        res["graphs" if graphs else "eager"] = round(statistics.median(ts[2:]), 3)
-    cs.use_graphs = True
-    # GPU time of one replay at batch 1, context ~prompt_len
-    b = cs.bufs[1] if hasattr(cs, "bufs") else cs       # the graph of size 1 reads its own buffer
-    b.lens[:1] = prompt_len
-    b.tables[:1, :prompt_len // eng.runner.block_size + 1] = torch.arange(
-        prompt_len // eng.runner.block_size + 1, device="cuda", dtype=torch.int32)
-    b.slots[:1] = -1
-    res["graph_replay_gpu"] = round(cuda_time(lambda: cs.graphs[1].replay(), 50), 3)
+            try:
+                return fn(*a, **k)
+            finally:
+                acc.setdefault(key, []).append((time.perf_counter() - t) * 1e3)
+        setattr(obj, attr, timed)
+        undo.append(lambda: delattr(obj, attr) if attr in vars(obj) else None)
+    wrap(eng.scheduler, "schedule", "schedule")
+    wrap(eng.runner, "execute", "execute")
+    sampler = eng.sampler
+
+    class _Timed:
+        def __call__(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return sampler(*a, **k)
+            finally:
+                acc.setdefault("sampler", []).append((time.perf_counter() - t) * 1e3)
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+    eng.sampler = _Timed()
+
+    def restore():
+        for u in undo:
+            u()
+        eng.sampler = sampler
+    return restore
+
+
+def _decode_steps(eng, rid, prompt_len, steps, acc=None) -> float:
+    """Median wall ms of `engine.step()` over `steps` decode steps of one request."""
+    from mmhpc.engine.sequence import SamplingParams
+    ids = [1] + torch.randint(100, 20000, (prompt_len - 1,)).tolist()
+    eng.add_request(rid, ids, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    eng.step()                                          # prefill
+    torch.cuda.synchronize()
+    restore = _phase_timers(eng, acc) if acc is not None else None
+    ts = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        ts.append((time.perf_counter() - t) * 1e3)
+    if restore:
+        restore()
+    return statistics.median(ts[2:])
+
+
+def replay_ms(cs, n: int, ctx: int, num_blocks: int, iters: int = 50) -> float:
+    """GPU ms of one decode step of graph size n (all pieces), every row at context ctx."""
+    b = cs.bufs[n]
+    nb = ctx // cs.block_size + 1
+    b.lens[:n] = ctx
+    b.tables[:n, :nb] = torch.arange(n * nb, device="cuda", dtype=torch.int32).view(n, nb) \
+        % num_blocks
+    b.slots[:n] = -1
+    ms = cuda_time(lambda: cs.replay(n), iters)
     b.lens.zero_()
+    return round(ms, 3)
+
+
+def decode_b1(eng, key, prompt_len, steps=64, eager=True):
+    """One request, prompt_len tokens (text), decode `steps` tokens: median ms per
+    `engine.step()` (wall, graphs on; eager too), the host phases of a step (a second pass with
+    timers), and the GPU time of the graph replay alone (CUDA events)."""
+    cs = eng.runner.cuda_steps
+    res = {"graphs": round(_decode_steps(eng, f"{key}-g", prompt_len, steps), 3)}
+    acc: dict = {}
+    res["phased_wall"] = round(_decode_steps(eng, f"{key}-p", prompt_len, steps // 2, acc), 3)
+    res["phases"] = {k: round(statistics.median(v[2:]), 3) for k, v in acc.items()}
+    if eager:
+        cs.use_graphs = False
+        res["eager"] = round(_decode_steps(eng, f"{key}-e", prompt_len, 16), 3)
+        cs.use_graphs = True
+    res["graph_replay_gpu"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
+    res["graph_pieces"] = len(cs.pieces)
     return res
 
 
@@ -242,169 +299,98 @@ def clip_bench(eng):
     return res
 
 
+def clip_profile(model, name="profile_clip_bs64.txt") -> float:
+    """CLIP batch 64: ms per image and a torch.profiler table of 3 batches."""
+    from torch.profiler import ProfilerActivity, profile
+    from mmhpc.engine.sequence import MMItem
+    px = torch.randn(64, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    items = lambda: [MMItem("x", 0, 576, None, px[i:i + 1]) for i in range(64)]  # noqa: E731
+    ms = cuda_time(lambda: model.encode(items()), 10) / 64
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            model.encode(items())
+        torch.cuda.synchronize()
+    t = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    open(os.path.join(OUT, name), "w").write(t)
+    print(round(ms, 4), "ms/image CLIP b64\n", t[:5000], flush=True)
+    return round(ms, 4)
+
+
+def floor_ms(gb: float) -> float:
+    return round(gb * 1e9 / (R.get("gemv_read_TBps", 2.5) * 1e12) * 1e3, 3)
+
+
 @part("llava")
 def _():
     eng = build_engine("arch:llava-1.5-7b", 256)
     r = R.setdefault("llava", {})
     r["weights_read_GB"] = round(llm_bytes(eng.runner.model) / 1e9, 3)
     r["num_blocks"] = eng.runner.num_blocks
-    r["decode_b1_ms"] = decode_b1(eng, "llava", 616)
-    kv = 616 * 32 * 2 * 4096 * 2                      # K+V bytes read at context 616
-    bw = R.get("gemv_read_TBps", 2.5) * 1e12
-    r["floor_ms_weights"] = round(r["weights_read_GB"] * 1e9 / bw * 1e3, 3)
-    r["floor_ms_weights_plus_kv"] = round((r["weights_read_GB"] * 1e9 + kv) / bw * 1e3, 3)
-    r["ratio_to_weight_floor"] = round(r["decode_b1_ms"]["graphs"] / r["floor_ms_weights"], 3)
-    print(r, flush=True)
-    save()
-    # decode step at larger batches (graph replay, context ~700 each)
-    cs = eng.runner.cuda_steps
-    bs_res = {}
-    nb = 700 // 16 + 1
-    for bs in (16, 64, 128, 256):
-        b = cs.bufs[bs] if hasattr(cs, "bufs") else cs
-        b.lens[:bs] = 700
-        b.tables[:bs, :nb] = torch.arange(bs * nb, device="cuda", dtype=torch.int32).view(bs, nb) \
-            % eng.runner.num_blocks
-        b.slots[:bs] = -1
-        bs_res[bs] = round(cuda_time(lambda: cs.graphs[bs].replay(), 10), 3)
-        b.lens.zero_()
-    r["decode_step_ms_by_batch_ctx700"] = bs_res
-    print(bs_res, flush=True)
-    profile_decode(eng, "llava_b1")
-    save()
-    r["clip"] = clip_bench(eng)
-    print(r["clip"], flush=True)
-    del eng
-
-
-@part("decode")
-def _():
-    """Issue 8 decode gap only: attention kernel A/B (partition per sequence vs the graph's
-    capacity), LLaVA-1.5-7B decode b=1 vs the floor, its profile; CLIP batched profile."""
-    from mmhpc.kernels.paged_attention import paged_decode_attention
-    r = R.setdefault("decode", {})
-    # kernel: b=1, 32 heads (no GQA), head_dim 128, bf16, graph capacity 4096 tokens
-    nb_pool, bsz = 512, 16
-    kv = torch.randn(2, nb_pool, 32, bsz, 128, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
-    tables = torch.arange(256, device="cuda", dtype=torch.int32).view(1, 256)
-    kab = {}
-    for ctx in (616, 2000, 4096):
-        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
-        outs = {}
-        for per_seq in (False, True):
-            fn = lambda: paged_decode_attention(q, kv, tables, lens, 128 ** -0.5,  # noqa: E731
-                                                max_context_len=4096, per_seq_partition=per_seq)
-            outs[per_seq] = fn().float()
-            kab[f"ctx{ctx}_{'per_seq' if per_seq else 'capacity'}_us"] = round(
-                cuda_time(fn, 200) * 1e3, 2)
-        kab[f"ctx{ctx}_max_abs_diff"] = float((outs[True] - outs[False]).abs().max())
-    r["attn_kernel_b1_cap4096"] = kab
-    print(kab, flush=True)
-    del kv
-    eng = build_engine("arch:llava-1.5-7b", 256)
-    r["weights_read_GB"] = round(llm_bytes(eng.runner.model) / 1e9, 3)
-    bw = R.get("gemv_read_TBps", 2.5) * 1e12
-    r["floor_ms_weights"] = round(r["weights_read_GB"] * 1e9 / bw * 1e3, 3)
+    r["floor_ms_weights"] = floor_ms(r["weights_read_GB"])
     for ctx in (616, 2000):
-        d = decode_b1(eng, f"llava{ctx}", ctx)
+        d = decode_b1(eng, f"llava{ctx}", ctx, eager=ctx == 616)
         d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
         d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
         r[f"decode_b1_ctx{ctx}_ms"] = d
         print(ctx, d, flush=True)
         save()
     cs = eng.runner.cuda_steps
-    bs_res = {}
-    nb = 700 // 16 + 1
-    for bs in (16, 64, 128, 256):
-        b = cs.bufs[bs]
-        b.lens[:bs] = 700
-        b.tables[:bs, :nb] = torch.arange(bs * nb, device="cuda", dtype=torch.int32).view(bs, nb) \
-            % eng.runner.num_blocks
-        b.slots[:bs] = -1
-        bs_res[bs] = round(cuda_time(lambda: cs.graphs[bs].replay(), 10), 3)
-        b.lens.zero_()
-    r["decode_step_ms_by_batch_ctx700"] = bs_res
-    print(bs_res, flush=True)
-    profile_decode(eng, "llava_b1_v2")
+    r["decode_step_ms_by_batch_ctx700"] = {
+        bs: replay_ms(cs, bs, 700, eng.runner.num_blocks, 10) for bs in (16, 64, 128, 256)}
+    print(r["decode_step_ms_by_batch_ctx700"], flush=True)
+    profile_decode(eng, "llava_b1")
     save()
-    # CLIP ViT-L/336 batched: time and top kernels
-    from torch.profiler import ProfilerActivity, profile
-    from mmhpc.engine.sequence import MMItem
-    model = eng.runner.model
-    px = torch.randn(64, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
-    items = lambda: [MMItem("x", 0, 576, None, px[i:i + 1]) for i in range(64)]  # noqa: E731
-    r["clip_bs64_ms_per_image"] = round(cuda_time(lambda: model.encode(items()), 10) / 64, 4)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            model.encode(items())
-        torch.cuda.synchronize()
-    t = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    open(os.path.join(OUT, "profile_clip_bs64.txt"), "w").write(t)
-    print(r["clip_bs64_ms_per_image"], "ms/image CLIP b64\n", t[:7000], flush=True)
+    r["clip"] = clip_bench(eng)
+    r["clip"]["profiled_bs64_ms_per_image"] = clip_profile(eng.runner.model)
+    print(r["clip"], flush=True)
     del eng
 
 
-@part("decode_host")
+@part("exp")
 def _():
-    """Where a b=1 decode step's wall time goes beyond the graph: phases timed on the host
-    (scheduler, execute = input prep + replay launch, sampler = GPU wait + argmax sync,
-    rest = postprocess), and a chrome trace of 6 steps (GPU idle gaps between replays)."""
-    from torch.profiler import ProfilerActivity, profile
-    from mmhpc.engine.sequence import SamplingParams
-    eng = build_engine("arch:llava-1.5-7b", 256)
-    acc: dict = {}
-
-    def timed(obj, attr, key):
-        fn = getattr(obj, attr)
-
-        def wrap(*a, **k):
-            t = time.perf_counter()
+    """A/B of this session's changes: decode graph pieces (layers per piece) at b=1, and
+    attention variants for the Qwen2-VL ViT's head_dim 80."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from mmhpc.engine.cuda_graphs import graph_pieces
+    r = R.setdefault("exp", {})
+    N, H = 10764, 16
+    att = {}
+    q, k, v = (torch.randn(1, H, N, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * N * N * H * 80
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for pad in (80, 96, 128):
+            qq, kk, vv = (F.pad(t, (0, pad - 80)) for t in (q, k, v))
             try:
-                return fn(*a, **k)
-            finally:
-                acc.setdefault(key, []).append((time.perf_counter() - t) * 1e3)
-        setattr(obj, attr, wrap)
-    timed(eng.scheduler, "schedule", "schedule")
-    timed(eng.runner, "execute", "execute")
-
-    class _TimedSampler:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, *a, **k):
-            t = time.perf_counter()
-            try:
-                return self.inner(*a, **k)
-            finally:
-                acc.setdefault("sampler", []).append((time.perf_counter() - t) * 1e3)
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-    eng.sampler = _TimedSampler(eng.sampler)
-    ids = [1] + torch.randint(100, 20000, (615,)).tolist()
-    eng.add_request("h", ids, SamplingParams(max_tokens=70, ignore_eos=True))
-    eng.step()
-    torch.cuda.synchronize()
-    acc.clear()
-    walls = []
-    for i in range(60):
-        t = time.perf_counter()
-        eng.step()
-        walls.append((time.perf_counter() - t) * 1e3)
-    r = R.setdefault("decode_host", {})
-    r["wall_ms"] = round(statistics.median(walls[2:]), 3)
-    for k, v in acc.items():
-        r[k + "_ms"] = round(statistics.median(v[2:]), 3)
-    print(r, flush=True)
-    eng.add_request("h2", ids, SamplingParams(max_tokens=12, ignore_eos=True))
-    eng.step()
-    eng.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(6):
-            eng.step()
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(os.path.join(OUT, "trace_decode_b1.json"))
+                with sdpa_kernel([backend]):
+                    ms = cuda_time(lambda: F.scaled_dot_product_attention(
+                        qq, kk, vv, scale=80 ** -0.5), 5, 1)
+                att[f"{name}_d{pad}_ms"] = round(ms, 2)
+                att[f"{name}_d{pad}_TFLOPs_useful"] = round(flops / ms / 1e9, 1)
+            except Exception as e:  # noqa: BLE001
+                att[f"{name}_d{pad}"] = str(e)[:120]
+    r["vit_attention_N10764_H16"] = att
+    print(att, flush=True)
+    del q, k, v
+    save()
+    eng = build_engine("arch:llava-1.5-7b", 8)
+    cs = eng.runner.cuda_steps
+    fl = floor_ms(round(llm_bytes(eng.runner.model) / 1e9, 3))
+    pieces = {"floor_ms": fl}
+    for chunk in (8, 0, 4, 16, 8):
+        cs.pieces = graph_pieces(cs.decoder.num_layers, chunk)
+        cs.graphs.clear()
+        cs.capture([1])
+        d = decode_b1(eng, f"p{chunk}", 616, eager=False)
+        d["ratio_wall"] = round(d["graphs"] / fl, 3)
+        pieces[f"chunk{chunk}" + ("_again" if f"chunk{chunk}" in pieces else "")] = d
+        print(chunk, d, flush=True)
+    r["llava_decode_b1_pieces"] = pieces
+    save()
+    r["clip_bs64_ms_per_image"] = clip_profile(eng.runner.model, "profile_clip_bs64_exp.txt")
+    save()
     del eng
 
 
@@ -435,10 +421,11 @@ def _():
     r = R.setdefault("qwen", {})
     model = eng.runner.model
     r["weights_read_GB"] = round(llm_bytes(model) / 1e9, 3)
-    r["decode_b1_ms"] = decode_b1(eng, "qwen", 1000)
-    bw = R.get("gemv_read_TBps", 2.5) * 1e12
-    r["floor_ms_weights"] = round(r["weights_read_GB"] * 1e9 / bw * 1e3, 3)
-    r["ratio_to_weight_floor"] = round(r["decode_b1_ms"]["graphs"] / r["floor_ms_weights"], 3)
+    r["floor_ms_weights"] = floor_ms(r["weights_read_GB"])
+    d = decode_b1(eng, "qwen", 1000)
+    d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
+    d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
+    r["decode_b1_ctx1000_ms"] = d
     print(r, flush=True)
     save()
     profile_decode(eng, "qwen_b1")

@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Issue 8 GPU run (device tool): bash bench/gpu_engine.sh [parts,comma,separated]
-# parts: ceilings,correctness,llava,offline,qwen (default: all). Results in $OUT.
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 MMHPC_CACHE=/tmp/mmhpc-cache PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "${OUT:-/tmp}/gpu.txt"
+# Issue 8 GPU run (device tool, carry .whl filled by ../shared/tools/gpu-wheels.sh):
+#   ENGINE_PARTS=ceilings,correctness,llava,offline,qwen bash bench/gpu_engine.sh
+# parts (bench/gpu_engine.py): ceilings, correctness, llava, exp, offline, qwen (default: all but
+# exp). RUN_TESTS=1 (default) runs the GPU kernel tests first. Results, logs, profiles in $OUT.
+set -u
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 MMHPC_CACHE=/tmp/mmhpc-cache
+OUT=${OUT:-/tmp/gpu_engine}; mkdir -p "$OUT"; export OUT
+{
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import transformers, triton, torch; print(transformers.__version__, triton.__version__, torch.__version__)"
-python3 bench/gpu_engine.py "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_engine.log"
+if [ "${RUN_TESTS:-1}" = 1 ]; then
+  echo "=== kernel tests ==="
+  timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py
+fi
+echo "=== gpu_engine ${ENGINE_PARTS:-ceilings,correctness,llava,offline,qwen} ==="
+timeout "${ENGINE_TIMEOUT:-540}" python3 bench/gpu_engine.py \
+  "${ENGINE_PARTS:-ceilings,correctness,llava,offline,qwen}"
+echo "=== done $(date -u) ==="
+} 2>&1 | tee "$OUT/run.log"

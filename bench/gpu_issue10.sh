@@ -16,26 +16,7 @@ ls /tmp/site/nixl_cu13.libs/ucx/ 2>&1 | head -20; find / -name 'ucx_info*' -type
 echo "=== nixl_gpu ==="
 timeout "${NIXL_TIMEOUT:-210}" python3 bench/nixl_gpu.py ${NIXL_ARGS:-}
 echo "=== decode kernel tests ==="
-timeout "${TEST_TIMEOUT:-90}" python3 - <<'PYEOF'
-import importlib.util, sys, time, traceback, types
-class _Mark:
-    def __getattr__(self, name):
-        def deco(*args, **kwargs):
-            if len(args) == 1 and callable(args[0]) and not kwargs:
-                return args[0]
-            return lambda fn: fn
-        return deco
-stub = types.ModuleType("pytest"); stub.mark = _Mark(); sys.modules["pytest"] = stub
-sys.path.insert(0, ".")
-spec = importlib.util.spec_from_file_location("t", "tests/test_kernels_gpu.py")
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-for name in [n for n in dir(mod) if n.startswith("test_decode")]:
-    t0 = time.time()
-    try:
-        getattr(mod, name)(); print(f"PASSED {name} ({time.time() - t0:.1f} s)", flush=True)
-    except Exception:
-        print(f"FAILED {name}\n{traceback.format_exc()}", flush=True)
-PYEOF
+timeout "${TEST_TIMEOUT:-90}" python3 bench/run_gpu_tests.py test_decode
 echo "=== gpu_engine ${ENGINE_PARTS:-ceilings,correctness,decode} ==="
 timeout "${ENGINE_TIMEOUT:-300}" python3 bench/gpu_engine.py "${ENGINE_PARTS:-ceilings,correctness,decode}"
 echo "=== done $(date -u) ==="

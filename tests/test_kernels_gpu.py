@@ -208,6 +208,52 @@ def test_rms_norm_and_silu():
 
 @gpu
 @needs_gpu
+def test_rotary_write_kv():
+    """Fused rotary (q and k heads in place) + cache write vs float64 reference; padding slot."""
+    from mmhpc.kernels import fused
+    for dtype in (torch.bfloat16, torch.float32):
+        for T, Hq, Hkv, D in ((37, 32, 32, 128), (5, 28, 4, 128), (3, 16, 16, 80)):
+            qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda").to(dtype)
+            ang = torch.randn(T, D // 2, device="cuda")
+            cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+            slots = torch.randperm(8 * BLOCK_SIZE, device="cuda")[:T]
+            slots[1] = -1
+            got, want = {}, {}
+            for impl, out, x_dtype in ((fused, got, dtype), (reference, want, torch.float64)):
+                x = qkv.to(x_dtype)
+                cache = torch.full((2, 8, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
+                                   dtype=x_dtype)
+                qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+                v = x[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+                impl.rotary_write_kv(qk, Hq, v, cos.to(x_dtype), sin.to(x_dtype), cache, slots)
+                out["qk"], out["cache"] = qk, cache
+            assert _rel(got["qk"], want["qk"]) < TOL[dtype]
+            written = ~torch.isnan(want["cache"])
+            assert torch.equal(written, ~torch.isnan(got["cache"]))
+            assert _rel(got["cache"][written], want["cache"][written]) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+def test_add_layer_norm():
+    """ViT residual add + LayerNorm (+ the next GEMM's bias pre-added) vs torch."""
+    from mmhpc.kernels import fused
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, C in ((577 * 3, 1024), (100, 1280), (5, 80)):
+            x, r = (torch.randn(rows, C, device="cuda").to(dtype) for _ in range(2))
+            w, b, b2 = (torch.randn(C, device="cuda").to(dtype) for _ in range(3))
+            out, h = fused.add_layer_norm(x, r, w, b, 1e-5)
+            ref_h = x + r                                   # torch rounds the sum to dtype
+            assert torch.equal(h, ref_h)
+            ref = F.layer_norm(ref_h.double(), (C,), w.double(), b.double(), 1e-5)
+            assert _rel(out, ref) < TOL[dtype]
+            out2, hb = fused.add_layer_norm(x, r, w, b, 1e-5, next_bias=b2)
+            assert torch.equal(out2, out)
+            assert _rel(hb, ref_h.double() + b2.double()) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
 def test_dispatch_picks_triton_on_cuda():
     import mmhpc.kernels as kernels
     assert kernels.HAS_TRITON

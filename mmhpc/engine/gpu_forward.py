@@ -10,7 +10,9 @@ SiLU-and-mul, down_proj. No host sync inside: the caller passes host bounds (`ma
 `max_context_len`), so a decode step can be captured in a CUDA graph.
 
 Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
-and quick-GELU, and the CLIP tower stops at the deepest layer LLaVA reads.
+and quick-GELU, the attention residual add fused into the second LayerNorm (which also
+pre-adds fc2's bias) and fc2 accumulating into the residual in place; the CLIP tower stops at
+the deepest layer LLaVA reads.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from mmhpc import kernels
-from mmhpc.kernels.fused import quick_gelu_, rotary_
 
 
 @dataclass
@@ -71,18 +72,37 @@ class FastDecoder:
         self.num_kv_heads = self.kv_size // self.head_dim
         self.scale = a0.scale
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.dec.layers)
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: GpuAttnMeta,
                  kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
+        state = self.begin(input_ids, positions, mm_embeds)
+        self.layers(state, 0, self.num_layers, meta, kv_cache)
+        return self.end(state)
+
+    # The forward in three stages over a `state` dict (h, residual, cos, sin), so a decode step
+    # can be captured as several CUDA graphs of layer ranges (mmhpc.engine.cuda_graphs).
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds=None) -> dict:
         dec = self.dec
         h = dec.embed_tokens(input_ids)                               # [T, hidden]
         if mm_embeds is not None:
             rows, values = mm_embeds
             h[rows] = values.to(h.dtype)
         cos, sin = dec.rotary(positions, h.dtype)                     # [T, D]
+        return {"h": h, "residual": None, "cos": cos, "sin": sin}
+
+    def layers(self, state: dict, lo: int, hi: int, meta: GpuAttnMeta,
+               kv_cache: torch.Tensor) -> dict:
+        """Decoder layers [lo, hi) on `state`, updated in place (and returned)."""
+        h, residual, cos, sin = state["h"], state["residual"], state["cos"], state["sin"]
         T = h.shape[0]
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        residual = None
-        for i, layer in enumerate(dec.layers):
+        qk = self.q_size + self.kv_size
+        for i in range(lo, hi):
+            layer = self.dec.layers[i]
             qkv_w, qkv_b, gu_w = self.fused[i]
             ln = layer.input_layernorm
             if residual is None:
@@ -90,12 +110,13 @@ class FastDecoder:
             else:
                 x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
             qkv = F.linear(x, qkv_w, qkv_b)                           # [T, (Hq + 2 Hkv) D]
-            rotary_(qkv[:, :self.q_size + self.kv_size].view(T, Hq + Hkv, D), cos, sin)
             q = qkv[:, :self.q_size].view(T, Hq, D)
-            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, Hkv, D)
-            v = qkv[:, self.q_size + self.kv_size:].view(T, Hkv, D)
+            k = qkv[:, self.q_size:qk].view(T, Hkv, D)
+            v = qkv[:, qk:].view(T, Hkv, D)
             cache = kv_cache[i]
-            kernels.write_kv(k, v, cache, meta.slot_mapping)
+            # rotary on q and k in place, k and v into their cache slots: one kernel
+            kernels.rotary_write_kv(qkv[:, :qk].view(T, Hq + Hkv, D), Hq, v, cos, sin, cache,
+                                    meta.slot_mapping)
             if meta.decode:
                 o = kernels.paged_decode_attention(q, cache, meta.block_tables, meta.context_lens,
                                                    self.scale, max_context_len=meta.max_context_len)
@@ -107,7 +128,14 @@ class FastDecoder:
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
             h = layer.mlp.down_proj(kernels.silu_and_mul(F.linear(x, gu_w)))
-        h, _ = kernels.rms_norm(h, dec.norm.weight, dec.norm.eps, residual)
+        state["h"], state["residual"] = h, residual
+        return state
+
+    def end(self, state: dict) -> torch.Tensor:
+        dec = self.dec
+        if state["residual"] is None:
+            return kernels.rms_norm(state["h"], dec.norm.weight, dec.norm.eps)
+        h, _ = kernels.rms_norm(state["h"], dec.norm.weight, dec.norm.eps, state["residual"])
         return h
 
 
@@ -133,36 +161,48 @@ def _sdpa(q, k, v, scale):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _mlp_tail(attn_out, residual, norm, fc1, fc2, act):
+    """h = residual + attn_out; return h + fc2(act(fc1(norm(h)))) with the add fused into the
+    LayerNorm, fc2's bias pre-added there and fc2 accumulating into the residual (addmm_)."""
+    from mmhpc.kernels.fused import add_layer_norm
+    x, h = add_layer_norm(attn_out, residual, norm.weight, norm.bias, norm.eps, fc2.bias)
+    return h.addmm_(act(fc1(x)), fc2.weight.t())
+
+
 def _clip_layer_forward(layer, returns_tuple: bool):
+    from mmhpc.kernels.fused import quick_gelu_
     attn, mlp = layer.self_attn, layer.mlp
     qkv_w, qkv_b = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
     heads, head_dim = attn.num_heads, attn.head_dim
     quick = getattr(getattr(mlp, "config", None), "hidden_act", "") == "quick_gelu"
+    act = quick_gelu_ if quick else mlp.activation_fn
 
     def forward(hidden_states, *args, **kwargs):
         B, S, C = hidden_states.shape
+        hidden_states = hidden_states.contiguous()
         x = layer.layer_norm1(hidden_states)
         qkv = F.linear(x, qkv_w, qkv_b).view(B, S, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         o = _sdpa(qkv[0], qkv[1], qkv[2], attn.scale)                # [B, H, S, D]
-        o = o.transpose(1, 2).reshape(B, S, C)
-        h = hidden_states + attn.out_proj(o)
-        y = mlp.fc1(layer.layer_norm2(h))
-        y = quick_gelu_(y) if quick else mlp.activation_fn(y)
-        h = h + mlp.fc2(y)
+        o = attn.out_proj(o.transpose(1, 2).reshape(B * S, C))
+        h = _mlp_tail(o, hidden_states.view(B * S, C), layer.layer_norm2, mlp.fc1, mlp.fc2, act)
+        h = h.view(B, S, C)
         return (h,) if returns_tuple else h
     return forward
 
 
 def _qwen_block_forward(block, cache: dict):
+    from mmhpc.kernels.fused import quick_gelu_, rotary_
     attn, mlp = block.attn, block.mlp
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", None) or attn.qkv.weight.shape[1] // heads
     scale = getattr(attn, "scaling", None) or head_dim ** -0.5
     quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
+    act = quick_gelu_ if quick else mlp.act
 
     def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                 **kwargs):
         N, C = hidden_states.shape
+        hidden_states = hidden_states.contiguous()
         if position_embeddings is None:
             emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
             position_embeddings = (emb.cos(), emb.sin())
@@ -184,10 +224,7 @@ def _qwen_block_forward(block, cache: dict):
                 q, k, v = part.permute(1, 2, 0, 3)[:, None]          # [1, H, L, D]
                 outs.append(_sdpa(q, k, v, scale)[0].transpose(0, 1).reshape(-1, C))
             o = torch.cat(outs)
-        h = hidden_states + attn.proj(o)
-        y = mlp.fc1(block.norm2(h))
-        y = quick_gelu_(y) if quick else mlp.act(y)
-        return h + mlp.fc2(y)
+        return _mlp_tail(attn.proj(o), hidden_states, block.norm2, mlp.fc1, mlp.fc2, act)
     return forward
 
 

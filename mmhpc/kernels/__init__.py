@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 HAS_TRITON = _triton is not None
 
 __all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention", "write_kv",
-           "rms_norm", "silu_and_mul", "reference"]
+           "rotary_write_kv", "rms_norm", "silu_and_mul", "reference"]
 
 
 def _on_gpu(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -42,6 +42,13 @@ def paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables,
 def write_kv(k, v, kv_cache_layer, slot_mapping):
     impl = _triton if _on_gpu(k) else reference
     return impl.write_kv(k, v, kv_cache_layer, slot_mapping)
+
+
+def rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping):
+    if _on_gpu(qk):
+        from mmhpc.kernels import fused
+        return fused.rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping)
+    return reference.rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping)
 
 
 def rms_norm(x, weight, eps, residual=None):

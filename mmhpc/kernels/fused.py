@@ -59,3 +59,115 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
     if n:
         _quick_gelu_kernel[(triton.cdiv(n, 2048),)](x, n, BLOCK=2048, num_warps=8)
     return x
+
+
+@triton.jit
+def _rotary_write_kv_kernel(x_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+                            stride_t, stride_h, stride_vt, stride_vh, stride_c,
+                            stride_cb, stride_ch, stride_ct, stride_vcb, stride_vch, stride_vct,
+                            num_q_heads, num_kv_heads,
+                            HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                            BLOCK_HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # one program: one token; rotate its q heads in place, then its k heads in place and, when
+    # the token has a slot (>= 0), store the rotated k and its v into the paged cache
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HALF
+    c1 = tl.load(cos_ptr + t * stride_c + offs_d, mask=d_mask).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + offs_d, mask=d_mask).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_c + offs_d, mask=d_mask).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + offs_d, mask=d_mask).to(tl.float32)
+    offs_q = tl.arange(0, BLOCK_HQ)
+    mask = (offs_q[:, None] < num_q_heads) & d_mask[None, :]
+    base = x_ptr + t * stride_t + offs_q[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(base, mask=mask).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask).to(tl.float32)
+    tl.store(base, (x1 * c1[None, :] - x2 * s1[None, :]).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(x_ptr.dtype.element_ty),
+             mask=mask)
+    offs_k = tl.arange(0, BLOCK_HKV)
+    mask = (offs_k[:, None] < num_kv_heads) & d_mask[None, :]
+    base = x_ptr + t * stride_t + (num_q_heads + offs_k[:, None]) * stride_h + offs_d[None, :]
+    x1 = tl.load(base, mask=mask).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask).to(tl.float32)
+    y1 = (x1 * c1[None, :] - x2 * s1[None, :]).to(x_ptr.dtype.element_ty)
+    y2 = (x2 * c2[None, :] + x1 * s2[None, :]).to(x_ptr.dtype.element_ty)
+    tl.store(base, y1, mask=mask)
+    tl.store(base + HALF, y2, mask=mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        kc = kc_ptr + blk * stride_cb + offs_k[:, None] * stride_ch + off * stride_ct + offs_d[None, :]
+        tl.store(kc, y1.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc + HALF, y2.to(kc_ptr.dtype.element_ty), mask=mask)
+        vb = v_ptr + t * stride_vt + offs_k[:, None] * stride_vh + offs_d[None, :]
+        vc = vc_ptr + blk * stride_vcb + offs_k[:, None] * stride_vch + off * stride_vct + offs_d[None, :]
+        tl.store(vc, tl.load(vb, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + HALF, tl.load(vb + HALF, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_write_kv(qk: torch.Tensor, num_q_heads: int, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, kv_cache_layer: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """qk [T, Hq + Hkv, D] (q heads then k heads, evenly strided, e.g. of a qkv row): rotary in
+    place on all heads; then the rotated k heads and v [T, Hkv, D] go to the cache slots
+    `slot_mapping` [T] (negative: no write). = `rotary_` + `write_kv` in one launch."""
+    T, H, D = qk.shape
+    Hkv = H - num_q_heads
+    assert qk.stride(-1) == 1 and v.stride(-1) == 1 and cos.stride(-1) == 1
+    assert cos.stride(0) == sin.stride(0) and kv_cache_layer.stride(-1) == 1 and D % 2 == 0
+    if T == 0:
+        return
+    kc, vc = kv_cache_layer[0], kv_cache_layer[1]
+    _rotary_write_kv_kernel[(T,)](
+        qk, v, cos, sin, kc, vc, slot_mapping,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        num_q_heads, Hkv, HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2),
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(Hkv),
+        BLOCK_SIZE=kv_cache_layer.shape[3], num_warps=4)
+
+
+@triton.jit
+def _add_layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, bias2_ptr, out_ptr, res_out_ptr,
+                           n_cols, eps, HAS_BIAS2: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(res_ptr + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(x_ptr.dtype.element_ty)              # the residual stream, in x's dtype (HF)
+    if HAS_BIAS2:                                       # pre-add the next GEMM's bias to it
+        b2 = tl.load(bias2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * n_cols + offs,
+                 (h.to(tl.float32) + b2).to(res_out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(res_out_ptr + row * n_cols + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    mean = tl.sum(hf, 0) / n_cols
+    d = tl.where(mask, hf - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d, 0) / n_cols + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + offs, (d * rstd * w + b).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float, next_bias: torch.Tensor | None = None):
+    """h = x + residual (rounded to x's dtype, as HF adds); returns (LayerNorm(h), h), or with
+    `next_bias` (LayerNorm(h), h + next_bias): the residual with the bias of the GEMM that
+    will add into it already in, so that GEMM can be `addmm(h + b, y, W.T)` (one pass less).
+    x, residual: contiguous [..., C]."""
+    assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
+    C = x.shape[-1]
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    rows = x.numel() // C if C else 0
+    if rows:
+        _add_layer_norm_kernel[(rows,)](
+            x, residual, weight, bias, next_bias if next_bias is not None else bias, out, res_out,
+            C, eps, HAS_BIAS2=next_bias is not None, BLOCK=triton.next_power_of_2(C),
+            num_warps=4 if C <= 2048 else 8)
+    return out, res_out

@@ -113,3 +113,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2*I] = [gate | up] -> silu(gate) * up: [..., I]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rotary_write_kv(qk: torch.Tensor, num_q_heads: int, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, kv_cache_layer: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """Rotary (rotate-half, in float32) in place on every head of qk [T, Hq + Hkv, D], then the
+    rotated k heads and v [T, Hkv, D] into the cache at slot_mapping (negative = skip)."""
+    x = qk.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos.float()[:, None], sin.float()[:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat((x1 * c[..., :half] - x2 * s[..., :half],
+                     x2 * c[..., half:] + x1 * s[..., half:]), dim=-1)
+    qk.copy_(rot.to(qk.dtype))
+    write_kv(qk[:, num_q_heads:], v, kv_cache_layer, slot_mapping)
