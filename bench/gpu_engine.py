@@ -381,7 +381,10 @@ def _():
     pieces = {"floor_ms": fl}
     for chunk in (8, 0, 4, 16, 8):
         cs.pieces = graph_pieces(cs.decoder.num_layers, chunk)
-        cs.graphs.clear()
+        cs.graphs.clear()                       # all sizes: their pool goes, a fresh one comes
+        cs.logits.clear()
+        cs.pool = None
+        torch.cuda.synchronize()
         cs.capture([1])
         d = decode_b1(eng, f"p{chunk}", 616, eager=False)
         d["ratio_wall"] = round(d["graphs"] / fl, 3)

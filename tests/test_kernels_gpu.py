@@ -220,7 +220,7 @@ def test_rotary_write_kv():
             slots[1] = -1
             got, want = {}, {}
             for impl, out, x_dtype in ((fused, got, dtype), (reference, want, torch.float64)):
-                x = qkv.to(x_dtype)
+                x = qkv.clone().to(x_dtype)         # the kernel works in place: own copies
                 cache = torch.full((2, 8, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
                                    dtype=x_dtype)
                 qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
