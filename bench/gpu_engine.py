@@ -397,6 +397,41 @@ def _():
     del eng
 
 
+def trace_decode(eng, key, prompt_len, steps=6):
+    """Chrome trace of `steps` b=1 decode steps ($OUT/trace_<key>.json) and the per-step
+    timing phases of one more pass."""
+    from torch.profiler import ProfilerActivity, profile
+    from mmhpc.engine.sequence import SamplingParams
+    ids = [1] + torch.randint(100, 20000, (prompt_len - 1,)).tolist()
+    eng.add_request(key, ids, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 with_stack=False) as prof:
+        while eng.has_unfinished_requests():
+            eng.step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(os.path.join(OUT, f"trace_{key}.json"))
+
+
+@part("trace")
+def _():
+    r = R.setdefault("trace", {})
+    for path, n, ctx, kw in (("arch:llava-1.5-7b", 8, 616, {}),
+                             ("arch:qwen2-vl-7b", 64, 1000, {"max_model_len": 8192}),
+                             ("arch:llava-1.5-7b", 256, 616, {})):
+        eng = build_engine(path, n, **kw)
+        key = f"{path[5:10]}_{n}"
+        r[key] = decode_b1(eng, key, ctx, eager=False)
+        print(key, r[key], flush=True)
+        trace_decode(eng, key, ctx)
+        save()
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @part("offline")
 def _():
     from mmhpc.bench import offline
