@@ -48,7 +48,7 @@ def run_parts():
             traceback.print_exc()
             R.setdefault("errors", {})[name] = traceback.format_exc()[-1500:]
         finally:
-            os.environ["MMHPC_FAST_PATH"] = "1"
+            os.environ["MMHPC_FAST_PATH"] = os.environ["MMHPC_DECODE_AHEAD"] = "1"
             os.environ["MMHPC_VIT_SDPA"] = "cudnn"
         print(f"----- {name}: {time.perf_counter() - t:.1f} s", flush=True)
         gc.collect()
@@ -104,17 +104,21 @@ def _():
     y = torch.randn(1000, 333, device="cuda")
     ref = y.double() * torch.sigmoid(1.702 * y.double())
     R["quick_gelu_rel_err"] = float((quick_gelu_(y.clone()).double() - ref).norm() / ref.norm())
-    # the whole engine, tiny LLaVA / Qwen2-VL in float32: fast path (graphs) == plain torch path
-    from mmhpc.bench import offline
+    # the whole engine, tiny LLaVA / Qwen2-VL in float32: fast path (graphs, decode ahead) ==
+    # fast path without decode ahead == plain torch path; requests of different lengths and
+    # max_tokens, 4 seats for 6 requests (admissions mid-way: predictions dropped and taken)
     for fam in ("llava", "qwen2_vl"):
         toks = {}
-        for fast in ("0", "1"):
-            os.environ["MMHPC_FAST_PATH"] = fast
-            toks[fast] = _tiny_tokens(fam)
-        os.environ["MMHPC_FAST_PATH"] = "1"
-        same = sum(a == b for a, b in zip(toks["0"], toks["1"]))
-        R[f"tiny_{fam}_fast_vs_torch_tokens_equal"] = f"{same}/{len(toks['0'])}"
-    print({k: v for k, v in R.items() if "err" in k or "equal" in k})
+        for name, fast, ahead in (("torch", "0", "0"), ("fast", "1", "0"), ("ahead", "1", "1")):
+            os.environ["MMHPC_FAST_PATH"], os.environ["MMHPC_DECODE_AHEAD"] = fast, ahead
+            toks[name], stats = _tiny_tokens(fam)
+            if name == "ahead":
+                R[f"tiny_{fam}_ahead_hits_misses"] = stats
+        os.environ["MMHPC_FAST_PATH"], os.environ["MMHPC_DECODE_AHEAD"] = "1", "1"
+        for name in ("fast", "ahead"):
+            same = sum(a == b for a, b in zip(toks["torch"], toks[name]))
+            R[f"tiny_{fam}_{name}_vs_torch_tokens_equal"] = f"{same}/{len(toks['torch'])}"
+    print({k: v for k, v in R.items() if "err" in k or "equal" in k or "hits" in k})
 
 
 def _tiny_tokens(fam):
@@ -126,20 +130,22 @@ def _tiny_tokens(fam):
     from mmhpc.models import load_hf_config
     path, d = resolve_model_path(f"tiny:{fam}")
     cfg = Config.from_dict({"model": {"path": path, "dtype": "float32", "max_model_len": 512},
-                            "cache": {"num_blocks": 256}, "scheduler": {"max_num_seqs": 8}})
+                            "cache": {"num_blocks": 256}, "scheduler": {"max_num_seqs": 4}})
     eng = LLMEngine(cfg, processor=_StubProcessor([2]))
     hf = load_hf_config(path)
     items = ImageItems(d, hf)
     reqs = make_requests(6, [(40, 56), (64, 48)], 1, 7, 12, (16, 600), 1, (items.image_token_id,))
-    for r in reqs:
+    for i, r in enumerate(reqs):
         its = [items(im) for im in r.images]
         eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
-                        SamplingParams(max_tokens=12, ignore_eos=True), mm_items=its)
+                        SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True), mm_items=its)
     out = {}
     while eng.has_unfinished_requests():
         for o in eng.step():
             out.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return [t for r in reqs for t in out[r.request_id]]
+    cs = eng.runner.cuda_steps
+    stats = (cs.ahead_hits, cs.ahead_misses) if cs is not None else None
+    return [t for r in reqs for t in out[r.request_id]], stats
 
 
 def llm_bytes(model) -> int:
@@ -241,6 +247,11 @@ def decode_b1(eng, key, prompt_len, steps=64, eager=True):
     timers), and the GPU time of the graph replay alone (CUDA events)."""
     cs = eng.runner.cuda_steps
     res = {"graphs": round(_decode_steps(eng, f"{key}-g", prompt_len, steps), 3)}
+    hits = cs.ahead_hits
+    cs.ahead_enabled = False
+    res["graphs_no_ahead"] = round(_decode_steps(eng, f"{key}-n", prompt_len, steps), 3)
+    cs.ahead_enabled = True
+    res["ahead_hits"] = hits
     acc: dict = {}
     res["phased_wall"] = round(_decode_steps(eng, f"{key}-p", prompt_len, steps // 2, acc), 3)
     res["phases"] = {k: round(statistics.median(v[2:]), 3) for k, v in acc.items()}
@@ -379,7 +390,7 @@ def _():
     cs = eng.runner.cuda_steps
     fl = floor_ms(round(llm_bytes(eng.runner.model) / 1e9, 3))
     pieces = {"floor_ms": fl}
-    for chunk in (8, 0, 4, 16, 8):
+    for chunk in (8, 0, 4):
         cs.pieces = graph_pieces(cs.decoder.num_layers, chunk)
         cs.graphs.clear()                       # all sizes: their pool goes, a fresh one comes
         cs.logits.clear()

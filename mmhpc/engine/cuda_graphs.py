@@ -14,6 +14,17 @@ back: launching one graph of the whole step (~430 nodes at 32 layers) costs ~0.2
 time during which the GPU waits; with a first piece of one layer the GPU starts after a short
 launch and each later launch overlaps the work of the piece before it.
 `MMHPC_GRAPH_PIECE_LAYERS=0` captures the step as one graph.
+
+Decode ahead (`launch_ahead`, TP size 1): once the sampler has queued the argmax of decode
+step N (greedy rows only), step N+1 is predicted — each row's next position, slot and context
+length, its token = that argmax, on the device — and launched before the host waits for the
+tokens. The host's work between steps (postprocess, scheduling, input prep) then overlaps the
+GPU instead of leaving it idle. The engine's next decode step uses the result only if its
+inputs are exactly the predicted ones (ids, slots, positions, lengths, block tables);
+otherwise the guess is dropped and the step runs as usual. A dropped guess only wrote K/V of a
+token that was not computed yet, at a slot of the row's own partly filled last block, which
+the real step (or the block's next owner) writes before anything reads it.
+`MMHPC_DECODE_AHEAD=0` turns it off.
 """
 from __future__ import annotations
 
@@ -74,6 +85,10 @@ class CudaStepRunner:
         self.logits: dict[int, torch.Tensor] = {}
         self._host_tables = np.zeros((M, self.max_blocks), dtype=np.int32)
         self._copied = torch.cuda.Event() if dev.type == "cuda" else None
+        self.ahead_enabled = use_graphs and os.environ.get("MMHPC_DECODE_AHEAD", "1") != "0"
+        self._last = None                   # (n, step) of the last graph-replayed decode step
+        self._ahead: _Ahead | None = None   # the step launched ahead, not yet claimed
+        self.ahead_hits = self.ahead_misses = 0
 
     # ---- graphs ------------------------------------------------------------------------------
 
@@ -140,9 +155,52 @@ class CudaStepRunner:
 
     @torch.inference_mode()
     def run_step(self, step) -> torch.Tensor:
+        ahead, self._ahead, self._last = self._ahead, None, None
         if self._is_decode(step):
+            if ahead is not None:
+                if ahead.matches(step, self.block_size):
+                    self.ahead_hits += 1
+                    self._last = (ahead.n, step)
+                    return self.logits[ahead.n][:len(step.context_lens)]
+                self.ahead_misses += 1
             return self._decode(step)
         return self._eager(step)
+
+    @torch.inference_mode()
+    def launch_ahead(self, tokens: torch.Tensor, tokens_host: torch.Tensor) -> bool:
+        """After decode step N's argmax is queued: launch step N+1 with `tokens` (device, one
+        per row) as its input ids, if every row's next token fits its allocated blocks.
+        `tokens_host` (pinned) receives the same tokens; `run_step` checks them."""
+        last, self._last = self._last, None
+        if last is None or not self.ahead_enabled:
+            return False
+        n, step = last
+        B = len(step.context_lens)
+        if tokens.shape[0] != B:
+            return False
+        bs = self.block_size
+        slots = []
+        for t, c in zip(step.block_tables, step.context_lens):
+            if c + 1 > self.max_context or c // bs >= len(t):
+                return False                # the next token needs a block not allocated yet
+            slots.append(t[c // bs] * bs + c % bs)
+        lens = [c + 1 for c in step.context_lens]
+        positions = step.positions + 1
+        b = self.bufs[n]
+        self._copied.synchronize()
+        h = b.host
+        h.slots[:B] = slots
+        h.pos[:, :B] = positions.numpy().reshape(self.npos, B)
+        h.lens[:B] = lens
+        for i, (t, c) in enumerate(zip(step.block_tables, lens)):
+            nb = -(-c // bs)
+            h.tables[i, :nb] = t[:nb]
+        b.send(n)
+        self._copied.record()
+        b.ids[:B].copy_(tokens)             # after the copy above, in stream order
+        self.replay(n)
+        self._ahead = _Ahead(n, slots, lens, positions, step.block_tables, tokens_host)
+        return True
 
     def _fill_tables(self, tables: list[list[int]], lens: list[int], rows: int) -> np.ndarray:
         host = self._host_tables[:rows]
@@ -178,6 +236,7 @@ class CudaStepRunner:
         if self._copied is not None:
             self._copied.record()
         if self.use_graphs and n in self.graphs and b.n == n:
+            self._last = (n, step)
             return self.replay(n)[:B]
         pos_t = b.pos[:, :n] if self.uses_mrope else b.pos[0, :n]
         meta = GpuAttnMeta(b.slots[:n], b.tables[:n], b.lens[:n], None, 1,
@@ -207,6 +266,27 @@ class CudaStepRunner:
             return h.new_empty((0, 0), dtype=torch.float32)
         rows = torch.tensor(step.sample_rows, dtype=torch.long).to(dev, non_blocking=True)
         return self.model.compute_logits(h[rows]).float()
+
+
+class _Ahead:
+    """A decode step launched ahead: the inputs it assumed."""
+
+    def __init__(self, n, slots, lens, positions, tables, tokens_host):
+        self.n, self.slots, self.lens, self.positions = n, slots, lens, positions
+        self.tables, self.tokens_host = tables, tokens_host
+
+    def matches(self, step, block_size: int) -> bool:
+        if step.slots != self.slots or step.context_lens != self.lens:
+            return False
+        if step.input_ids != self.tokens_host[:len(self.lens)].tolist():
+            return False
+        if not torch.equal(step.positions, self.positions):
+            return False
+        for t, mine, c in zip(step.block_tables, self.tables, self.lens):
+            nb = -(-c // block_size)
+            if t[:nb] != mine[:nb]:
+                return False
+        return True
 
 
 class _HostViews:

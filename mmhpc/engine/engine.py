@@ -143,7 +143,7 @@ class LLMEngine:
                             if it.embeddings is None and it.offset < s.start + s.num_new_tokens
                             and it.offset + it.num_tokens > s.start])
         logits, seqs = self.runner.execute(out.scheduled)
-        sampled = self.sampler(logits, seqs)
+        sampled = self.sampler(logits, seqs, launch_ahead=self.runner.launch_ahead)
         for seq in self.scheduler.update(out, {rid: t for rid, (t, _) in sampled.items()}):
             token, logprob = sampled[seq.request_id]
             outputs.append(self._postprocess(seq, token, logprob))

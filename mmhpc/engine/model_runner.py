@@ -46,6 +46,7 @@ class ModelRunner:
             self.kv_cache = allocate_kv_cache(text, self.num_blocks, self.block_size, self.dtype,
                                               self.device, tp_size)
         self.cuda_steps = None      # CUDA: Triton kernels + decode graphs (mmhpc.engine.cuda_graphs)
+        self.launch_ahead = None    # CUDA, TP 1: queue decode step N+1 before waiting for N
         if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0":
             from mmhpc.engine.gpu_forward import prepare_vision
             prepare_vision(self.model)
@@ -53,6 +54,8 @@ class ModelRunner:
                 from mmhpc.engine.cuda_graphs import CudaStepRunner
                 self.cuda_steps = CudaStepRunner(self)
                 self.cuda_steps.capture()
+                if tp_size == 1:            # TP followers could not follow a step run ahead
+                    self.launch_ahead = self.cuda_steps.launch_ahead
 
     # ---- encode ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self._rng = random.Random(seed)            # seeds of requests without params.seed
         self._generators: dict[str, torch.Generator] = {}
+        self._pinned: torch.Tensor | None = None   # host landing buffer of the tokens (CUDA)
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -29,8 +30,12 @@ class Sampler:
         return g
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[str, tuple[int, TokenLogprob | None]]:
-        """logits: [N, V] float32, row i for seqs[i] → {request_id: (token, logprob or None)}."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 launch_ahead=None) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """logits: [N, V] float32, row i for seqs[i] → {request_id: (token, logprob or None)}.
+        `launch_ahead(tokens_device, tokens_host)` (CUDA, all rows greedy without logprobs): called
+        once the argmax and its copy to the host are queued and before waiting for them, so the
+        model runner can queue the next decode step behind them."""
         if not seqs:
             return {}
         logits = logits.float()
@@ -43,7 +48,11 @@ class Sampler:
                 ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if ids:
                     masked[i, ids] = float("-inf")
-        tokens = masked.argmax(dim=-1).tolist()
+        if (launch_ahead is not None and logits.is_cuda
+                and all(s.params.greedy and s.params.logprobs is None for s in seqs)):
+            tokens = self._argmax_then(masked, launch_ahead)
+        else:
+            tokens = masked.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.greedy:
@@ -64,6 +73,19 @@ class Sampler:
                 lp = TokenLogprob(tokens[i], float(row[tokens[i]]), top)
             result[seq.request_id] = (tokens[i], lp)
         return result
+
+    def _argmax_then(self, logits: torch.Tensor, launch_ahead) -> list[int]:
+        n = logits.shape[0]
+        if self._pinned is None or self._pinned.shape[0] < n:
+            self._pinned = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
+        host = self._pinned[:n]
+        tokens = logits.argmax(dim=-1)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        launch_ahead(tokens, host)
+        done.synchronize()
+        return host.tolist()
 
     @staticmethod
     def _sample(row: torch.Tensor, p, generator: torch.Generator) -> int:
