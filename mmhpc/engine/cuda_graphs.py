@@ -9,11 +9,10 @@ step is building five small numpy arrays and one copy each; the only sync is the
 Other steps (prefill chunks, mixed batches, images) run the same forward eagerly with the
 varlen prefill kernel. `MMHPC_CUDA_GRAPHS=0` turns graphs off (eager decode kernel).
 
-A decode step is captured as a few graphs of layer ranges (`graph_pieces`), replayed back to
-back: launching one graph of the whole step (~430 nodes at 32 layers) costs ~0.2 ms of host
-time during which the GPU waits; with a first piece of one layer the GPU starts after a short
-launch and each later launch overlaps the work of the piece before it.
-`MMHPC_GRAPH_PIECE_LAYERS=0` captures the step as one graph.
+A decode step can be captured as several graphs of layer ranges (`graph_pieces`,
+`MMHPC_GRAPH_PIECE_LAYERS=8`: a first piece of one layer, then 8 layers each), replayed back to
+back, so the GPU starts after a short launch. Measured on an H100 (bench/RESULTS.md) it gains
+nothing once decode ahead (below) hides the launch, so the default is one graph (0).
 
 Decode ahead (`launch_ahead`, TP size 1): once the sampler has queued the argmax of decode
 step N (greedy rows only), step N+1 is predicted — each row's next position, slot and context
@@ -38,9 +37,9 @@ from mmhpc.engine.gpu_forward import FastDecoder, GpuAttnMeta
 
 def graph_pieces(num_layers: int, chunk: int | None = None) -> list[tuple[int, int]]:
     """Layer ranges of the decode graphs: [0, 1) then at most `chunk` layers each (0: one
-    range of all layers). Default chunk: $MMHPC_GRAPH_PIECE_LAYERS or 8."""
+    range of all layers). Default chunk: $MMHPC_GRAPH_PIECE_LAYERS or 0."""
     if chunk is None:
-        chunk = int(os.environ.get("MMHPC_GRAPH_PIECE_LAYERS", "8"))
+        chunk = int(os.environ.get("MMHPC_GRAPH_PIECE_LAYERS", "0"))
     if chunk <= 0 or num_layers <= 1:
         return [(0, num_layers)]
     bounds = [0, 1] + list(range(1 + chunk, num_layers, chunk)) + [num_layers]
