@@ -14,7 +14,7 @@ def test_offline_engine_and_hf(tmp_path):
     out = tmp_path / "offline.json"
     main(["offline", "--model", "tiny:llava", "--num-requests", "4", "--image-size", "32",
           "--image-size", "48x40", "--prompt-len", "5", "--output-len", "4", "--max-num-seqs", "4",
-          "--hf", "--hf-batch-sizes", "2", "--encode-batch", "3", "--json", str(out)])
+          "--hf", "--hf-batch-sizes", "2", "--preprocess-workers", "2", "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["mmhpc"]["num_output_tokens"] == 4 * 4
     assert res["mmhpc"]["output_tokens_per_s"] > 0

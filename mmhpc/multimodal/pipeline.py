@@ -1,31 +1,39 @@
-"""Batched vision encoding with CPU preprocessing overlapped: a thread pool runs the image
-processor on batch i+1 while the GPU encodes batch i (the processor releases the GIL in its
-numpy/PIL work; the encode call only queues kernels and waits at its end)."""
+"""CPU preprocessing overlapped with the engine's GPU work: a thread pool runs the image
+processor over the inputs (it releases the GIL in its numpy/PIL work) while the caller hands
+each result to the engine, in order, as soon as it is ready, and keeps stepping the engine.
+The vision encoder then runs inside the engine's steps, batched over the images of the requests
+each step schedules (`LLMEngine.step`)."""
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 
-class EncodePipeline:
-    def __init__(self, preprocess: Callable, encode: Callable, batch_size: int = 32,
-                 num_workers: int = 4):
-        """preprocess(x) → item (CPU); encode(list[item]) → None (sets embeddings, GPU)."""
-        self.preprocess, self.encode = preprocess, encode
-        self.batch_size, self.num_workers = batch_size, num_workers
+class PreprocessFeed:
+    def __init__(self, preprocess: Callable, inputs: Iterable, num_workers: int = 4):
+        """preprocess(x) → result (CPU work), for every x of inputs, started now."""
+        self._pool = ThreadPoolExecutor(max(1, num_workers))
+        self._futures = deque(self._pool.submit(preprocess, x) for x in inputs)
 
-    def run(self, inputs: Iterable) -> list:
-        inputs = list(inputs)
-        batches = [inputs[i:i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
-        done: list = []
-        if not batches:
-            return done
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            pending = [pool.submit(self.preprocess, x) for x in batches[0]]
-            for i in range(len(batches)):
-                items = [f.result() for f in pending]
-                if i + 1 < len(batches):                 # CPU works on the next batch ...
-                    pending = [pool.submit(self.preprocess, x) for x in batches[i + 1]]
-                self.encode(items)                       # ... while the GPU encodes this one
-                done.extend(items)
-        return done
+    def __bool__(self) -> bool:
+        return bool(self._futures)
+
+    def take(self, block: bool = False) -> list:
+        """The results ready now, in input order (stops at the first one not ready); with
+        `block`, waits for at least one (when any is left). Re-raises a preprocessing error."""
+        out = []
+        while self._futures and (self._futures[0].done() or (block and not out)):
+            out.append(self._futures.popleft().result())
+        return out
+
+    def close(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "PreprocessFeed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
