@@ -499,10 +499,33 @@ def _():
                          "bfloat16", "--num-requests", "256", "--image-size", "336",
                          "--prompt-len", "40", "--output-len", "128",
                          "--max-num-seqs", os.environ.get("OFFLINE_MAX_SEQS", "128"),
+                         "--preprocess", os.environ.get("PREPROCESS", "overlap"),
                          "--hf", "--hf-batch-sizes", os.environ.get("HF_BS", "64,128"),
                          "--hf-max-requests", str(n_hf),
                          "--json", os.path.join(OUT, "offline.json")])
     R["offline"] = offline.run(args)
+
+
+@part("offline_ab")
+def _():
+    """mmhpc alone (no HF), preprocessing first vs overlapped, decode ahead on/off."""
+    from mmhpc.bench import offline
+    import argparse
+    res = R.setdefault("offline_ab", {})
+    for mode, ahead in (("first", "1"), ("overlap", "1"), ("overlap", "0")):
+        os.environ["MMHPC_DECODE_AHEAD"] = ahead
+        p = argparse.ArgumentParser()
+        offline.add_args(p)
+        args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
+                             "bfloat16", "--num-requests", "256", "--image-size", "336",
+                             "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
+                             "128", "--preprocess", mode])
+        m = offline.run(args)["mmhpc"]
+        res[f"{mode}_ahead{ahead}"] = {k: m[k] for k in ("total_s", "steps",
+                                                         "output_tokens_per_s")}
+        print(mode, ahead, res[f"{mode}_ahead{ahead}"], flush=True)
+        save()
+    os.environ["MMHPC_DECODE_AHEAD"] = "1"
 
 
 @part("qwen")

@@ -19,10 +19,10 @@ def make_seq(request_id: str | int, prompt_len: int, max_tokens: int = 4, *, sta
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, chunked: bool = True,
-                   prefix_caching: bool = True) -> Scheduler:
+                   prefix_caching: bool = True, lookahead: bool = False) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, chunked),
                      CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching),
-                     num_blocks=num_blocks, eos_token_ids=[EOS])
+                     num_blocks=num_blocks, eos_token_ids=[EOS], lookahead=lookahead)
 
 
 def fake_token(seq: Sequence) -> int:

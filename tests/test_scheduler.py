@@ -1,4 +1,6 @@
 """Scheduler: continuous batching, chunked prefill, preemption, disaggregation paths."""
+import pytest
+
 from mmhpc.engine.scheduler import check_stop
 from mmhpc.engine.sequence import FinishReason, SequenceStatus
 from tests.helpers_engine import (EOS, check_invariants, expected_output, fake_token,
@@ -86,6 +88,32 @@ def test_preemption_with_tiny_pool_every_request_finishes():
         assert seq.finish_reason == FinishReason.LENGTH
         assert seq.output_token_ids == expected_output(seq.prompt_token_ids, 12)
     assert sched.block_manager.num_free_blocks == 10
+
+
+@pytest.mark.parametrize("num_blocks", [10, 64])
+def test_lookahead_slot_for_decode_ahead(num_blocks):
+    """With lookahead (CUDA decode ahead), a decode also holds the block of its next token when
+    a block is spare: same outputs, same invariants; with a tiny pool it never preempts more."""
+    runs = {}
+    for lookahead in (False, True):
+        sched = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_seqs=8,
+                               max_num_batched_tokens=16, lookahead=lookahead)
+        seqs = [make_seq(i, 5 + i, max_tokens=12, start=10 * i) for i in range(6)]
+        for seq in seqs:
+            sched.add(seq)
+        outs = []
+        for out in run_to_completion(sched):
+            outs.append(out)
+            for s in out.scheduled:          # the block of the next token is already there
+                if lookahead and num_blocks == 64 and not s.is_prefill:
+                    assert len(s.seq.block_table) * 4 >= s.start + 2 or s.seq.is_finished
+        runs[lookahead] = ([s.output_token_ids for s in seqs],
+                           sum(len(o.preempted) for o in outs))
+        assert sched.block_manager.num_free_blocks == num_blocks
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][0][0] == expected_output(make_seq(0, 5, start=0).prompt_token_ids, 12)
+    if num_blocks == 64:
+        assert runs[True][1] == runs[False][1] == 0
 
 
 def test_preempted_seq_recomputes_prompt_and_output():

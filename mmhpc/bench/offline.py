@@ -94,6 +94,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--preprocess-workers", type=int, default=4)
+    p.add_argument("--preprocess", choices=("overlap", "first"), default="overlap",
+                   help="overlap: requests join the engine as their images are preprocessed; "
+                        "first: preprocess every image, then start the engine")
     p.add_argument("--hf", action="store_true", help="also time HF generate on the same inputs")
     p.add_argument("--hf-batch-sizes", default="16,32,64")
     p.add_argument("--hf-max-requests", type=int, default=None,
@@ -135,7 +138,9 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                         args.preprocess_workers) as feed:
         while feed or engine.has_unfinished_requests():
             # hand over every request whose images are ready; wait only when the engine idles
-            for its in feed.take(block=not engine.has_unfinished_requests()):
+            # (or, with --preprocess first, for all of them before the first step)
+            block = args.preprocess == "first" or not engine.has_unfinished_requests()
+            for its in (_take_all(feed) if args.preprocess == "first" else feed.take(block)):
                 r = waiting.popleft()
                 ids = build_prompt(its, r.text_ids, images.image_token_id)
                 num_prompt += len(ids)
@@ -161,6 +166,13 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+def _take_all(feed) -> list:
+    out = []
+    while feed:
+        out += feed.take(block=True)
+    return out
 
 
 def _hf_config(model_path: str):

@@ -43,7 +43,8 @@ class LLMEngine:
         self.sampler = Sampler(eos, seed=config.model.seed)
         self.scheduler = None if encode_only else Scheduler(
             config.scheduler, config.cache, self.runner.num_blocks, eos_token_ids=eos,
-            max_model_len=config.model.max_model_len)
+            max_model_len=config.model.max_model_len,
+            lookahead=self.runner.launch_ahead is not None)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
 

@@ -66,7 +66,8 @@ def check_stop(seq: Sequence, eos_token_ids: Iterable[int] = (),
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int | None = None,
-                 eos_token_ids: Iterable[int] = (), max_model_len: int | None = None):
+                 eos_token_ids: Iterable[int] = (), max_model_len: int | None = None,
+                 lookahead: bool = False):
         num_blocks = num_blocks if num_blocks is not None else cache.num_blocks
         if num_blocks is None:
             raise ValueError("Scheduler needs num_blocks (cache.num_blocks or the measured pool)")
@@ -79,6 +80,9 @@ class Scheduler:
         self.ready: deque[Sequence] = deque()       # remote KV landed: admitted before waiting
         self.reserved: dict[str, Sequence] = {}     # blocks held, remote KV in flight
         self.retained: dict[str, Sequence] = {}     # finished, blocks kept until release()
+        # Decodes also get the slot of the token after this one when a block is spare, so the
+        # CUDA runner can launch the next step before this one's tokens are back (decode ahead).
+        self.lookahead = lookahead
 
     # ---- queues ------------------------------------------------------------------------------
 
@@ -259,9 +263,12 @@ class Scheduler:
         return check_stop(seq, self.eos_token_ids, self.max_model_len)
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
-        self.block_manager.allocate(seq, num_new)
+        bm = self.block_manager
         start = seq.num_computed_tokens
         is_decode = bool(seq.output_token_ids) and start == seq.num_tokens - 1
+        ahead = (self.lookahead and is_decode and bm.num_blocks_needed(seq, num_new + 1) > 0
+                 and bm.num_free_blocks > len(self.running) + 1)   # leave one per running seq
+        bm.allocate(seq, num_new + ahead)
         out.scheduled.append(ScheduledSeq(seq, num_new, not is_decode, start,
                                           start + num_new == seq.num_tokens))
         out.num_batched_tokens += num_new
