@@ -133,6 +133,18 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     t0 = time.perf_counter()
     waiting = deque(requests)
     num_prompt = num_out = steps = 0
+    # per kind of step (decode only / with prefill): [steps, seconds, tokens] (host wall clock;
+    # a decode step's wall overlaps the next step's GPU work when the runner decodes ahead)
+    step_times: dict[str, list] = {}
+    last_sched: dict = {}
+    schedule = engine.scheduler.schedule
+
+    def timed_schedule():
+        out = schedule()
+        last_sched["tokens"] = out.num_batched_tokens
+        last_sched["prefill"] = sum(s.is_prefill for s in out.scheduled)
+        return out
+    engine.scheduler.schedule = timed_schedule
     first: dict[str, float] = {}
     with PreprocessFeed(lambda r: [images(im) for im in r.images], requests,
                         args.preprocess_workers) as feed:
@@ -146,10 +158,16 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                 num_prompt += len(ids)
                 engine.add_request(r.request_id, ids, SamplingParams(
                     max_tokens=r.output_len, ignore_eos=True), mm_items=its)
+            ts = time.perf_counter()
             for o in engine.step():
                 num_out += len(o.new_token_ids)
                 first.setdefault(o.request_id, time.perf_counter() - t0)
             steps += 1
+            kind = "decode" if last_sched.get("prefill", 1) == 0 else "prefill_or_mixed"
+            phase = step_times.setdefault(kind, [0, 0.0, 0])
+            phase[0] += 1
+            phase[1] += time.perf_counter() - ts
+            phase[2] += last_sched.get("tokens", 0)
     sync()
     t1 = time.perf_counter()
     total = t1 - t0
@@ -160,7 +178,9 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                total_tokens_per_s=round((num_out + num_prompt) / total, 1),
                requests_per_s=round(len(requests) / total, 3),
                mean_ttft_s=round(sum(first.values()) / max(1, len(first)), 3),
-               num_blocks=runner.num_blocks, num_preemptions=engine.num_preemptions)
+               num_blocks=runner.num_blocks, num_preemptions=engine.num_preemptions,
+               steps_by_kind={k: dict(steps=v[0], seconds=round(v[1], 3), tokens=v[2])
+                              for k, v in step_times.items()})
     del engine, runner
     gc.collect()
     if torch.cuda.is_available():
