@@ -512,16 +512,21 @@ def _():
     from mmhpc.bench import offline
     import argparse
     res = R.setdefault("offline_ab", {})
-    for mode, ahead in (("overlap", "1"), ("first", "1"), ("overlap", "1"), ("overlap", "0")):
+    variants = [("overlap", "1", 128, 8192), ("first", "1", 128, 8192),
+                ("overlap", "1", 128, 8192), ("overlap", "0", 128, 8192),
+                ("overlap", "1", 144, 8192), ("overlap", "1", 128, 16384)]
+    for mode, ahead, seqs, mnbt in variants:
         os.environ["MMHPC_DECODE_AHEAD"] = ahead
         p = argparse.ArgumentParser()
         offline.add_args(p)
         args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
                              "bfloat16", "--num-requests", "256", "--image-size", "336",
                              "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
-                             "128", "--preprocess", mode])
+                             str(seqs), "--max-num-batched-tokens", str(mnbt),
+                             "--preprocess", mode])
         m = offline.run(args)["mmhpc"]
-        key = f"{mode}_ahead{ahead}" + ("_again" if f"{mode}_ahead{ahead}" in res else "")
+        key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}"
+        key += "_again" if key in res else ""
         res[key] = {k: m[k] for k in ("total_s", "steps", "output_tokens_per_s",
                                       "steps_by_kind")}
         print(key, res[key], flush=True)
