@@ -534,6 +534,45 @@ def _():
     os.environ["MMHPC_DECODE_AHEAD"] = "1"
 
 
+@part("offline_trace")
+def _():
+    """Chrome trace of the first prefill steps of the offline workload (real CLIP, 336 px
+    images, 26 requests per step): where the host leaves the GPU idle."""
+    from torch.profiler import ProfilerActivity, profile
+    from mmhpc.bench.offline import ImageItems, build_prompt
+    from mmhpc.bench.synthetic import make_requests
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.models import load_hf_config
+    from mmhpc.models.arch import arch_dir
+    eng = build_engine("arch:llava-1.5-7b", 128)
+    items = ImageItems(arch_dir("arch:llava-1.5-7b"), load_hf_config("arch:llava-1.5-7b"))
+    reqs = make_requests(80, [(336, 336)], 1, 40, 4, (100, 20000), 0, (items.image_token_id,))
+
+    def add(rs):
+        for r in rs:
+            its = [items(im) for im in r.images]
+            eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
+                            SamplingParams(max_tokens=2, ignore_eos=True), mm_items=its)
+    add(reqs[:26])                                      # warm-up
+    while eng.has_unfinished_requests():
+        eng.step()
+    add(reqs[26:])
+    torch.cuda.synchronize()
+    ts = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            t = time.perf_counter()
+            eng.step()
+            ts.append(round((time.perf_counter() - t) * 1e3, 1))
+        torch.cuda.synchronize()
+    R["offline_trace_step_ms"] = ts
+    prof.export_chrome_trace(os.path.join(OUT, "trace_prefill.json"))
+    t = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    open(os.path.join(OUT, "profile_prefill_cpu.txt"), "w").write(t)
+    print(ts, flush=True)
+    del eng
+
+
 @part("qwen")
 def _():
     from transformers.models.qwen2_vl import modeling_qwen2_vl as m
