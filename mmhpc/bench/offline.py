@@ -129,6 +129,16 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     runner = engine.runner
     sync = (lambda: torch.cuda.synchronize(runner.device)) if runner.device.type == "cuda" \
         else (lambda: None)
+    # warm-up as HF's (one request, 2 tokens; other pixels, so no prefix-cache hits later)
+    warm = make_requests(1, [requests[0].images[0].size] if requests[0].images else [(336, 336)],
+                         len(requests[0].images), len(requests[0].text_ids), 2,
+                         (16, min(hf_config.text_config.vocab_size, 32000)), seed=12345,
+                         exclude_ids=(images.image_token_id,))[0]
+    its = [images(im) for im in warm.images]
+    engine.add_request("warm-up", build_prompt(its, warm.text_ids, images.image_token_id),
+                       SamplingParams(max_tokens=2, ignore_eos=True), mm_items=its)
+    while engine.has_unfinished_requests():
+        engine.step()
     sync()
     t0 = time.perf_counter()
     waiting = deque(requests)

@@ -141,9 +141,25 @@ class FastDecoder:
 
 # ---- vision --------------------------------------------------------------------------------
 
-def _sdpa_backends():
+# cuDNN's attention is the fastest here for the ViTs (head_dim 64 / 80; bench/RESULTS.md) but
+# builds a plan per new shape, ~45 ms of host time on an H100, while flash needs none. With
+# `MMHPC_VIT_SDPA=auto` (default) a shape runs on flash until it has recurred often enough to
+# repay a plan (a fixed batch size, a common image size), or at once when one call is large
+# (a ~1080p Qwen2-VL image: ~0.6 TFLOP a layer, cuDNN saves ~25 ms an image).
+_CUDNN_AFTER_CALLS = 100                 # ~4 batches of the same shape (23-32 layers each)
+_CUDNN_AT_FLOPS = 2e11
+_shape_calls: dict[tuple, int] = {}
+
+
+def _sdpa_backends(q):
     from torch.nn.attention import SDPBackend
-    choice = os.environ.get("MMHPC_VIT_SDPA", "cudnn")
+    choice = os.environ.get("MMHPC_VIT_SDPA", "auto")
+    if choice == "auto":
+        B, H, S, D = q.shape
+        key = (B, H, S, D, q.dtype)
+        n = _shape_calls[key] = _shape_calls.get(key, 0) + 1
+        choice = "cudnn" if n > _CUDNN_AFTER_CALLS or 4 * B * H * S * S * D >= _CUDNN_AT_FLOPS \
+            else "flash"
     order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
              "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -153,7 +169,7 @@ def _sdpa_backends():
 
 def _sdpa(q, k, v, scale):
     """q, k, v: [B, H, S, D]."""
-    order = _sdpa_backends()
+    order = _sdpa_backends(q)
     if order is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     from torch.nn.attention import sdpa_kernel
