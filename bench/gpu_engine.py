@@ -73,10 +73,9 @@ def cuda_time(fn, iters=20, warmup=3) -> float:
 
 @part("ceilings")
 def _():
-    """Streaming-read ceiling = the best of three ways to read HBM (the decode floors divide
-    by it, so a higher ceiling only makes the goal harder): one large GEMV (the issue's
-    method), the LLaVA-7B layer GEMVs back to back over 13 GB (the decode step's own access
-    pattern, outside the engine), and a sum over 4 GB. Plus the bf16 matmul rate."""
+    """Streaming-read ceilings: one large GEMV (the issue's method: `floor_ms_weights`), and
+    the best of it, the LLaVA-7B layer GEMVs back to back over 13 GB and a sum over 4 GB
+    (`floor_ms_weights_strict`: what HBM gives a pure read). Plus the bf16 matmul rate."""
     F = torch.nn.functional
     n, k = 32768, 8192
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -107,7 +106,8 @@ def _():
     reads["sum_4GB"] = round(big.numel() * 2 / ms / 1e9, 3)
     del big
     R["read_TBps"] = reads
-    R["gemv_read_TBps"] = max(reads.values())
+    R["gemv_read_TBps"] = reads["gemv_32768x8192"]         # the issue's floor: one large GEMV
+    R["read_ceiling_TBps"] = max(reads.values())            # the strict one
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = cuda_time(lambda: a @ b, 20)
@@ -353,8 +353,9 @@ def clip_profile(model, name="profile_clip_bs64.txt") -> float:
     return round(ms, 4)
 
 
-def floor_ms(gb: float) -> float:
-    return round(gb * 1e9 / (R.get("gemv_read_TBps", 2.5) * 1e12) * 1e3, 3)
+def floor_ms(gb: float, strict: bool = False) -> float:
+    tbps = R.get("read_ceiling_TBps" if strict else "gemv_read_TBps", 2.5)
+    return round(gb * 1e9 / (tbps * 1e12) * 1e3, 3)
 
 
 @part("llava")
@@ -364,9 +365,11 @@ def _():
     r["weights_read_GB"] = round(llm_bytes(eng.runner.model) / 1e9, 3)
     r["num_blocks"] = eng.runner.num_blocks
     r["floor_ms_weights"] = floor_ms(r["weights_read_GB"])
+    r["floor_ms_weights_strict"] = floor_ms(r["weights_read_GB"], strict=True)
     for ctx in (616, 2000):
         d = decode_b1(eng, f"llava{ctx}", ctx, eager=ctx == 616)
         d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
+        d["ratio_wall_strict"] = round(d["graphs"] / r["floor_ms_weights_strict"], 3)
         d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
         r[f"decode_b1_ctx{ctx}_ms"] = d
         print(ctx, d, flush=True)
@@ -610,8 +613,10 @@ def _():
     model = eng.runner.model
     r["weights_read_GB"] = round(llm_bytes(model) / 1e9, 3)
     r["floor_ms_weights"] = floor_ms(r["weights_read_GB"])
+    r["floor_ms_weights_strict"] = floor_ms(r["weights_read_GB"], strict=True)
     d = decode_b1(eng, "qwen", 1000)
     d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
+    d["ratio_wall_strict"] = round(d["graphs"] / r["floor_ms_weights_strict"], 3)
     d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
     r["decode_b1_ctx1000_ms"] = d
     print(r, flush=True)
