@@ -267,6 +267,18 @@ def replay_ms(cs, n: int, ctx: int, num_blocks: int, iters: int = 50) -> float:
     return round(ms, 3)
 
 
+def _recapture(cs, sizes, gemv):
+    """Capture the decode graphs of `sizes` again (fresh pool) with the GEMV on or off."""
+    cs.decoder.gemv = gemv
+    for n in sizes:
+        cs.graphs.pop(n, None)
+    cs.graphs.clear()
+    cs.logits.clear()
+    cs.pool = None
+    torch.cuda.synchronize()
+    cs.capture(sizes)
+
+
 def decode_b1(eng, key, prompt_len, steps=64, eager=True):
     """One request, prompt_len tokens (text), decode `steps` tokens: median ms per
     `engine.step()` (wall, graphs on; eager too), the host phases of a step (a second pass with
@@ -277,6 +289,11 @@ def decode_b1(eng, key, prompt_len, steps=64, eager=True):
     cs.ahead_enabled = False
     res["graphs_no_ahead"] = round(_decode_steps(eng, f"{key}-n", prompt_len, steps), 3)
     cs.ahead_enabled = True
+    if os.environ.get("GEMV_AB", "1") == "1" and cs.decoder.gemv:     # cuBLAS instead
+        _recapture(cs, [1], gemv=False)
+        res["graphs_cublas"] = round(_decode_steps(eng, f"{key}-c", prompt_len, steps), 3)
+        res["graph_replay_gpu_cublas"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
+        _recapture(cs, [1], gemv=True)
     res["ahead_hits"] = hits
     acc: dict = {}
     res["phased_wall"] = round(_decode_steps(eng, f"{key}-p", prompt_len, steps // 2, acc), 3)

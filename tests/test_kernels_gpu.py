@@ -254,6 +254,25 @@ def test_add_layer_norm():
 
 @gpu
 @needs_gpu
+def test_gemv():
+    """One-row linear (batch-1 decode) vs float64, with and without bias, K off the chunk."""
+    import mmhpc.kernels as kernels
+    from mmhpc.kernels import fused
+    for dtype in (torch.bfloat16, torch.float32):
+        for N, K, bias in ((12288, 4096, False), (4608, 3584, True), (7, 3000, True), (33, 64, False)):
+            x = torch.randn(1, K, device="cuda").to(dtype)
+            w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+            b = torch.randn(N, device="cuda").to(dtype) if bias else None
+            ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+            assert _rel(fused.gemv(x, w, b), ref) < TOL[dtype]
+            assert _rel(kernels.linear(x, w, b), ref) < TOL[dtype]
+            x2 = torch.randn(3, K, device="cuda").to(dtype)          # several rows: cuBLAS
+            assert _rel(kernels.linear(x2, w, b), F.linear(x2.double(), w.double(),
+                                                           b.double() if bias else None)) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
 def test_dispatch_picks_triton_on_cuda():
     import mmhpc.kernels as kernels
     assert kernels.HAS_TRITON

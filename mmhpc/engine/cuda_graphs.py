@@ -99,7 +99,7 @@ class CudaStepRunner:
     def _decode_forward(self, n: int) -> torch.Tensor:
         state, meta = self._decode_begin(n)
         self.decoder.layers(state, 0, self.decoder.num_layers, meta, self.runner.kv_cache)
-        return self.model.compute_logits(self.decoder.end(state)).float()
+        return self.decoder.logits(self.decoder.end(state), self.model).float()
 
     @torch.inference_mode()
     def capture(self, sizes: list[int] | None = None) -> None:
@@ -130,7 +130,8 @@ class CudaStepRunner:
                         state, meta = self._decode_begin(n)
                     self.decoder.layers(state, lo, hi, meta, kv)
                     if j == len(self.pieces) - 1:
-                        self.logits[n] = self.model.compute_logits(self.decoder.end(state)).float()
+                        self.logits[n] = self.decoder.logits(self.decoder.end(state),
+                                                             self.model).float()
                 if self.pool is None:
                     self.pool = g.pool()
                 graphs.append(g)
@@ -240,8 +241,8 @@ class CudaStepRunner:
         pos_t = b.pos[:, :n] if self.uses_mrope else b.pos[0, :n]
         meta = GpuAttnMeta(b.slots[:n], b.tables[:n], b.lens[:n], None, 1,
                            max(step.context_lens), decode=True)
-        return self.model.compute_logits(
-            self.decoder(b.ids[:n], pos_t, meta, self.runner.kv_cache))[:B].float()
+        return self.decoder.logits(
+            self.decoder(b.ids[:n], pos_t, meta, self.runner.kv_cache), self.model)[:B].float()
 
     def _eager(self, step) -> torch.Tensor:
         dev = self.device
@@ -264,7 +265,7 @@ class CudaStepRunner:
         if not step.sample_rows:
             return h.new_empty((0, 0), dtype=torch.float32)
         rows = torch.tensor(step.sample_rows, dtype=torch.long).to(dev, non_blocking=True)
-        return self.model.compute_logits(h[rows]).float()
+        return self.decoder.logits(h[rows], self.model).float()
 
 
 class _Ahead:

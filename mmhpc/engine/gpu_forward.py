@@ -71,6 +71,20 @@ class FastDecoder:
         self.num_heads = self.q_size // self.head_dim
         self.num_kv_heads = self.kv_size // self.head_dim
         self.scale = a0.scale
+        # one-row steps (batch-1 decode) take the Triton GEMV; TP ranks keep the modules' own
+        # GEMM + collective
+        from mmhpc.distributed.group import get_tp
+        self.gemv = get_tp().size == 1 and os.environ.get("MMHPC_GEMV", "1") != "0"
+
+    def _linear(self, x, w, b=None):
+        return kernels.linear(x, w, b) if self.gemv else F.linear(x, w, b)
+
+    def _proj(self, x, module):
+        return kernels.linear(x, module.weight, module.bias) if self.gemv else module(x)
+
+    def logits(self, h: torch.Tensor, model) -> torch.Tensor:
+        """model.compute_logits(h), the lm_head by the GEMV when one row."""
+        return self._proj(h, model.lm_head) if self.gemv else model.compute_logits(h)
 
     @property
     def num_layers(self) -> int:
@@ -109,7 +123,7 @@ class FastDecoder:
                 x, residual = kernels.rms_norm(h, ln.weight, ln.eps), h
             else:
                 x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            qkv = F.linear(x, qkv_w, qkv_b)                           # [T, (Hq + 2 Hkv) D]
+            qkv = self._linear(x, qkv_w, qkv_b)                       # [T, (Hq + 2 Hkv) D]
             q = qkv[:, :self.q_size].view(T, Hq, D)
             k = qkv[:, self.q_size:qk].view(T, Hkv, D)
             v = qkv[:, qk:].view(T, Hkv, D)
@@ -124,10 +138,10 @@ class FastDecoder:
                 o = kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
                                                     meta.block_tables, meta.context_lens,
                                                     self.scale, max_seqlen_q=meta.max_seqlen_q)
-            h = layer.self_attn.o_proj(o.view(T, Hq * D))
+            h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            h = layer.mlp.down_proj(kernels.silu_and_mul(F.linear(x, gu_w)))
+            h = self._proj(kernels.silu_and_mul(self._linear(x, gu_w)), layer.mlp.down_proj)
         state["h"], state["residual"] = h, residual
         return state
 

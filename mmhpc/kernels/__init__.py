@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 HAS_TRITON = _triton is not None
 
 __all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention", "write_kv",
-           "rotary_write_kv", "rms_norm", "silu_and_mul", "reference"]
+           "rotary_write_kv", "rms_norm", "silu_and_mul", "linear", "reference"]
 
 
 def _on_gpu(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -49,6 +49,15 @@ def rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping):
         from mmhpc.kernels import fused
         return fused.rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping)
     return reference.rotary_write_kv(qk, num_q_heads, v, cos, sin, kv_cache_layer, slot_mapping)
+
+
+def linear(x, weight, bias=None):
+    """F.linear; one row of a 16/32-bit float on CUDA takes the Triton GEMV (`fused.gemv`)."""
+    if x.shape[0] == 1 and x.dim() == 2 and _on_gpu(x) and x.is_contiguous() \
+            and weight.is_contiguous():
+        from mmhpc.kernels import fused
+        return fused.gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def rms_norm(x, weight, eps, residual=None):
