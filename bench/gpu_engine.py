@@ -268,13 +268,12 @@ def replay_ms(cs, n: int, ctx: int, num_blocks: int, iters: int = 50) -> float:
 
 
 def _recapture(cs, sizes, gemv):
-    """Capture the decode graphs of `sizes` again (fresh pool) with the GEMV on or off."""
+    """Capture the decode graphs of `sizes` again, with the GEMV on or off (the other sizes'
+    graphs stay, and with them the shared pool)."""
     cs.decoder.gemv = gemv
     for n in sizes:
         cs.graphs.pop(n, None)
-    cs.graphs.clear()
-    cs.logits.clear()
-    cs.pool = None
+        cs.logits.pop(n, None)
     torch.cuda.synchronize()
     cs.capture(sizes)
 
