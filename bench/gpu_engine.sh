@@ -17,6 +17,7 @@ python3 -c "import transformers, triton, torch; print(transformers.__version__, 
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   echo "=== kernel tests ==="
   timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py
+  timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py --file tests/test_engine_gpu.py
 fi
 echo "=== gpu_engine ${ENGINE_PARTS:-ceilings,correctness,llava,offline,qwen} ==="
 timeout "${ENGINE_TIMEOUT:-540}" python3 bench/gpu_engine.py \
