@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
+from mmhpc.bench.cuda_timing import cuda_time
+
 OUT = os.environ.get("OUT", "/tmp")
 R: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
@@ -54,21 +56,6 @@ def run_parts():
         gc.collect()
         torch.cuda.empty_cache()
         save()
-
-
-def cuda_time(fn, iters=20, warmup=3) -> float:
-    """Median ms of fn() over iters, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 @part("ceilings")
@@ -133,45 +120,18 @@ def _():
     # the whole engine, tiny LLaVA / Qwen2-VL in float32: fast path (graphs, decode ahead) ==
     # fast path without decode ahead == plain torch path; requests of different lengths and
     # max_tokens, 4 seats for 6 requests (admissions mid-way: predictions dropped and taken)
+    from mmhpc.bench.offline import tiny_engine_tokens
     for fam in ("llava", "qwen2_vl"):
         toks = {}
         for name, fast, ahead in (("torch", "0", "0"), ("fast", "1", "0"), ("ahead", "1", "1")):
-            os.environ["MMHPC_FAST_PATH"], os.environ["MMHPC_DECODE_AHEAD"] = fast, ahead
-            toks[name], stats = _tiny_tokens(fam)
+            toks[name], stats = tiny_engine_tokens(
+                fam, {"MMHPC_FAST_PATH": fast, "MMHPC_DECODE_AHEAD": ahead})
             if name == "ahead":
                 R[f"tiny_{fam}_ahead_hits_misses"] = stats
-        os.environ["MMHPC_FAST_PATH"], os.environ["MMHPC_DECODE_AHEAD"] = "1", "1"
         for name in ("fast", "ahead"):
             same = sum(a == b for a, b in zip(toks["torch"], toks[name]))
             R[f"tiny_{fam}_{name}_vs_torch_tokens_equal"] = f"{same}/{len(toks['torch'])}"
     print({k: v for k, v in R.items() if "err" in k or "equal" in k or "hits" in k})
-
-
-def _tiny_tokens(fam):
-    from mmhpc.bench.offline import ImageItems, build_prompt, resolve_model_path, _StubProcessor
-    from mmhpc.bench.synthetic import make_requests
-    from mmhpc.config import Config
-    from mmhpc.engine.engine import LLMEngine
-    from mmhpc.engine.sequence import SamplingParams
-    from mmhpc.models import load_hf_config
-    path, d = resolve_model_path(f"tiny:{fam}")
-    cfg = Config.from_dict({"model": {"path": path, "dtype": "float32", "max_model_len": 512},
-                            "cache": {"num_blocks": 256}, "scheduler": {"max_num_seqs": 4}})
-    eng = LLMEngine(cfg, processor=_StubProcessor([2]))
-    hf = load_hf_config(path)
-    items = ImageItems(d, hf)
-    reqs = make_requests(6, [(40, 56), (64, 48)], 1, 7, 12, (16, 600), 1, (items.image_token_id,))
-    for i, r in enumerate(reqs):
-        its = [items(im) for im in r.images]
-        eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
-                        SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True), mm_items=its)
-    out = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            out.setdefault(o.request_id, []).extend(o.new_token_ids)
-    cs = eng.runner.cuda_steps
-    stats = (cs.ahead_hits, cs.ahead_misses) if cs is not None else None
-    return [t for r in reqs for t in out[r.request_id]], stats
 
 
 def llm_bytes(model) -> int:

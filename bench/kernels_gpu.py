@@ -28,6 +28,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from mmhpc.kernels import paged_attention as tk  # noqa: E402
+from mmhpc.bench.cuda_timing import graph_time_ms  # noqa: E402
 from mmhpc.kernels import reference  # noqa: E402
 
 DEV = "cuda"
@@ -54,33 +55,6 @@ def section(name):
             torch.cuda.empty_cache()
         return run
     return wrap
-
-
-def graph_time_ms(fns, replays: int = 20) -> float:
-    """Median ms of one call, from a CUDA graph holding all `fns` in sequence."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return sorted(times)[len(times) // 2] / len(fns)
 
 
 @section("ceilings: copy bandwidth and the decoder weight-read floor")

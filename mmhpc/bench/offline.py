@@ -198,6 +198,49 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     return res
 
 
+def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int], tuple | None]:
+    """The engine on a tiny checkpoint (float32, this machine's device) over a small mixed
+    workload: 6 requests with images of two sizes, different prompt and output lengths
+    (20 + 7 i tokens), 4 seats (admissions and finishes mid-run). `env` is set for the run
+    (e.g. MMHPC_FAST_PATH=0). Returns every request's greedy tokens, in order, and the CUDA
+    runner's (decode-ahead hits, misses) or None. The check of the CUDA fast path against the
+    plain-torch path (tests/test_engine_gpu.py, bench/gpu_engine.py)."""
+    import os
+    from mmhpc.config import Config
+    from mmhpc.engine.engine import LLMEngine
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.tools.tiny import tiny_checkpoint
+    env = env or {}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        path = tiny_checkpoint(family)
+        cfg = Config.from_dict({"model": {"path": str(path), "dtype": "float32",
+                                          "max_model_len": 512},
+                                "cache": {"num_blocks": 256}, "scheduler": {"max_num_seqs": 4}})
+        eng = LLMEngine(cfg, processor=_StubProcessor([2]))
+        items = ImageItems(path, _hf_config(str(path)))
+        reqs = make_requests(6, [(40, 56), (64, 48)], 1, 7, 12, (16, 600), 1,
+                             (items.image_token_id,))
+        for i, r in enumerate(reqs):
+            its = [items(im) for im in r.images]
+            eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
+                            SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True), mm_items=its)
+        out: dict[str, list[int]] = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        cs = eng.runner.cuda_steps
+        stats = (cs.ahead_hits, cs.ahead_misses) if cs is not None else None
+        return [t for r in reqs for t in out[r.request_id]], stats
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _take_all(feed) -> list:
     out = []
     while feed:

@@ -193,15 +193,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         block_n: int = 2, block_k: int = 2048, num_warps: int = 8,
+         num_stages: int = 3) -> torch.Tensor:
     """F.linear for ONE row: x [1, K] (contiguous), weight [N, K] (row-major), bias [N] →
     [1, N] in x's dtype, fp32 accumulation. At batch 1 a decode step is this, weight-read bound;
-    2 rows x 2048 columns a program (8 warps, 3 stages) reads 2.5-3.1 TB/s on an H100 where
-    cuBLAS reads 2.0-2.7 (bench/RESULTS.md)."""
+    the default tiles (2 rows x 2048 columns a program, 8 warps, 3 stages: the best of the sweep
+    in bench/gemv_exp.py) read 2.5-3.1 TB/s on an H100 where cuBLAS reads 2.0-2.7
+    (bench/RESULTS.md)."""
     N, K = weight.shape
     assert x.shape == (1, K) and x.is_contiguous() and weight.stride() == (K, 1)
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    _gemv_kernel[(triton.cdiv(N, 2),)](
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, N, K, HAS_BIAS=bias is not None,
-        BN=2, BK=min(2048, triton.next_power_of_2(K)), num_warps=8, num_stages=3)
+        BN=block_n, BK=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps,
+        num_stages=num_stages)
     return y

@@ -15,7 +15,7 @@ import time
 
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
-from mmhpc.messages.to_frontend import RequestFailed, TokenStream
+from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.roles.encode import media_item
 from mmhpc.roles.worker import Worker, run_worker
 
@@ -49,7 +49,7 @@ class AggregatedWorker(Worker):
             if now > req.deadline:
                 self._fail(req, "deadline passed", timeout=True)
         if self.engine.has_unfinished_requests():
-            self._step()
+            self.stream_step(self.engine, self.requests, "aggregated", "engine error")
         self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests))
 
     def _add(self, req: GenerateRequest) -> None:
@@ -61,22 +61,6 @@ class AggregatedWorker(Worker):
             self._fail(req, f"{type(e).__name__}: {e}")
             return
         self.requests[req.request_id] = req
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - fail what was in the engine, keep the rank
-            log.exception("aggregated rank %d: step failed", self.rank)
-            for req in list(self.requests.values()):
-                self._fail(req, f"engine error: {type(e).__name__}: {e}")
-            return
-        for out in outputs:
-            req = self.requests.get(out.request_id)
-            if req is None:
-                continue
-            self.send(req.frontend_rank, TokenStream.of(out, "aggregated"))
-            if out.finished:
-                del self.requests[out.request_id]
 
     def _fail(self, req: GenerateRequest, message: str, timeout: bool = False) -> None:
         self.requests.pop(req.request_id, None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
-from mmhpc.messages.to_frontend import RequestFailed, TokenStream
+from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import ReleaseKV
 from mmhpc.engine.tp_worker import start_kv_pull
 from mmhpc.roles.kv_transfer import KVGeometry
@@ -66,7 +66,7 @@ class DecodeWorker(Worker):
         self._poll_pulls()
         self._expire()
         if self.engine.has_unfinished_requests() and self.active:
-            self._step()
+            self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
                           num_pulling=len(self.pulls), num_kv_bytes=self.num_kv_bytes)
 
@@ -132,22 +132,6 @@ class DecodeWorker(Worker):
                 self._fail(msg, "decode deadline passed", timeout=True)
 
     # ------------------------------------------------------------------------ decode
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001
-            log.exception("decode rank %d: step failed", self.rank)
-            for msg in list(self.active.values()):
-                self._fail(msg, f"decode engine error: {type(e).__name__}: {e}")
-            return
-        for out in outputs:
-            msg = self.active.get(out.request_id)
-            if msg is None:
-                continue
-            self.send(msg.frontend_rank, TokenStream.of(out, "decode"))
-            if out.finished:
-                del self.active[out.request_id]
-
     # ------------------------------------------------------------------------ cleanup
     def _drop(self, rid: str) -> KVReady | None:
         """Free the request's blocks here; returns its KVReady if it was ours."""

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from mmhpc.messages.common import Heartbeat, Shutdown
+from mmhpc.messages.to_frontend import TokenStream
 from mmhpc.transport.zmq_io import PeerUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,26 @@ class Worker:
 
     def handle(self, src: int, msg: Any) -> None:
         raise NotImplementedError
+
+    def stream_step(self, engine, requests: dict, stage: str, error: str) -> None:
+        """One `engine.step()`: each output goes to its request's frontend as a TokenStream
+        (`stage`); finished requests leave `requests` (request id -> a message with
+        `frontend_rank`). A step that raises fails every request in `requests` (`self._fail(msg,
+        f"{error}: ...")`) and the rank goes on."""
+        try:
+            outputs = engine.step()
+        except Exception as e:  # noqa: BLE001 - fail what was in the engine, keep the rank
+            log.exception("%s rank %d: step failed", stage, self.rank)
+            for msg in list(requests.values()):
+                self._fail(msg, f"{error}: {type(e).__name__}: {e}")
+            return
+        for out in outputs:
+            msg = requests.get(out.request_id)
+            if msg is None:
+                continue
+            self.send(msg.frontend_rank, TokenStream.of(out, stage))
+            if out.finished:
+                del requests[out.request_id]
 
     def tick(self) -> None:
         raise NotImplementedError
