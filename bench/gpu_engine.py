@@ -517,20 +517,22 @@ def _():
     from mmhpc.bench import offline
     import argparse
     res = R.setdefault("offline_ab", {})
-    variants = [("overlap", "1", 128, 8192), ("first", "1", 128, 8192),
-                ("overlap", "1", 128, 8192), ("overlap", "0", 128, 8192),
-                ("overlap", "1", 144, 8192), ("overlap", "1", 128, 16384)]
-    for mode, ahead, seqs, mnbt in variants:
+    variants = [v.split(":") for v in os.environ.get("AB_VARIANTS", ",".join([
+        "overlap:1:128:8192:", "first:1:128:8192:", "overlap:1:128:8192:",
+        "overlap:0:128:8192:", "overlap:1:144:8192:", "overlap:1:128:16384:"]))
+        .split(",")]
+    for mode, ahead, seqs, mnbt, extra in variants:
         os.environ["MMHPC_DECODE_AHEAD"] = ahead
+        flags = [x for f in extra.split("+") if f for x in f.split("=", 1)]
         p = argparse.ArgumentParser()
         offline.add_args(p)
         args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
                              "bfloat16", "--num-requests", "256", "--image-size", "336",
                              "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
                              str(seqs), "--max-num-batched-tokens", str(mnbt),
-                             "--preprocess", mode])
+                             "--preprocess", mode] + flags)
         m = offline.run(args)["mmhpc"]
-        key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}"
+        key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}{extra}"
         key += "_again" if key in res else ""
         res[key] = {k: m[k] for k in ("total_s", "steps", "output_tokens_per_s",
                                       "steps_by_kind")}
@@ -576,6 +578,295 @@ def _():
     open(os.path.join(OUT, "profile_prefill_cpu.txt"), "w").write(t)
     print(ts, flush=True)
     del eng
+
+
+@part("attn_tune")
+def _():
+    """The paged decode attention at the offline run's decode shape (LLaVA-7B: 32 heads x 128,
+    block 16, batch 128 at context 681; pages shuffled over a 7,000-block pool): KV read rate
+    of each (splits, block_n, warps, stages). (A dot-free variant, one program per row and
+    head, read 2.65 TB/s here but made the 128-row decode graph slower, 22.01 vs 21.28 ms:
+    not kept; bench/RESULTS.md.)"""
+    from mmhpc.kernels.paged_attention import paged_decode_attention
+    res = R.setdefault("attn_tune", {})
+    H, D, bs, nblocks = 32, 128, 16, 7000
+    kv = torch.randn(2, nblocks, H, bs, D, device="cuda", dtype=torch.bfloat16)
+    for B, ctx in ((128, 681), (32, 681)):
+        nb = -(-ctx // bs)
+        tables = torch.randperm(nblocks, device="cuda")[:B * nb].view(B, nb).int()
+        lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+        gb = B * ctx * H * D * 2 * 2 / 1e9
+        ref = paged_decode_attention(q, kv, tables, lens, D ** -0.5, max_context_len=4096)
+        rows = {}
+        for splits in (1, 2):
+            for bn in (32, 64, 128):
+                for w in (4, 8):
+                    for st in (2, 3):
+                        f = lambda: paged_decode_attention(  # noqa: E731
+                            q, kv, tables, lens, D ** -0.5, max_context_len=4096,
+                            num_splits=splits, block_n=bn, num_warps=w, num_stages=st)
+                        try:
+                            err = float((f().float() - ref.float()).abs().max())
+                            ms = cuda_time(f, 20)
+                        except Exception as e:  # noqa: BLE001
+                            rows[f"s{splits}_n{bn}_w{w}_st{st}"] = str(e)[:80]
+                            continue
+                        rows[f"s{splits}_n{bn}_w{w}_st{st}"] = (round(ms * 1e3, 1),
+                                                               round(gb / ms, 3), err)
+        best = sorted(((k, v) for k, v in rows.items() if isinstance(v, tuple)),
+                      key=lambda kv_: kv_[1][0])
+        res[f"B{B}_ctx{ctx}"] = {"GB": round(gb, 3), "default": rows.get("s1_n64_w4_st2"),
+                                 "best5": best[:5], "all": rows}
+        print(B, ctx, "default", rows.get("s1_n64_w4_st2"), "best", best[:5], flush=True)
+        save()
+
+
+@part("decode128")
+def _():
+    """Kernel profile of the offline run's decode step: graph of 128 rows at context 681."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = build_engine("arch:llava-1.5-7b", 128)
+    cs = eng.runner.cuda_steps
+    R["decode128_replay_ms"] = replay_ms(cs, 128, 681, eng.runner.num_blocks)
+    b = cs.bufs[128]
+    nb = 681 // cs.block_size + 1
+    tables = torch.randperm(eng.runner.num_blocks, device="cuda")[:128 * nb].view(128, nb).int()
+
+    def fill():
+        b.lens[:128] = 681
+        b.tables[:128, :nb] = tables
+        b.slots[:128] = -1
+    fill()
+    R["decode128_replay_ms_shuffled"] = round(cuda_time(lambda: cs.replay(128), 20), 3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            cs.replay(128)
+        torch.cuda.synchronize()
+    b.lens.zero_()
+    t = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
+                                  max_name_column_width=90)
+    open(os.path.join(OUT, "profile_decode128.txt"), "w").write(t)
+    print(R["decode128_replay_ms"], R["decode128_replay_ms_shuffled"], t[:3000], flush=True)
+    del eng
+
+
+@part("offline_prof")
+def _():
+    """The offline run (mmhpc alone) under the profiler: GPU kernel time vs wall, per kind of
+    step, preprocessing first and overlapped."""
+    from mmhpc.bench import offline
+    import argparse
+    for mode in os.environ.get("PROF_MODES", "first,overlap").split(","):
+        p = argparse.ArgumentParser()
+        offline.add_args(p)
+        args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
+                             "bfloat16", "--num-requests", "256", "--image-size", "336",
+                             "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
+                             "128", "--preprocess", mode,
+                             "--profile-dir", os.path.join(OUT, f"offline_prof_{mode}")])
+        m = offline.run(args)["mmhpc"]
+        R.setdefault("offline_prof", {})[mode] = m
+        print(mode, json.dumps(m, indent=1)[:4000], flush=True)
+        save()
+
+
+@part("pattn_tune")
+def _():
+    """Prefill attention at the offline run's shape (13 fresh prompts of 617 tokens, LLaVA-7B
+    heads): the paged varlen kernel's (block_m, block_n, warps, stages), vs SDPA (flash) on
+    the same q/k/v as a padded batch."""
+    from mmhpc.kernels.paged_attention import paged_prefill_attention, write_kv
+    F = torch.nn.functional
+    res = R.setdefault("pattn_tune", {})
+    H, D, bs, nblocks, B, L = 32, 128, 16, 7000, 13, 617
+    T = B * L
+    kv = torch.zeros(2, nblocks, H, bs, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    nb = -(-L // bs)
+    tables = torch.randperm(nblocks, device="cuda")[:B * nb].view(B, nb).int()
+    slots = (tables.long()[:, :, None] * bs + torch.arange(bs, device="cuda")).view(B, -1)[:, :L]
+    write_kv(k, v, kv, slots.reshape(-1))
+    cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
+    lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
+    tflop = 4 * B * (L * L / 2) * H * D / 1e12
+    ref = paged_prefill_attention(q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L)
+    rows = {}
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for w in (4, 8):
+                for st in (2, 3, 4):
+                    f = lambda: paged_prefill_attention(  # noqa: E731
+                        q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L,
+                        block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                    try:
+                        err = float((f().float() - ref.float()).abs().max())
+                        ms = cuda_time(f, 10)
+                    except Exception as e:  # noqa: BLE001
+                        rows[f"m{bm}_n{bn}_w{w}_st{st}"] = str(e)[:80]
+                        continue
+                    rows[f"m{bm}_n{bn}_w{w}_st{st}"] = (round(ms * 1e3, 1),
+                                                       round(tflop / ms * 1e3, 1), err)
+    qb, kb, vb = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        with sdpa_kernel([be]):
+            f = lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)  # noqa: E731
+            o = f().transpose(1, 2).reshape(T, H, D)
+            ms = cuda_time(f, 10)
+            rows[f"sdpa_{name}"] = (round(ms * 1e3, 1), round(tflop / ms * 1e3, 1),
+                                    float((o.float() - ref.float()).abs().max()))
+    try:
+        fa = torch.ops.aten._flash_attention_forward
+        f = lambda: fa(q, k, v, cu, cu, L, L, 0.0, True, False, scale=D ** -0.5)  # noqa: E731
+        o = f()[0]
+        ms = cuda_time(f, 10)
+        rows["flash_varlen"] = (round(ms * 1e3, 1), round(tflop / ms * 1e3, 1),
+                                float((o.float() - ref.float()).abs().max()))
+    except Exception as e:  # noqa: BLE001
+        rows["flash_varlen"] = repr(e)[:200]
+    best = sorted(((kk, vv) for kk, vv in rows.items() if isinstance(vv, tuple)),
+                  key=lambda x: x[1][0])
+    res.update({"TFLOP": round(tflop, 4), "default": rows.get("m64_n64_w4_st2"),
+                "best8": best[:8], "all": rows})
+    print("prefill attention default", rows.get("m64_n64_w4_st2"), "best", best[:8],
+          rows.get("flash_varlen"), rows.get("sdpa_flash"), flush=True)
+
+
+@part("gaps")
+def _():
+    """Where the GPU idles in prefill steps of the offline workload (real CLIP, 336 px images,
+    preprocessing done beforehand): a trace of 4 steps, the engine's phases annotated; each GPU
+    idle interval is attributed to the phases the host was in."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from mmhpc.bench.offline import ImageItems, build_prompt
+    from mmhpc.bench.synthetic import make_requests
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.models import load_hf_config
+    from mmhpc.models.arch import arch_dir
+    eng = build_engine("arch:llava-1.5-7b", 128)
+    items = ImageItems(arch_dir("arch:llava-1.5-7b"), load_hf_config("arch:llava-1.5-7b"))
+    reqs = make_requests(80, [(336, 336)], 1, 40, 4, (100, 20000), 0, (items.image_token_id,))
+    prepped = [(r, [items(im) for im in r.images]) for r in reqs]
+
+    def add(rs):
+        for r, its in rs:
+            eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
+                            SamplingParams(max_tokens=2, ignore_eos=True), mm_items=its)
+    add(prepped[:26])                                   # warm-up
+    while eng.has_unfinished_requests():
+        eng.step()
+    add(prepped[26:])
+
+    def annotate(obj, attr, name):
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        setattr(obj, attr, wrapped)
+    annotate(eng.scheduler, "schedule", "ph:schedule")
+    annotate(eng.runner, "encode", "ph:encode")
+    annotate(eng.runner, "execute", "ph:execute")
+    annotate(eng.runner, "run_step", "ph:run_step")
+    annotate(eng, "_postprocess", "ph:postprocess")
+    sampler = eng.sampler
+
+    class _S:
+        def __call__(self, *a, **k):
+            with record_function("ph:sampler"):
+                return sampler(*a, **k)
+
+        def __getattr__(self, n):
+            return getattr(sampler, n)
+    eng.sampler = _S()
+    torch.cuda.synchronize()
+    ts = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            t = time.perf_counter()
+            with record_function("ph:step"):
+                eng.step()
+            ts.append(round((time.perf_counter() - t) * 1e3, 1))
+        torch.cuda.synchronize()
+    path = "/tmp/trace_gaps.json"
+    prof.export_chrome_trace(path)
+    ev = json.load(open(path))["traceEvents"]
+    busy = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
+                  and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    merged = []
+    for a, b in busy:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps = [(merged[i][1], merged[i + 1][0]) for i in range(len(merged) - 1)
+            if merged[i + 1][0] - merged[i][1] > 50]
+    ann = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
+           and e.get("cat") == "user_annotation" and e["name"].startswith("ph:")]
+    ops = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
+           and e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")]
+
+    def overlap(a, b, items_):
+        out: dict = {}
+        for name, s, e in items_:
+            o = min(b, e) - max(a, s)
+            if o > 0:
+                out[name] = out.get(name, 0) + o
+        return out
+    by_phase: dict = {}
+    big = []
+    for a, b in gaps:
+        ph = overlap(a, b, ann)
+        inner = {k: v for k, v in ph.items() if k not in ("ph:step",)}
+        for k, v in (inner or {"(outside phases)": b - a}).items():
+            by_phase[k] = by_phase.get(k, 0) + v
+        big.append((round((b - a) / 1e3, 2), {k: round(v / 1e3, 2) for k, v in ph.items()},
+                    sorted(((round(v / 1e3, 2), k) for k, v in overlap(a, b, ops).items()),
+                           reverse=True)[:6]))
+    busy_ms = sum(b - a for a, b in merged) / 1e3
+    span_ms = (merged[-1][1] - merged[0][0]) / 1e3 if merged else 0
+    R["gaps"] = {"step_ms": ts, "gpu_busy_ms": round(busy_ms, 1), "gpu_span_ms": round(span_ms, 1),
+                 "idle_ms_by_phase (nested phases overlap)": {k: round(v / 1e3, 2)
+                                                              for k, v in by_phase.items()},
+                 "biggest_gaps": sorted(big, key=lambda x: -x[0])[:20]}
+    print(json.dumps(R["gaps"], indent=1)[:6000], flush=True)
+    os.remove(path)
+    del eng
+
+
+@part("gemm128")
+def _():
+    """Decode-step GEMMs at 16-128 rows (LLaVA-7B shapes): read rate of F.linear under cuBLAS
+    and cuBLASLt, and of x @ W^T with W^T stored [K, N]."""
+    F = torch.nn.functional
+    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
+              "down": (4096, 11008), "lm_head": (32064, 4096)}
+    res = R.setdefault("gemm128", {})
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        wts = [w.t().contiguous() for w in ws]
+        gb = n * k * 2 / 1e9
+        for m in (128, 64, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            i = [0]
+
+            def lin():
+                i[0] = (i[0] + 1) % 4
+                F.linear(x, ws[i[0]])
+
+            def mm_t():
+                i[0] = (i[0] + 1) % 4
+                torch.mm(x, wts[i[0]])
+            row = {}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                row[f"linear_{lib}"] = round(gb / cuda_time(lin, 30), 3)
+                row[f"mm_wt_{lib}"] = round(gb / cuda_time(mm_t, 30), 3)
+            torch.backends.cuda.preferred_blas_library("cublas")
+            res[f"{name}_M{m}"] = row
+            print(name, m, row, flush=True)
+        del ws, wts
 
 
 @part("qwen")

@@ -18,6 +18,7 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
   echo "=== kernel tests ==="
   timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py
   timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py --file tests/test_engine_gpu.py
+  timeout "${TEST_TIMEOUT:-150}" python3 bench/run_gpu_tests.py --file tests/test_fast_pixels.py
 fi
 echo "=== gpu_engine ${ENGINE_PARTS:-ceilings,correctness,llava,offline,qwen} ==="
 timeout "${ENGINE_TIMEOUT:-540}" python3 bench/gpu_engine.py \

@@ -53,20 +53,23 @@ class ImageItems:
         self.image_token_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
 
     def __call__(self, image):
-        from mmhpc.bench.synthetic import content_hash
         from mmhpc.engine.sequence import MMItem
-        out = self.proc(images=image, return_tensors="pt")
+        from mmhpc.multimodal.processor import fast_pixel_values, image_hash
+        fast = fast_pixel_values(self.proc, image) if self.family == "llava" else None
+        out = {"pixel_values": fast} if fast is not None else \
+            self.proc(images=image, return_tensors="pt")
         pv = out["pixel_values"]
+        h = image_hash(image)                   # as the server's processor: the decoded RGB
         if self.family == "llava":
             vc = self.cfg.vision_config
             n = (pv.shape[-1] // vc.patch_size) * (pv.shape[-2] // vc.patch_size)
             if self.cfg.vision_feature_select_strategy != "default":
                 n += 1
-            return MMItem(content_hash(pv), 0, n, None, pv)
+            return MMItem(h, 0, n, None, pv)
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         merge = self.cfg.vision_config.spatial_merge_size
         n = grid[0] * grid[1] * grid[2] // merge ** 2
-        return MMItem(content_hash(pv), 0, n, grid, pv)
+        return MMItem(h, 0, n, grid, pv)
 
 
 def build_prompt(items, text_ids: list[int], image_token_id: int) -> list[int]:
@@ -90,7 +93,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=40, help="text tokens per request")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (default: 16384 on CUDA, as vLLM's offline "
+                        "LLM on a large GPU; else 8192)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--preprocess-workers", type=int, default=4)
@@ -104,6 +109,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile-dir", default=None,
+                   help="CUDA: profile the timed engine run (kernel table, GPU busy time per "
+                        "kind of step) into this directory")
 
 
 def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
@@ -117,7 +125,8 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                   "max_model_len": args.max_model_len, "seed": args.seed},
         "cache": cache,
         "scheduler": {"max_num_seqs": args.max_num_seqs,
-                      "max_num_batched_tokens": args.max_num_batched_tokens}})
+                      "max_num_batched_tokens": args.max_num_batched_tokens
+                      or (16384 if torch.cuda.is_available() else 8192)}})
     t0 = time.perf_counter()
     hf_config = _hf_config(model_path)
     eos = ARCHS[model_path[5:]]["eos_token_ids"] if model_path.startswith("arch:") else [2]
@@ -156,8 +165,9 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
         return out
     engine.scheduler.schedule = timed_schedule
     first: dict[str, float] = {}
-    with PreprocessFeed(lambda r: [images(im) for im in r.images], requests,
-                        args.preprocess_workers) as feed:
+    prof = _StepProfiler(args.profile_dir, runner.device)
+    with prof, PreprocessFeed(lambda r: [images(im) for im in r.images], requests,
+                              args.preprocess_workers) as feed:
         while feed or engine.has_unfinished_requests():
             # hand over every request whose images are ready; wait only when the engine idles
             # (or, with --preprocess first, for all of them before the first step)
@@ -169,6 +179,7 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                 engine.add_request(r.request_id, ids, SamplingParams(
                     max_tokens=r.output_len, ignore_eos=True), mm_items=its)
             ts = time.perf_counter()
+            prof.step_start()
             for o in engine.step():
                 num_out += len(o.new_token_ids)
                 first.setdefault(o.request_id, time.perf_counter() - t0)
@@ -178,10 +189,13 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
             phase[0] += 1
             phase[1] += time.perf_counter() - ts
             phase[2] += last_sched.get("tokens", 0)
+            prof.step_end(kind)
     sync()
     t1 = time.perf_counter()
     total = t1 - t0
-    res = dict(engine="mmhpc", num_requests=len(requests), num_prompt_tokens=num_prompt,
+    res = dict(engine="mmhpc", max_num_seqs=config.scheduler.max_num_seqs,
+               max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+               num_requests=len(requests), num_prompt_tokens=num_prompt,
                num_output_tokens=num_out, load_s=round(load_s, 2),
                total_s=round(total, 3), steps=steps,
                output_tokens_per_s=round(num_out / total, 1),
@@ -191,11 +205,73 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                num_blocks=runner.num_blocks, num_preemptions=engine.num_preemptions,
                steps_by_kind={k: dict(steps=v[0], seconds=round(v[1], 3), tokens=v[2])
                               for k, v in step_times.items()})
+    if args.profile_dir:
+        res["profile"] = prof.summary(total)
     del engine, runner
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+class _StepProfiler:
+    """`--profile-dir`: torch.profiler (CUDA kernels only) over the timed run, and a CUDA event
+    at each step's start and end, so each kind of step reports its GPU span and the GPU's idle
+    gap before it. Writes kernels.txt; `summary` returns busy time vs wall clock."""
+
+    def __init__(self, out_dir, device):
+        self.on = bool(out_dir) and device.type == "cuda"
+        self.dir = out_dir
+        self.events: list = []          # (kind, start event, end event)
+        self._start = None
+        self._prof = None
+
+    def __enter__(self):
+        if self.on:
+            from torch.profiler import ProfilerActivity, profile
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            self._prof = profile(activities=[ProfilerActivity.CUDA])
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._prof is not None:
+            torch.cuda.synchronize()
+            self._prof.__exit__(*exc)
+
+    def step_start(self):
+        if self.on:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def step_end(self, kind: str):
+        if self.on:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((kind, self._start, end))
+
+    def summary(self, wall_s: float) -> dict:
+        torch.cuda.synchronize()
+        kinds: dict = {}
+        prev = None
+        for kind, a, b in self.events:
+            k = kinds.setdefault(kind, {"steps": 0, "gpu_span_s": 0.0, "gap_before_s": 0.0})
+            k["steps"] += 1
+            k["gpu_span_s"] += a.elapsed_time(b) / 1e3
+            if prev is not None:
+                k["gap_before_s"] += prev.elapsed_time(a) / 1e3
+            prev = b
+        avg = self._prof.key_averages()
+        rows = sorted(avg, key=lambda e: -e.self_device_time_total)
+        busy = sum(e.self_device_time_total for e in rows) / 1e6
+        text = avg.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+        (Path(self.dir) / "kernels.txt").write_text(text)
+        top = [{"name": e.key[:90], "calls": e.count,
+                "s": round(e.self_device_time_total / 1e6, 4)} for e in rows[:25]]
+        return {"wall_s": round(wall_s, 3), "gpu_kernels_s": round(busy, 3),
+                "per_kind": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv
+                                 for kk, vv in v.items()} for k, v in kinds.items()},
+                "top_kernels": top}
 
 
 def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int], tuple | None]:

@@ -2,7 +2,6 @@
 image placeholders expanded as the model's processor would."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +41,3 @@ def make_requests(num_requests: int, image_sizes: list[tuple[int, int]], images_
     return out
 
 
-def content_hash(pixel_values) -> str:
-    import torch
-    t = pixel_values.detach().cpu().contiguous()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()

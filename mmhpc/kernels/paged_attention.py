@@ -257,7 +257,9 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, kv_cache_layer: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                             max_seqlen_q: int | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int = 4,
+                            num_stages: int | None = None) -> torch.Tensor:
     """Causal attention for variable-length chunks whose earlier tokens are already cached.
     q: [T, Hq, D]; cu_seqlens_q: [B+1] int32; context_lens: [B] int32, keys per sequence INCLUDING
     this chunk. The chunk's k/v ([T, Hkv, D]) must already be in the cache (`write_kv` first);
@@ -275,7 +277,10 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     block_d = triton.next_power_of_2(head_dim)
     big = q.dtype == torch.float32 or block_d > 128
-    block_m, block_n = (32, 32) if big else (64, 64)
+    # bf16, head_dim 128, 13 x 617 fresh tokens on an H100: (64, 32, 4 stages) 283 us vs
+    # (64, 64, 2) 312 us (bench/gpu_engine.py pattn_tune)
+    bm, bn, stages = (32, 32, 2) if big else (64, 32, 4)
+    block_m, block_n, num_stages = block_m or bm, block_n or bn, num_stages or stages
     k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, num_heads)
     _prefill_kernel[grid](
@@ -286,7 +291,7 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -18,6 +18,20 @@ from mmhpc.distributed.parallel import (ColumnParallelLinear, RowParallelLinear,
                                         VocabParallelEmbedding)
 
 
+def cat_to_device(tensors: list[torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(tensors).to(device, dtype). Host tensors bound for a GPU go through one pinned
+    buffer and an asynchronous copy, so the host goes on launching work while the pixels
+    travel (a pageable copy would first wait for the GPU to drain: idle GPU time)."""
+    device = torch.device(device)
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        return torch.cat([t.to(device) for t in tensors]).to(dtype)
+    shape = (sum(t.shape[0] for t in tensors),) + tuple(tensors[0].shape[1:])
+    buf = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True)
+    torch.cat(tensors, out=buf)
+    return buf.to(device, non_blocking=True).to(dtype)
+
+
 @dataclass
 class AttentionMetadata:
     """How the flat batch of T tokens splits into sequences and where their KV lives."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmhpc.distributed.parallel import ParallelLMHead
-from mmhpc.models.layers import AttentionMetadata, Decoder
+from mmhpc.models.layers import AttentionMetadata, Decoder, cat_to_device
 
 # checkpoint prefix → our parameter prefix (HF 5.x names first, then legacy ones)
 WEIGHT_RULES = [
@@ -55,7 +55,7 @@ class LlavaForCausalLM(nn.Module):
         dtype = next(self.vision_tower.parameters()).dtype
         pixels = [it.pixel_values if it.pixel_values.dim() == 4 else it.pixel_values[None]
                   for it in mm_items]
-        pixels = torch.cat(pixels).to(device=self.lm_head.weight.device, dtype=dtype)
+        pixels = cat_to_device(pixels, self.lm_head.weight.device, dtype)
         out = self.vision_tower(pixels, output_hidden_states=True)
         layers, strategy = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
         layers = [layers] if isinstance(layers, int) else list(layers)

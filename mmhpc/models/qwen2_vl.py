@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmhpc.distributed.parallel import ParallelLMHead
-from mmhpc.models.layers import AttentionMetadata, Decoder
+from mmhpc.models.layers import AttentionMetadata, Decoder, cat_to_device
 
 WEIGHT_RULES = [
     ("model.language_model.", "language_model."),
@@ -78,7 +78,7 @@ class Qwen2VLForCausalLM(nn.Module):
         """All items' patches in one ViT call (cu_seqlens keeps images apart)."""
         dtype = next(self.visual.parameters()).dtype
         device = self.lm_head.weight.device
-        pixels = torch.cat([it.pixel_values for it in mm_items]).to(device=device, dtype=dtype)
+        pixels = cat_to_device([it.pixel_values for it in mm_items], device, dtype)
         grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
         out = self.visual(pixels, grid_thw=grid)
         embeds = getattr(out, "pooler_output", out)                 # 5.x output vs bare tensor

@@ -6,7 +6,7 @@ each step schedules (`LLMEngine.step`)."""
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
 
@@ -21,10 +21,20 @@ class PreprocessFeed:
 
     def take(self, block: bool = False) -> list:
         """The results ready now, in input order (stops at the first one not ready); with
-        `block`, waits for at least one (when any is left). Re-raises a preprocessing error."""
+        `block`, waits for at least one (when any is left). A preprocessing error is raised
+        once, by the call that reaches it first (after the results before it were returned);
+        the inputs after it go on."""
         out = []
-        while self._futures and (self._futures[0].done() or (block and not out)):
-            out.append(self._futures.popleft().result())
+        while self._futures:
+            f = self._futures[0]
+            if not f.done():
+                if not block or out:
+                    break
+                wait([f])
+            if f.exception() is not None and out:
+                break
+            self._futures.popleft()
+            out.append(f.result())
         return out
 
     def close(self) -> None:

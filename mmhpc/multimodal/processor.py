@@ -47,6 +47,37 @@ def tensor_hash(tensor) -> str:
     return h.hexdigest()
 
 
+def fast_pixel_values(image_processor, image):
+    """A CLIP-style processor's pixel values ([1, 3, H, W] float32) for an image that is
+    already its output size (square, side = shortest_edge = crop size), where resize and
+    center crop change nothing: the remaining steps as the processor does them, the same IEEE
+    operations (uint8 → float64 × rescale_factor → float32, − mean, ÷ std in float32), so the
+    same values bit for bit, without the processor's per-call overhead (~4x faster; it holds
+    the GIL less, which the thread launching GPU work notices). None where it does not apply:
+    use the processor."""
+    ip = image_processor
+    if not type(ip).__name__.startswith("CLIPImageProcessor"):
+        return None
+    side = _get(getattr(ip, "size", None) or {}, "shortest_edge")
+    crop = getattr(ip, "crop_size", None) or {}
+    if not (getattr(ip, "do_resize", False) and getattr(ip, "do_center_crop", False)
+            and getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)) \
+            or getattr(ip, "do_pad", False) or side is None \
+            or not image.width == image.height == side == _get(crop, "height") == _get(crop, "width"):
+        return None
+    if image.mode != "RGB":
+        if not getattr(ip, "do_convert_rgb", True):
+            return None
+        image = image.convert("RGB")
+    import numpy as np
+    import torch
+    x = torch.from_numpy(np.array(image))                                   # [H, W, 3] uint8
+    x = (x.to(torch.float64) * float(ip.rescale_factor)).to(torch.float32)
+    mean = torch.from_numpy(np.array(ip.image_mean, dtype=np.float32))
+    std = torch.from_numpy(np.array(ip.image_std, dtype=np.float32))
+    return ((x - mean) / std).permute(2, 0, 1).contiguous()[None]
+
+
 class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
@@ -129,7 +160,9 @@ class InputProcessor:
         return h // self.patch_size, w // self.patch_size
 
     def _image_item(self, image) -> MMItem:
-        out = self.image_processor(images=[image], return_tensors="pt")
+        fast = fast_pixel_values(self.image_processor, image) if self.family == "llava" else None
+        out = {"pixel_values": fast} if fast is not None else \
+            self.image_processor(images=[image], return_tensors="pt")
         pixel_values = out["pixel_values"]
         if self.family == "llava":
             # pixel_values: [1, 3, H, W]

@@ -1,0 +1,50 @@
+"""`fast_pixel_values` (mmhpc.multimodal.processor): for an image already the processor's output
+size, the same pixel values as Hugging Face's CLIP image processor, bit for bit; None where it
+does not apply (other sizes, other processors)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmhpc.multimodal.processor import InputProcessor, fast_pixel_values
+from mmhpc.tools.tiny import tiny_checkpoint
+
+
+def _images(side: int, n: int = 4):
+    rng = np.random.default_rng(side)
+    ims = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+           for _ in range(n)]
+    ramp = np.linspace(0, 255, side * side * 3).reshape(side, side, 3).astype(np.uint8)
+    ims += [Image.fromarray(ramp), Image.fromarray(ramp[:, :, 0]).convert("L")]
+    return ims
+
+
+def _processors():
+    from transformers import AutoImageProcessor
+    from mmhpc.models.arch import arch_dir
+    yield AutoImageProcessor.from_pretrained(str(arch_dir("arch:llava-1.5-7b")))
+    yield InputProcessor(tiny_checkpoint("llava")).image_processor
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_equal_to_hf_bit_for_bit(which):
+    proc = list(_processors())[which]
+    side = proc.crop_size["height"] if isinstance(proc.crop_size, dict) else proc.crop_size.height
+    for im in _images(side):
+        fast = fast_pixel_values(proc, im)
+        assert fast is not None
+        ref = proc(images=[im], return_tensors="pt")["pixel_values"]
+        assert fast.dtype == ref.dtype and fast.shape == ref.shape
+        assert torch.equal(fast, ref)
+    # other sizes: the processor's own resize and crop, not this
+    assert fast_pixel_values(proc, Image.new("RGB", (side + 1, side))) is None
+    assert fast_pixel_values(proc, Image.new("RGB", (2 * side, 2 * side))) is None
+
+
+def test_not_for_other_processors():
+    from transformers import AutoImageProcessor
+    from mmhpc.models.arch import arch_dir
+    proc = AutoImageProcessor.from_pretrained(str(arch_dir("arch:qwen2-vl-7b")))
+    assert fast_pixel_values(proc, Image.new("RGB", (336, 336))) is None
