@@ -101,6 +101,12 @@ def _():
     R["matmul_TFLOPs"] = round(2 * 8192 ** 3 / ms / 1e9, 1)
     print(reads, "-> read ceiling", R["gemv_read_TBps"], "TB/s;", R["matmul_TFLOPs"],
           "TFLOP/s bf16 matmul")
+    floor = float(os.environ.get("MIN_TFLOPS", "0"))
+    if R["matmul_TFLOPs"] < floor:                 # a throttled / shared card: stop here
+        save()
+        print(f"matmul {R['matmul_TFLOPs']} < MIN_TFLOPS {floor}: this card is not healthy, "
+              "stopping", flush=True)
+        os._exit(3)
 
 
 @part("correctness")

@@ -47,35 +47,86 @@ def tensor_hash(tensor) -> str:
     return h.hexdigest()
 
 
-def fast_pixel_values(image_processor, image):
-    """A CLIP-style processor's pixel values ([1, 3, H, W] float32) for an image that is
-    already its output size (square, side = shortest_edge = crop size), where resize and
-    center crop change nothing: the remaining steps as the processor does them, the same IEEE
-    operations (uint8 → float64 × rescale_factor → float32, − mean, ÷ std in float32), so the
-    same values bit for bit, without the processor's per-call overhead (~4x faster; it holds
-    the GIL less, which the thread launching GPU work notices). None where it does not apply:
-    use the processor."""
-    ip = image_processor
-    if not type(ip).__name__.startswith("CLIPImageProcessor"):
-        return None
-    side = _get(getattr(ip, "size", None) or {}, "shortest_edge")
-    crop = getattr(ip, "crop_size", None) or {}
-    if not (getattr(ip, "do_resize", False) and getattr(ip, "do_center_crop", False)
-            and getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)) \
-            or getattr(ip, "do_pad", False) or side is None \
-            or not image.width == image.height == side == _get(crop, "height") == _get(crop, "width"):
-        return None
-    if image.mode != "RGB":
-        if not getattr(ip, "do_convert_rgb", True):
-            return None
-        image = image.convert("RGB")
+def _pixels_pil_backend(x, ip):
+    """transformers' PIL/NumPy backend: uint8 → float64 × rescale_factor → float32, then
+    (x − mean) / std in float32."""
     import numpy as np
     import torch
-    x = torch.from_numpy(np.array(image))                                   # [H, W, 3] uint8
     x = (x.to(torch.float64) * float(ip.rescale_factor)).to(torch.float32)
     mean = torch.from_numpy(np.array(ip.image_mean, dtype=np.float32))
     std = torch.from_numpy(np.array(ip.image_std, dtype=np.float32))
-    return ((x - mean) / std).permute(2, 0, 1).contiguous()[None]
+    return (x - mean) / std
+
+
+def _pixels_fused(x, ip):
+    """transformers' torch backend: rescale folded into mean and std (both ÷ rescale_factor,
+    in float32), then (x − mean) / std on the float32 pixels."""
+    import torch
+    mean = torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor)
+    std = torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)
+    return (x.to(torch.float32) - mean) / std
+
+
+_FORMULAS = (_pixels_pil_backend, _pixels_fused)
+_UNSET = object()
+
+
+def pixel_formula(image_processor):
+    """The way of `_FORMULAS` bit-equal to this processor (checked on first use; None: none)."""
+    return getattr(image_processor, "_mmhpc_pixel_formula", _UNSET)
+
+
+def _fast_applies(ip, image) -> bool:
+    if not type(ip).__name__.startswith("CLIPImageProcessor"):
+        return False
+    side = _get(getattr(ip, "size", None) or {}, "shortest_edge")
+    crop = getattr(ip, "crop_size", None) or {}
+    return bool(getattr(ip, "do_resize", False) and getattr(ip, "do_center_crop", False)
+                and getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)
+                and not getattr(ip, "do_pad", False) and side is not None
+                and image.width == image.height == side == _get(crop, "height")
+                == _get(crop, "width") and (image.mode == "RGB"
+                                            or getattr(ip, "do_convert_rgb", True)))
+
+
+def _rgb_tensor(image):
+    import numpy as np
+    import torch
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(rgb))                                  # [H, W, 3] uint8
+
+
+def fast_pixel_values(image_processor, image):
+    """A CLIP-style processor's pixel values ([1, 3, H, W] float32) for an image that is
+    already its output size (square, side = shortest_edge = crop size), where resize and
+    center crop change nothing: only the rescale and normalize, as the processor computes
+    them, so the same values bit for bit, without the processor's per-call overhead (~4x
+    faster; it also holds the GIL less, which the thread launching GPU work notices).
+    transformers versions compute them differently: on first use per processor the known
+    ways are checked against the processor itself on a random image, and the one that is
+    bit-equal is kept (none: always None). None where it does not apply: use the processor."""
+    ip = image_processor
+    if not _fast_applies(ip, image):
+        return None
+    formula = pixel_formula(ip)
+    if formula is _UNSET:
+        import numpy as np
+        from PIL import Image
+        probe = Image.fromarray(np.random.default_rng(0).integers(
+            0, 256, (image.height, image.width, 3), dtype=np.uint8))
+        ref = ip(images=[probe], return_tensors="pt")["pixel_values"]
+        x = _rgb_tensor(probe)
+        formula = next((f for f in _FORMULAS if torch_equal(
+            f(x, ip).permute(2, 0, 1)[None], ref)), None)
+        ip._mmhpc_pixel_formula = formula
+    if formula is None:
+        return None
+    return formula(_rgb_tensor(image), ip).permute(2, 0, 1).contiguous()[None]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 class InputProcessor:
