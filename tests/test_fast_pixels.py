@@ -51,12 +51,11 @@ def test_equal_to_hf_bit_for_bit(which):
 
 
 def test_known_formula_here():
-    """This machine's transformers (the pinned CI one): the fast path is in use."""
+    """The transformers versions this project runs with (5.24 here, 5.17 on the GPU machine)
+    match one of the known ways: the fast path is in use."""
     from transformers import AutoImageProcessor
     from mmhpc.models.arch import arch_dir
     proc = AutoImageProcessor.from_pretrained(str(arch_dir("arch:llava-1.5-7b")))
-    if not type(proc).__name__.endswith("Pil"):
-        pytest.skip(f"{type(proc).__name__}: not the PIL backend")
     assert fast_pixel_values(proc, Image.new("RGB", (336, 336))) is not None
 
 

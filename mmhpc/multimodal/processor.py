@@ -47,24 +47,25 @@ def tensor_hash(tensor) -> str:
     return h.hexdigest()
 
 
+# NumPy, not torch: one thread each, the GIL released in the array operations (torch's CPU ops
+# would start intra-op threads in every preprocessing thread and crowd the engine's thread).
+
 def _pixels_pil_backend(x, ip):
     """transformers' PIL/NumPy backend: uint8 → float64 × rescale_factor → float32, then
-    (x − mean) / std in float32."""
+    (x − mean) / std in float32. x: [H, W, 3] uint8 array."""
     import numpy as np
-    import torch
-    x = (x.to(torch.float64) * float(ip.rescale_factor)).to(torch.float32)
-    mean = torch.from_numpy(np.array(ip.image_mean, dtype=np.float32))
-    std = torch.from_numpy(np.array(ip.image_std, dtype=np.float32))
-    return (x - mean) / std
+    x = (x.astype(np.float64) * ip.rescale_factor).astype(np.float32)
+    return (x - np.array(ip.image_mean, dtype=np.float32)) / np.array(ip.image_std,
+                                                                       dtype=np.float32)
 
 
 def _pixels_fused(x, ip):
-    """transformers' torch backend: rescale folded into mean and std (both ÷ rescale_factor,
-    in float32), then (x − mean) / std on the float32 pixels."""
-    import torch
-    mean = torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor)
-    std = torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)
-    return (x.to(torch.float32) - mean) / std
+    """transformers' torch backend: rescale folded into mean and std (float32 × 1/factor),
+    then (x − mean) / std on the float32 pixels."""
+    import numpy as np
+    mean = np.array(ip.image_mean, dtype=np.float32) * np.float32(1.0 / ip.rescale_factor)
+    std = np.array(ip.image_std, dtype=np.float32) * np.float32(1.0 / ip.rescale_factor)
+    return (x.astype(np.float32) - mean) / std
 
 
 _FORMULAS = (_pixels_pil_backend, _pixels_fused)
@@ -89,19 +90,35 @@ def _fast_applies(ip, image) -> bool:
                                             or getattr(ip, "do_convert_rgb", True)))
 
 
-def _rgb_tensor(image):
+def _rgb_array(image):
+    import numpy as np
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))   # [H, W, 3] u8
+
+
+def _chw(x):
     import numpy as np
     import torch
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return torch.from_numpy(np.array(rgb))                                  # [H, W, 3] uint8
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def _apply_lut(lut, x):
+    """[1, 3, H, W] float32 from [H, W, 3] uint8 through per-channel tables [256, 3]: the
+    formula's result for every possible byte, so the same values in one pass."""
+    import numpy as np
+    import torch
+    out = np.empty((3,) + x.shape[:2], dtype=np.float32)
+    for c in range(3):
+        np.take(lut[:, c], x[:, :, c], out=out[c])
+    return torch.from_numpy(out)[None]
 
 
 def fast_pixel_values(image_processor, image):
     """A CLIP-style processor's pixel values ([1, 3, H, W] float32) for an image that is
     already its output size (square, side = shortest_edge = crop size), where resize and
     center crop change nothing: only the rescale and normalize, as the processor computes
-    them, so the same values bit for bit, without the processor's per-call overhead (~4x
-    faster; it also holds the GIL less, which the thread launching GPU work notices).
+    them, so the same values bit for bit — tabulated for the 256 byte values, one lookup
+    pass per image — without the processor's per-call overhead (it also holds the GIL less,
+    which the thread launching GPU work notices).
     transformers versions compute them differently: on first use per processor the known
     ways are checked against the processor itself on a random image, and the one that is
     bit-equal is kept (none: always None). None where it does not apply: use the processor."""
@@ -115,13 +132,16 @@ def fast_pixel_values(image_processor, image):
         probe = Image.fromarray(np.random.default_rng(0).integers(
             0, 256, (image.height, image.width, 3), dtype=np.uint8))
         ref = ip(images=[probe], return_tensors="pt")["pixel_values"]
-        x = _rgb_tensor(probe)
-        formula = next((f for f in _FORMULAS if torch_equal(
-            f(x, ip).permute(2, 0, 1)[None], ref)), None)
+        x = _rgb_array(probe)
+        formula = next((f for f in _FORMULAS if torch_equal(_chw(f(x, ip)), ref)), None)
         ip._mmhpc_pixel_formula = formula
+        if formula is not None:
+            byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)    # [256, 3]
+            ip._mmhpc_pixel_lut = formula(byte, ip)
+            assert torch_equal(_apply_lut(ip._mmhpc_pixel_lut, x), ref)
     if formula is None:
         return None
-    return formula(_rgb_tensor(image), ip).permute(2, 0, 1).contiguous()[None]
+    return _apply_lut(ip._mmhpc_pixel_lut, _rgb_array(image))
 
 
 def torch_equal(a, b) -> bool:
