@@ -547,45 +547,6 @@ def _():
     os.environ["MMHPC_DECODE_AHEAD"] = "1"
 
 
-@part("offline_trace")
-def _():
-    """Chrome trace of the first prefill steps of the offline workload (real CLIP, 336 px
-    images, 26 requests per step): where the host leaves the GPU idle."""
-    from torch.profiler import ProfilerActivity, profile
-    from mmhpc.bench.offline import ImageItems, build_prompt
-    from mmhpc.bench.synthetic import make_requests
-    from mmhpc.engine.sequence import SamplingParams
-    from mmhpc.models import load_hf_config
-    from mmhpc.models.arch import arch_dir
-    eng = build_engine("arch:llava-1.5-7b", 128)
-    items = ImageItems(arch_dir("arch:llava-1.5-7b"), load_hf_config("arch:llava-1.5-7b"))
-    reqs = make_requests(80, [(336, 336)], 1, 40, 4, (100, 20000), 0, (items.image_token_id,))
-
-    def add(rs):
-        for r in rs:
-            its = [items(im) for im in r.images]
-            eng.add_request(r.request_id, build_prompt(its, r.text_ids, items.image_token_id),
-                            SamplingParams(max_tokens=2, ignore_eos=True), mm_items=its)
-    add(reqs[:26])                                      # warm-up
-    while eng.has_unfinished_requests():
-        eng.step()
-    add(reqs[26:])
-    torch.cuda.synchronize()
-    ts = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(4):
-            t = time.perf_counter()
-            eng.step()
-            ts.append(round((time.perf_counter() - t) * 1e3, 1))
-        torch.cuda.synchronize()
-    R["offline_trace_step_ms"] = ts
-    prof.export_chrome_trace(os.path.join(OUT, "trace_prefill.json"))
-    t = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    open(os.path.join(OUT, "profile_prefill_cpu.txt"), "w").write(t)
-    print(ts, flush=True)
-    del eng
-
-
 @part("attn_tune")
 def _():
     """The paged decode attention at the offline run's decode shape (LLaVA-7B: 32 heads x 128,
@@ -604,22 +565,10 @@ def _():
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         gb = B * ctx * H * D * 2 * 2 / 1e9
         ref = paged_decode_attention(q, kv, tables, lens, D ** -0.5, max_context_len=4096)
-        rows = {}
-        for splits in (1, 2):
-            for bn in (32, 64, 128):
-                for w in (4, 8):
-                    for st in (2, 3):
-                        f = lambda: paged_decode_attention(  # noqa: E731
-                            q, kv, tables, lens, D ** -0.5, max_context_len=4096,
-                            num_splits=splits, block_n=bn, num_warps=w, num_stages=st)
-                        try:
-                            err = float((f().float() - ref.float()).abs().max())
-                            ms = cuda_time(f, 20)
-                        except Exception as e:  # noqa: BLE001
-                            rows[f"s{splits}_n{bn}_w{w}_st{st}"] = str(e)[:80]
-                            continue
-                        rows[f"s{splits}_n{bn}_w{w}_st{st}"] = (round(ms * 1e3, 1),
-                                                               round(gb / ms, 3), err)
+        rows = _sweep(lambda **cfg: paged_decode_attention(
+            q, kv, tables, lens, D ** -0.5, max_context_len=4096, **cfg), ref,
+            [("s", "num_splits", (1, 2)), ("n", "block_n", (32, 64, 128)),
+             ("w", "num_warps", (4, 8)), ("st", "num_stages", (2, 3))], gb, 20)
         best = sorted(((k, v) for k, v in rows.items() if isinstance(v, tuple)),
                       key=lambda kv_: kv_[1][0])
         res[f"B{B}_ctx{ctx}"] = {"GB": round(gb, 3), "default": rows.get("s1_n64_w4_st2"),
@@ -697,22 +646,10 @@ def _():
     lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
     tflop = 4 * B * (L * L / 2) * H * D / 1e12
     ref = paged_prefill_attention(q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L)
-    rows = {}
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for w in (4, 8):
-                for st in (2, 3, 4):
-                    f = lambda: paged_prefill_attention(  # noqa: E731
-                        q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L,
-                        block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-                    try:
-                        err = float((f().float() - ref.float()).abs().max())
-                        ms = cuda_time(f, 10)
-                    except Exception as e:  # noqa: BLE001
-                        rows[f"m{bm}_n{bn}_w{w}_st{st}"] = str(e)[:80]
-                        continue
-                    rows[f"m{bm}_n{bn}_w{w}_st{st}"] = (round(ms * 1e3, 1),
-                                                       round(tflop / ms * 1e3, 1), err)
+    rows = _sweep(lambda **cfg: paged_prefill_attention(
+        q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L, **cfg), ref,
+        [("m", "block_m", (64, 128)), ("n", "block_n", (32, 64, 128)),
+         ("w", "num_warps", (4, 8)), ("st", "num_stages", (2, 3, 4))], tflop * 1e3, 10)
     qb, kb, vb = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -743,7 +680,8 @@ def _():
 def _():
     """Where the GPU idles in prefill steps of the offline workload (real CLIP, 336 px images,
     preprocessing done beforehand): a trace of 4 steps, the engine's phases annotated; each GPU
-    idle interval is attributed to the phases the host was in."""
+    idle interval is attributed to the phases the host was in. (Replaces the earlier
+    `offline_trace` part, whose table is results_issue8b/profile_prefill_cpu.txt.)"""
     from torch.profiler import ProfilerActivity, profile, record_function
     from mmhpc.bench.offline import ImageItems, build_prompt
     from mmhpc.bench.synthetic import make_requests

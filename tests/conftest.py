@@ -13,6 +13,16 @@ from PIL import Image  # noqa: E402
 torch.set_num_threads(1)
 
 
+class CodeRunningPickle:
+    """Pickles to `touch <marker>` on load: a .pt that must be refused (4xx), never unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def make_image(seed: int, w: int, h: int) -> Image.Image:
     """A random RGB image: same (seed, w, h), same pixels."""
     pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

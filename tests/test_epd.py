@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mpi_helpers import Deployment
-from conftest import make_image
+from conftest import CodeRunningPickle, make_image
 
 MAX_TOKENS = 12
 NUM_REQUESTS = 16
@@ -145,17 +145,6 @@ def test_stream_and_blocks_freed(deployment):
             pytest.fail(f"blocks not freed: {deployment.ranks()}")
 
 
-class _Payload:
-    """A .pt whose unpickling would run code: the frontend must refuse it (4xx), never run it."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_embedding_files(deployment):
     """Pre-computed embeddings files in every deployment: the frontend checks and hashes them,
     the rank that encodes loads them again (a local file by path, re-checked; a fetched one from
@@ -185,7 +174,7 @@ def test_embedding_files(deployment):
         emb_in = {"embeddings": emb, "grid_thw": (1, 2 * m, 3 * m)}
     torch.save(entry, media / "emb.pt")
     marker = media / "pwned"
-    torch.save({"mm_embeddings": _Payload(str(marker))}, media / "evil.pt")
+    torch.save({"mm_embeddings": CodeRunningPickle(str(marker))}, media / "evil.pt")
     srv = ImageServer().start()
     save_file({"mm_embeddings": emb2}, str(media / "emb2.safetensors"))
     srv.add("/emb2.safetensors", (media / "emb2.safetensors").read_bytes())

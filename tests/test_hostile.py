@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CodeRunningPickle
 from imgserver import ImageServer, http
 from mmhpc.config import Config
 from mmhpc.server.app import ServerThread
@@ -57,14 +58,6 @@ def noise_png(w=64, h=64) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-class _Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 # Chat requests with one image URL ({port}, {img}, {root} filled from env): (name, url, code).
@@ -168,7 +161,7 @@ def env(tiny_llava, tmp_path_factory):
     torch.save(torch.randn(4, hidden + 1), root / "wrong.pt")
     torch.save(torch.ones(4, hidden, dtype=torch.int64), root / "int.pt")
     marker = tmp / "pwned"
-    torch.save({"mm_embeddings": torch.randn(4, hidden), "x": _Payload(str(marker))}, root / "evil.pt")
+    torch.save({"mm_embeddings": torch.randn(4, hidden), "x": CodeRunningPickle(str(marker))}, root / "evil.pt")
     (root / "huge.pt").write_bytes(os.urandom(600_000))
     (root / "junk.safetensors").write_bytes(b"\xff" * 64)
     img = ImageServer().start()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CodeRunningPickle
 from imgserver import ImageServer
 from mmhpc.config import MediaConfig
 from mmhpc.server.media import (Embeddings, MediaLoader, address_allowed, decode_image,
@@ -90,17 +91,9 @@ def test_embeddings_files():
         assert code_of(lambda: load_embeddings(data, name, HIDDEN, 100)) == "invalid_embeddings"
 
 
-class _Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_payload_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
-    data = _saved({"mm_embeddings": torch.randn(2, HIDDEN), "x": _Payload(str(marker))})
+    data = _saved({"mm_embeddings": torch.randn(2, HIDDEN), "x": CodeRunningPickle(str(marker))})
     assert code_of(lambda: load_embeddings(data, "evil.pt", HIDDEN, 100)) == "invalid_embeddings"
     assert not marker.exists()
     torch.load(io.BytesIO(data), weights_only=False)      # the payload is real

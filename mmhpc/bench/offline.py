@@ -54,10 +54,8 @@ class ImageItems:
 
     def __call__(self, image):
         from mmhpc.engine.sequence import MMItem
-        from mmhpc.multimodal.processor import fast_pixel_values, image_hash
-        fast = fast_pixel_values(self.proc, image) if self.family == "llava" else None
-        out = {"pixel_values": fast} if fast is not None else \
-            self.proc(images=image, return_tensors="pt")
+        from mmhpc.multimodal.processor import image_hash, preprocess_image
+        out = preprocess_image(self.proc, image, self.family)
         pv = out["pixel_values"]
         h = image_hash(image)                   # as the server's processor: the decoded RGB
         if self.family == "llava":

@@ -133,20 +133,29 @@ def fast_pixel_values(image_processor, image):
             0, 256, (image.height, image.width, 3), dtype=np.uint8))
         ref = ip(images=[probe], return_tensors="pt")["pixel_values"]
         x = _rgb_array(probe)
-        formula = next((f for f in _FORMULAS if torch_equal(_chw(f(x, ip)), ref)), None)
+        formula = next((f for f in _FORMULAS if _torch_equal(_chw(f(x, ip)), ref)), None)
         ip._mmhpc_pixel_formula = formula
         if formula is not None:
             byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)    # [256, 3]
             ip._mmhpc_pixel_lut = formula(byte, ip)
-            assert torch_equal(_apply_lut(ip._mmhpc_pixel_lut, x), ref)
+            assert _torch_equal(_apply_lut(ip._mmhpc_pixel_lut, x), ref)
     if formula is None:
         return None
     return _apply_lut(ip._mmhpc_pixel_lut, _rgb_array(image))
 
 
-def torch_equal(a, b) -> bool:
+def _torch_equal(a, b) -> bool:
     import torch
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def preprocess_image(image_processor, image, family: str) -> dict:
+    """The processor's outputs for one image (pixel_values, and image_grid_thw for Qwen2-VL),
+    through `fast_pixel_values` where it applies."""
+    fast = fast_pixel_values(image_processor, image) if family == "llava" else None
+    if fast is not None:
+        return {"pixel_values": fast}
+    return image_processor(images=[image], return_tensors="pt")
 
 
 class InputProcessor:
@@ -231,9 +240,7 @@ class InputProcessor:
         return h // self.patch_size, w // self.patch_size
 
     def _image_item(self, image) -> MMItem:
-        fast = fast_pixel_values(self.image_processor, image) if self.family == "llava" else None
-        out = {"pixel_values": fast} if fast is not None else \
-            self.image_processor(images=[image], return_tensors="pt")
+        out = preprocess_image(self.image_processor, image, self.family)
         pixel_values = out["pixel_values"]
         if self.family == "llava":
             # pixel_values: [1, 3, H, W]
