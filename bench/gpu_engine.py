@@ -11,7 +11,6 @@ import statistics
 import sys
 import time
 import traceback
-from types import SimpleNamespace
 
 import torch
 
@@ -519,7 +518,8 @@ def _():
 
 @part("offline_ab")
 def _():
-    """mmhpc alone (no HF), preprocessing first vs overlapped, decode ahead on/off."""
+    """mmhpc alone (no HF): $AB_VARIANTS, comma-separated "mode:ahead:seqs:tokens:extra" where
+    extra joins with "+" CLI flags (--flag=value) and MMHPC_* environment settings."""
     from mmhpc.bench import offline
     import argparse
     res = R.setdefault("offline_ab", {})
@@ -529,7 +529,11 @@ def _():
         .split(",")]
     for mode, ahead, seqs, mnbt, extra in variants:
         os.environ["MMHPC_DECODE_AHEAD"] = ahead
-        flags = [x for f in extra.split("+") if f for x in f.split("=", 1)]
+        envs = dict(f.split("=", 1) for f in extra.split("+") if f.startswith("MMHPC_"))
+        saved = {name: os.environ.get(name) for name in envs}
+        os.environ.update(envs)
+        flags = [x for f in extra.split("+") if f and not f.startswith("MMHPC_")
+                 for x in f.split("=", 1)]
         p = argparse.ArgumentParser()
         offline.add_args(p)
         args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
@@ -537,7 +541,14 @@ def _():
                              "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
                              str(seqs), "--max-num-batched-tokens", str(mnbt),
                              "--preprocess", mode] + flags)
-        m = offline.run(args)["mmhpc"]
+        try:
+            m = offline.run(args)["mmhpc"]
+        finally:
+            for name, val in saved.items():
+                if val is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = val
         key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}{extra}"
         key += "_again" if key in res else ""
         res[key] = {k: m[k] for k in ("total_s", "steps", "output_tokens_per_s",
@@ -545,6 +556,25 @@ def _():
         print(key, res[key], flush=True)
         save()
     os.environ["MMHPC_DECODE_AHEAD"] = "1"
+
+
+def _sweep(call, ref, axes, work, iters):
+    """Time `call(**cfg)` over the product of `axes` [(tag, kwarg, values)]; rows keyed like
+    "m64_n32_w4_st4": (us, work / ms, max |out - ref|), or the error text of a failed config."""
+    import itertools
+    rows = {}
+    for combo in itertools.product(*(vals for _, _, vals in axes)):
+        key = "_".join(f"{tag}{v}" for (tag, _, _), v in zip(axes, combo))
+        cfg = {name: v for (_, name, _), v in zip(axes, combo)}
+        f = lambda: call(**cfg)  # noqa: E731
+        try:
+            err = float((f().float() - ref.float()).abs().max())
+            ms = cuda_time(f, iters)
+        except Exception as e:  # noqa: BLE001
+            rows[key] = str(e)[:80]
+            continue
+        rows[key] = (round(ms * 1e3, 1), round(work / ms, 3), err)
+    return rows
 
 
 @part("attn_tune")
@@ -628,13 +658,15 @@ def _():
 
 @part("pattn_tune")
 def _():
-    """Prefill attention at the offline run's shape (13 fresh prompts of 617 tokens, LLaVA-7B
-    heads): the paged varlen kernel's (block_m, block_n, warps, stages), vs SDPA (flash) on
-    the same q/k/v as a padded batch."""
+    """Prefill attention at the offline run's shape (a 16,384-token step: 26 fresh prompts of
+    617 tokens, LLaVA-7B heads): the varlen kernel's (block_m, block_n, warps, stages), the
+    previous kernel (every key from the paged cache; $PATTN_OLD names its file) at its
+    default, and SDPA (flash, cuDNN) on the same q/k/v as a padded batch. Then a chunk after a
+    cached prefix and a mixed step (decode rows + chunks) at the default config."""
     from mmhpc.kernels.paged_attention import paged_prefill_attention, write_kv
     F = torch.nn.functional
     res = R.setdefault("pattn_tune", {})
-    H, D, bs, nblocks, B, L = 32, 128, 16, 7000, 13, 617
+    H, D, bs, nblocks, B, L = 32, 128, 16, 7000, 26, 617
     T = B * L
     kv = torch.zeros(2, nblocks, H, bs, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -645,12 +677,24 @@ def _():
     cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
     lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
     tflop = 4 * B * (L * L / 2) * H * D / 1e12
-    ref = paged_prefill_attention(q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L)
+    qb, kb, vb = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qb.float(), kb.float(), vb.float(), is_causal=True)
+    ref = ref.transpose(1, 2).reshape(T, H, D)
     rows = _sweep(lambda **cfg: paged_prefill_attention(
         q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L, **cfg), ref,
         [("m", "block_m", (64, 128)), ("n", "block_n", (32, 64, 128)),
          ("w", "num_warps", (4, 8)), ("st", "num_stages", (2, 3, 4))], tflop * 1e3, 10)
-    qb, kb, vb = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
+    old = os.environ.get("PATTN_OLD")
+    if old and os.path.exists(old):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("old_pattn", old)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        rows.update({f"old_{kk}": vv for kk, vv in _sweep(
+            lambda **cfg: mod.paged_prefill_attention(
+                q, k, v, cu, kv, tables, lens, D ** -0.5, max_seqlen_q=L, **cfg), ref,
+            [("m", "block_m", (64,)), ("n", "block_n", (32,)), ("w", "num_warps", (4,)),
+             ("st", "num_stages", (4,))], tflop * 1e3, 10).items()})
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         with sdpa_kernel([be]):
@@ -659,21 +703,12 @@ def _():
             ms = cuda_time(f, 10)
             rows[f"sdpa_{name}"] = (round(ms * 1e3, 1), round(tflop / ms * 1e3, 1),
                                     float((o.float() - ref.float()).abs().max()))
-    try:
-        fa = torch.ops.aten._flash_attention_forward
-        f = lambda: fa(q, k, v, cu, cu, L, L, 0.0, True, False, scale=D ** -0.5)  # noqa: E731
-        o = f()[0]
-        ms = cuda_time(f, 10)
-        rows["flash_varlen"] = (round(ms * 1e3, 1), round(tflop / ms * 1e3, 1),
-                                float((o.float() - ref.float()).abs().max()))
-    except Exception as e:  # noqa: BLE001
-        rows["flash_varlen"] = repr(e)[:200]
     best = sorted(((kk, vv) for kk, vv in rows.items() if isinstance(vv, tuple)),
                   key=lambda x: x[1][0])
-    res.update({"TFLOP": round(tflop, 4), "default": rows.get("m64_n64_w4_st2"),
+    res.update({"TFLOP": round(tflop, 4), "default": rows.get("m64_n32_w4_st4"),
                 "best8": best[:8], "all": rows})
-    print("prefill attention default", rows.get("m64_n64_w4_st2"), "best", best[:8],
-          rows.get("flash_varlen"), rows.get("sdpa_flash"), flush=True)
+    print("prefill attention default", rows.get("m64_n32_w4_st4"), "old",
+          rows.get("old_m64_n32_w4_st4"), "best", best[:8], flush=True)
 
 
 @part("gaps")
@@ -733,9 +768,19 @@ def _():
                 eng.step()
             ts.append(round((time.perf_counter() - t) * 1e3, 1))
         torch.cuda.synchronize()
+    idle = _gpu_idle(prof)
+    R["gaps"] = {"step_ms": ts, **idle}
+    print(json.dumps(R["gaps"], indent=1)[:6000], flush=True)
+    del eng
+
+
+def _gpu_idle(prof, min_gap_us: float = 50) -> dict:
+    """From a CPU + CUDA profile: GPU busy vs span, and each GPU idle interval over
+    `min_gap_us` attributed to the "ph:" annotations and the host ops running during it."""
     path = "/tmp/trace_gaps.json"
     prof.export_chrome_trace(path)
     ev = json.load(open(path))["traceEvents"]
+    os.remove(path)
     busy = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
                   and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     merged = []
@@ -745,7 +790,7 @@ def _():
         else:
             merged.append([a, b])
     gaps = [(merged[i][1], merged[i + 1][0]) for i in range(len(merged) - 1)
-            if merged[i + 1][0] - merged[i][1] > 50]
+            if merged[i + 1][0] - merged[i][1] > min_gap_us]
     ann = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
            and e.get("cat") == "user_annotation" and e["name"].startswith("ph:")]
     ops = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("ph") == "X"
@@ -753,8 +798,8 @@ def _():
 
     def overlap(a, b, items_):
         out: dict = {}
-        for name, s, e in items_:
-            o = min(b, e) - max(a, s)
+        for name, s_, e_ in items_:
+            o = min(b, e_) - max(a, s_)
             if o > 0:
                 out[name] = out.get(name, 0) + o
         return out
@@ -770,13 +815,10 @@ def _():
                            reverse=True)[:6]))
     busy_ms = sum(b - a for a, b in merged) / 1e3
     span_ms = (merged[-1][1] - merged[0][0]) / 1e3 if merged else 0
-    R["gaps"] = {"step_ms": ts, "gpu_busy_ms": round(busy_ms, 1), "gpu_span_ms": round(span_ms, 1),
-                 "idle_ms_by_phase (nested phases overlap)": {k: round(v / 1e3, 2)
-                                                              for k, v in by_phase.items()},
-                 "biggest_gaps": sorted(big, key=lambda x: -x[0])[:20]}
-    print(json.dumps(R["gaps"], indent=1)[:6000], flush=True)
-    os.remove(path)
-    del eng
+    return {"gpu_busy_ms": round(busy_ms, 1), "gpu_span_ms": round(span_ms, 1),
+            "idle_ms_by_phase (nested phases overlap)": {k: round(v / 1e3, 2)
+                                                         for k, v in by_phase.items()},
+            "biggest_gaps": sorted(big, key=lambda x: -x[0])[:20]}
 
 
 @part("gemm128")
@@ -850,6 +892,20 @@ def _():
         r[f"vit_mmhpc_{backend}_ms"] = round(cuda_time(
             lambda: model.encode([MMItem("x", 0, it.num_tokens, it.grid_thw, px)]), 10), 3)
     os.environ["MMHPC_VIT_SDPA"] = "auto"
+    enc = lambda: model.encode([MMItem("x", 0, it.num_tokens, it.grid_thw, px)])  # noqa: E731
+    pe = model.visual.patch_embed
+    fast_pe = pe.__dict__.pop("forward", None)          # HF's Conv3d patch embedding
+    r["vit_mmhpc_auto_conv3d_patch_embed_ms"] = round(cuda_time(enc, 10), 3)
+    if fast_pe is not None:
+        pe.forward = fast_pe
+    r["vit_mmhpc_auto_again_ms"] = round(cuda_time(enc, 10), 3)
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        enc()
+        torch.cuda.synchronize()
+    r["vit_idle"] = _gpu_idle(prof, 20)
+    print(json.dumps(r["vit_idle"], indent=1)[:3000], flush=True)
     vis = m.Qwen2VLVisionModel if hasattr(m, "Qwen2VLVisionModel") else \
         m.Qwen2VisionTransformerPretrainedModel
     with torch.device("cuda"):
@@ -862,7 +918,6 @@ def _():
     r["vit_flops_T"] = round(flops / 1e12, 2)
     r["vit_flop_floor_ms"] = round(flops / (R.get("matmul_TFLOPs", 790) * 1e9), 3)
     print(r, flush=True)
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.encode([MMItem("x", 0, it.num_tokens, it.grid_thw, px)])
         torch.cuda.synchronize()

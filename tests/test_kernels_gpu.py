@@ -87,8 +87,8 @@ def check_prefill(impl, device, dtype, num_heads, num_kv_heads, head_dim, chunks
     kv, tables = _paged(lens, num_kv_heads, head_dim, dtype, device)
     num_tokens = sum(c for c, _ in chunks)
     q = torch.randn(num_tokens, num_heads, head_dim, device=device).to(dtype)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
+    kv_rows = torch.randn(num_tokens, 2, num_kv_heads, head_dim, device=device).to(dtype)
+    k, v = kv_rows[:, 0], kv_rows[:, 1]         # strided rows, as the views of a fused qkv
     slots, cu = [], [0]
     for b, (c, p) in enumerate(chunks):
         for pos in range(p, p + c):

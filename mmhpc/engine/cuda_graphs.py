@@ -140,6 +140,30 @@ class CudaStepRunner:
             b.lens.zero_()
         torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
+    def warm_up(self, num_tokens: int | None = None) -> None:
+        """One prefill step of `num_tokens` (default: the scheduler's token budget) through the
+        eager path, writing and reading no cache (padding slots, no cached prefix): Triton
+        compiles, cuBLAS picks its kernels and the allocator grows to the largest step now, at
+        start-up, instead of inside the first real steps; a budget that does not fit the card
+        fails here, before any request. (vLLM's profile run does the same.)"""
+        from mmhpc.engine.model_runner import StepInputs
+        cfg = self.runner.config
+        T = num_tokens or cfg.scheduler.max_num_batched_tokens
+        L = max(1, min(T, cfg.model.max_model_len))
+        T = min(T, L * self.max_bs)                 # a step holds at most max_num_seqs chunks
+        lens = [L] * (T // L) + ([T % L] if T % L else [])
+        qs = [0]
+        for n in lens:
+            qs.append(qs[-1] + n)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        if self.uses_mrope:
+            pos = pos.expand(3, T).contiguous()
+        step = StepInputs([0] * T, pos, [-1] * T, qs, lens, [[0]] * len(lens),
+                          [q - 1 for q in qs[1:]])
+        self._eager(step)
+        torch.cuda.synchronize(self.device)
+
     def replay(self, n: int) -> torch.Tensor:
         """Replay the decode step of graph size n (its pieces in order); returns its logits."""
         for g in self.graphs[n]:

@@ -159,8 +159,10 @@ class FastDecoder:
 # builds a plan per new shape, ~45 ms of host time on an H100, while flash needs none. With
 # `MMHPC_VIT_SDPA=auto` (default) a shape runs on flash until it has recurred often enough to
 # repay a plan (a fixed batch size, a common image size), or at once when one call is large
-# (a ~1080p Qwen2-VL image: ~0.6 TFLOP a layer, cuDNN saves ~25 ms an image).
-_CUDNN_AFTER_CALLS = 100                 # ~4 batches of the same shape (23-32 layers each)
+# (a ~1080p Qwen2-VL image: ~0.6 TFLOP a layer, cuDNN saves ~25 ms an image). The offline
+# bench's in-step CLIP batches (~26 images, each size recurring ~10 times) paid plans at
+# 100 calls: 9.82 vs 9.67 s with flash only (bench/RESULTS.md), hence 1000.
+_CUDNN_AFTER_CALLS = 1000                # ~40 batches of the same shape (23-32 layers each)
 _CUDNN_AT_FLOPS = 2e11
 _shape_calls: dict[tuple, int] = {}
 
@@ -280,6 +282,23 @@ def prepare_vision(model) -> None:
             layer.forward = _clip_layer_forward(layer, isinstance(probe, tuple))
     visual = getattr(model, "visual", None)
     if visual is not None:
+        _patch_embed_as_matmul(visual.patch_embed)
         cache: dict = {}
         for block in visual.blocks:
             block.forward = _qwen_block_forward(block, cache)
+
+
+def _patch_embed_as_matmul(pe) -> None:
+    """Qwen2-VL's patch embedding is a Conv3d whose kernel equals its stride over a patch that
+    arrives already flattened: one GEMM with the weight viewed [C_out, C_in*T*P*P]. (cuDNN ran
+    it as a generic implicit-GEMM convolution: 1.4 ms for a 1080p image on an H100.)"""
+    proj = getattr(pe, "proj", None)
+    if not isinstance(proj, torch.nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride) \
+            or any(proj.padding) or proj.groups != 1:
+        return
+    w = proj.weight.view(proj.out_channels, -1)
+    b = proj.bias
+
+    def forward(hidden_states):
+        return F.linear(hidden_states.reshape(-1, w.shape[1]).to(w.dtype), w, b)
+    pe.forward = forward

@@ -54,6 +54,7 @@ class ModelRunner:
                 from mmhpc.engine.cuda_graphs import CudaStepRunner
                 self.cuda_steps = CudaStepRunner(self)
                 self.cuda_steps.capture()
+                self.cuda_steps.warm_up()
                 if tp_size == 1:            # TP followers could not follow a step run ahead
                     self.launch_ahead = self.cuda_steps.launch_ahead
 

@@ -191,27 +191,44 @@ def paged_decode_attention(q: torch.Tensor, kv_cache_layer: torch.Tensor,
 
 
 @triton.jit
+def _attend_tile(q, k, v, m_i, l_i, acc, mask, scale_log2, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One online-softmax step of a query tile over one key tile."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        qk = tl.where(mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, lens_ptr, out_ptr, scale_log2,
-    stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, lens_ptr, out_ptr, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kb, stride_kch, stride_kct,
+    stride_vb, stride_vch, stride_vct,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program: BLOCK_M queries of one sequence's chunk, one query head.
-    mt = tl.program_id(0)
+    # One program: BLOCK_M queries of one sequence's chunk, one query head; the last (longest)
+    # query tiles are launched first. Keys in three runs: the cached prefix (paged, masked at
+    # its end), the chunk's keys before this tile (this step's k/v rows: no mask), the tile's
+    # diagonal (causal mask).
+    mt = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_ptr + b)
     q_len = tl.load(cu_ptr + b + 1) - q_start
     m0 = mt * BLOCK_M
     if m0 < q_len:
-        ctx = tl.load(lens_ptr + b)
-        prior = ctx - q_len
-        kvh = h // GROUP
+        prior = tl.load(lens_ptr + b) - q_len
+        kvh = (h // GROUP).to(tl.int64)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
@@ -220,34 +237,47 @@ def _prefill_kernel(
         tok = (q_start + offs_m).to(tl.int64)
         q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        pos = prior + offs_m                                   # absolute position of each query
-        end = tl.minimum(prior + m0 + BLOCK_M, ctx)
-
         m_i = tl.full([BLOCK_M], _NEG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-        v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+
+        kc_base = kc_ptr + kvh * stride_kch
+        vc_base = vc_ptr + kvh * stride_vch
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        for n0 in range(0, end, BLOCK_N):
+        for n0 in range(0, prior, BLOCK_N):                    # the cached prefix
             n = n0 + offs_n
-            n_mask = n < end
+            n_mask = n < prior
             page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             within = n % BLOCK_SIZE
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + page[:, None] * stride_kb + within[:, None] * stride_kt
+            k = tl.load(kc_base + page[:, None] * stride_kb + within[:, None] * stride_kct
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + page[:, None] * stride_vb + within[:, None] * stride_vt
+            v = tl.load(vc_base + page[:, None] * stride_vb + within[:, None] * stride_vct
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            causal = (n[None, :] <= pos[:, None]) & n_mask[None, :]
-            qk = tl.where(causal, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, n_mask[None, :], scale_log2,
+                                         DOT_PRECISION, True)
+
+        k_base = k_ptr + kvh * stride_kh + q_start.to(tl.int64) * stride_kt
+        v_base = v_ptr + kvh * stride_vh + q_start.to(tl.int64) * stride_vt
+        for j0 in range(0, m0, BLOCK_N):                       # chunk keys before the tile
+            j = (j0 + offs_n).to(tl.int64)
+            k = tl.load(k_base + j[:, None] * stride_kt + offs_d[None, :],
+                        mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_vt + offs_d[None, :],
+                        mask=d_mask[None, :], other=0.0)
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, scale_log2,
+                                         DOT_PRECISION, False)
+        for j0 in range(m0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):   # the diagonal
+            j = j0 + offs_n
+            j_mask = j < q_len
+            kv_mask = j_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + j.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_base + j.to(tl.int64)[:, None] * stride_vt + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            causal = (j[None, :] <= offs_m[:, None]) & j_mask[None, :]
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, causal, scale_log2,
+                                         DOT_PRECISION, True)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -261,14 +291,17 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             block_n: int | None = None, num_warps: int = 4,
                             num_stages: int | None = None) -> torch.Tensor:
     """Causal attention for variable-length chunks whose earlier tokens are already cached.
-    q: [T, Hq, D]; cu_seqlens_q: [B+1] int32; context_lens: [B] int32, keys per sequence INCLUDING
-    this chunk. The chunk's k/v ([T, Hkv, D]) must already be in the cache (`write_kv` first);
-    the kernel reads every key from the cache. max_seqlen_q: host bound on the chunk lengths
-    (computed with a device sync when omitted)."""
+    q: [T, Hq, D]; k, v: [T, Hkv, D], this chunk's keys and values (rows may be strided, e.g.
+    views of a fused qkv); cu_seqlens_q: [B+1] int32; context_lens: [B] int32, keys per
+    sequence INCLUDING this chunk. The cached prefix (context_lens - chunk length) is read from
+    the paged cache, the chunk's own keys from k/v (they must also be written to the cache,
+    `write_kv`, for later steps). max_seqlen_q: host bound on the chunk lengths (computed with
+    a device sync when omitted)."""
     _check_cache(q, kv_cache_layer)
     num_tokens, num_heads, head_dim = q.shape
     batch = context_lens.shape[0]
     _, _, num_kv_heads, block_size, _ = kv_cache_layer.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
     if out is None:
         out = torch.empty_like(q)
     if max_seqlen_q is None:
@@ -277,15 +310,17 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     block_d = triton.next_power_of_2(head_dim)
     big = q.dtype == torch.float32 or block_d > 128
-    # bf16, head_dim 128, 13 x 617 fresh tokens on an H100: (64, 32, 4 stages) 283 us vs
-    # (64, 64, 2) 312 us (bench/gpu_engine.py pattn_tune)
-    bm, bn, stages = (32, 32, 2) if big else (64, 32, 4)
+    # bf16, head_dim 128, 26 x 617 fresh tokens on an H100 (bench/gpu_engine.py pattn_tune):
+    # (64, 32, 3 stages) 408 us; 4 stages 524; the previous kernel (all keys paged) 571
+    bm, bn, stages = (32, 32, 2) if big else (64, 32, 3)
     block_m, block_n, num_stages = block_m or bm, block_n or bn, num_stages or stages
+    assert block_m % block_n == 0, "block_n must divide block_m"
     k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, scale * _LOG2E,
-        q.stride(0), q.stride(1),
+        q, k, v, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
