@@ -161,8 +161,14 @@ class CudaStepRunner:
             pos = pos.expand(3, T).contiguous()
         step = StepInputs([0] * T, pos, [-1] * T, qs, lens, [[0]] * len(lens),
                           [q - 1 for q in qs[1:]])
-        self._eager(step)
-        torch.cuda.synchronize(self.device)
+        try:
+            self._eager(step)
+            torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"a prefill step of {T} tokens does not fit on the GPU next to the KV cache "
+                f"({self.runner.num_blocks} blocks): lower scheduler.max_num_batched_tokens or "
+                f"cache.gpu_memory_utilization") from e
 
     def replay(self, n: int) -> torch.Tensor:
         """Replay the decode step of graph size n (its pieces in order); returns its logits."""
