@@ -551,8 +551,8 @@ def _():
                     os.environ[name] = val
         key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}{extra}"
         key += "_again" if key in res else ""
-        res[key] = {k: m[k] for k in ("total_s", "steps", "output_tokens_per_s",
-                                      "steps_by_kind")}
+        res[key] = {k: m.get(k) for k in ("total_s", "steps", "output_tokens_per_s",
+                                          "steps_by_kind", "gc")}
         print(key, res[key], flush=True)
         save()
     os.environ["MMHPC_DECODE_AHEAD"] = "1"

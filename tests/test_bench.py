@@ -27,7 +27,9 @@ def test_offline_qwen2_vl(tmp_path):
     main(["offline", "--model", "tiny:qwen2_vl", "--num-requests", "3", "--image-size", "56x84",
           "--images-per-request", "2", "--prompt-len", "3", "--output-len", "3",
           "--json", str(out)])
-    assert json.loads(out.read_text())["mmhpc"]["num_output_tokens"] == 9
+    res = json.loads(out.read_text())["mmhpc"]
+    assert res["num_output_tokens"] == 9
+    assert len(res["gc"]["collections"]) == 3 and res["gc"]["seconds"] >= 0
 
 
 def test_metrics_definitions():

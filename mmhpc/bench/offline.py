@@ -147,6 +147,7 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     while engine.has_unfinished_requests():
         engine.step()
     sync()
+    gc_timer = _GcTimer()
     t0 = time.perf_counter()
     waiting = deque(requests)
     num_prompt = num_out = steps = 0
@@ -167,10 +168,16 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     with prof, PreprocessFeed(lambda r: [images(im) for im in r.images], requests,
                               args.preprocess_workers) as feed:
         while feed or engine.has_unfinished_requests():
-            # hand over every request whose images are ready; wait only when the engine idles
-            # (or, with --preprocess first, for all of them before the first step)
-            block = args.preprocess == "first" or not engine.has_unfinished_requests()
-            for its in (_take_all(feed) if args.preprocess == "first" else feed.take(block)):
+            # hand over every request whose images are ready; when the engine idles, wait for
+            # a step's worth of tokens (or, with --preprocess first, for all of them)
+            if args.preprocess == "first":
+                ready = _take_all(feed)
+            elif engine.has_unfinished_requests():
+                ready = feed.take()
+            else:
+                ready = _take_tokens(feed, config.scheduler.max_num_batched_tokens,
+                                     [len(r.text_ids) for r in waiting])
+            for its in ready:
                 r = waiting.popleft()
                 ids = build_prompt(its, r.text_ids, images.image_token_id)
                 num_prompt += len(ids)
@@ -191,6 +198,7 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
         sync()
         t1 = time.perf_counter()        # before the profiler's exit (it flushes for ~1 s)
     total = t1 - t0
+    gc_stats = gc_timer.close()
     res = dict(engine="mmhpc", max_num_seqs=config.scheduler.max_num_seqs,
                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                num_requests=len(requests), num_prompt_tokens=num_prompt,
@@ -201,6 +209,7 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
                requests_per_s=round(len(requests) / total, 3),
                mean_ttft_s=round(sum(first.values()) / max(1, len(first)), 3),
                num_blocks=runner.num_blocks, num_preemptions=engine.num_preemptions,
+               gc=gc_stats,
                steps_by_kind={k: dict(steps=v[0], seconds=round(v[1], 3), tokens=v[2])
                               for k, v in step_times.items()})
     if args.profile_dir:
@@ -210,6 +219,31 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+class _GcTimer:
+    """Pauses of Python's cyclic garbage collector while alive (all threads): count per
+    generation, total and longest pause."""
+
+    def __init__(self):
+        self.count = [0, 0, 0]
+        self.total = self.longest = 0.0
+        self._t = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            dt = time.perf_counter() - self._t
+            self.count[info["generation"]] += 1
+            self.total += dt
+            self.longest = max(self.longest, dt)
+
+    def close(self) -> dict:
+        gc.callbacks.remove(self._cb)
+        return dict(collections=self.count, seconds=round(self.total, 4),
+                    longest_ms=round(self.longest * 1e3, 2))
 
 
 class _StepProfiler:
@@ -313,6 +347,18 @@ def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int],
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _take_tokens(feed, budget: int, text_lens: list[int]) -> list:
+    """Wait for the next results until they hold `budget` tokens (images + text, the i-th
+    result's text being text_lens[i]) or the feed is done."""
+    out, tokens = [], 0
+    while feed and tokens < budget:
+        got = feed.take(block=True)
+        for its in got:
+            tokens += sum(it.num_tokens for it in its) + text_lens[len(out)]
+            out.append(its)
+    return out
 
 
 def _take_all(feed) -> list:
