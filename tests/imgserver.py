@@ -89,8 +89,10 @@ def http(method: str, url: str, body: bytes | dict | None = None, timeout: float
         conn.close()
 
 
-def stream_lines(url: str, body: dict, max_lines: int, timeout: float = 60.0) -> list[str]:
-    """POST a streaming request, read `max_lines` SSE data lines, then drop the connection."""
+def stream_lines(url: str, body: dict, max_lines: int, timeout: float = 60.0,
+                 before_close=None) -> list[str]:
+    """POST a streaming request, read `max_lines` SSE data lines, call `before_close()` (still
+    connected), then drop the connection."""
     import http.client
     import json
     from urllib.parse import urlsplit
@@ -108,6 +110,8 @@ def stream_lines(url: str, body: dict, max_lines: int, timeout: float = 60.0) ->
                 break
             if line.startswith(b"data:"):
                 lines.append(line.decode().strip())
+        if before_close is not None:
+            before_close()
     finally:
         conn.sock and conn.sock.close()
         conn.close()
