@@ -153,7 +153,7 @@ def build_engine(path, max_num_seqs=256, **kw):
     cfg = Config.from_dict({"model": {"path": path, "random_weights": True, "dtype": "bfloat16",
                                       "max_model_len": kw.get("max_model_len", 4096)},
                             "scheduler": {"max_num_seqs": max_num_seqs,
-                                          "max_num_batched_tokens": 8192},
+                                          "max_num_batched_tokens": kw.get("tokens", 8192)},
                             "cache": kw.get("cache", {})})
     t = time.perf_counter()
     eng = LLMEngine(cfg, processor=_StubProcessor([2]))
@@ -639,17 +639,19 @@ def _():
 @part("offline_prof")
 def _():
     """The offline run (mmhpc alone) under the profiler: GPU kernel time vs wall, per kind of
-    step, preprocessing first and overlapped."""
+    step, preprocessing first and overlapped ($PROF_MODES). $PROF_OUTPUT_LEN=1 profiles the
+    prefill steps alone."""
     from mmhpc.bench import offline
     import argparse
+    out_len = os.environ.get("PROF_OUTPUT_LEN", "128")
     for mode in os.environ.get("PROF_MODES", "first,overlap").split(","):
         p = argparse.ArgumentParser()
         offline.add_args(p)
         args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
                              "bfloat16", "--num-requests", "256", "--image-size", "336",
-                             "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
-                             "128", "--preprocess", mode,
-                             "--profile-dir", os.path.join(OUT, f"offline_prof_{mode}")])
+                             "--prompt-len", "40", "--output-len", out_len, "--max-num-seqs",
+                             "128", "--preprocess", mode, "--profile-dir",
+                             os.path.join(OUT, f"offline_prof_{mode}_out{out_len}")])
         m = offline.run(args)["mmhpc"]
         R.setdefault("offline_prof", {})[mode] = m
         print(mode, json.dumps(m, indent=1)[:4000], flush=True)
@@ -723,9 +725,11 @@ def _():
     from mmhpc.engine.sequence import SamplingParams
     from mmhpc.models import load_hf_config
     from mmhpc.models.arch import arch_dir
-    eng = build_engine("arch:llava-1.5-7b", 128)
+    tokens = int(os.environ.get("GAPS_TOKENS", "16384"))
+    eng = build_engine("arch:llava-1.5-7b", 128, tokens=tokens)
     items = ImageItems(arch_dir("arch:llava-1.5-7b"), load_hf_config("arch:llava-1.5-7b"))
-    reqs = make_requests(80, [(336, 336)], 1, 40, 4, (100, 20000), 0, (items.image_token_id,))
+    reqs = make_requests(26 + 4 * (tokens // 600), [(336, 336)], 1, 40, 4, (100, 20000), 0,
+                         (items.image_token_id,))
     prepped = [(r, [items(im) for im in r.images]) for r in reqs]
 
     def add(rs):

@@ -143,10 +143,12 @@ class CudaStepRunner:
     @torch.inference_mode()
     def warm_up(self, num_tokens: int | None = None) -> None:
         """One prefill step of `num_tokens` (default: the scheduler's token budget) through the
-        eager path, writing and reading no cache (padding slots, no cached prefix): Triton
-        compiles, cuBLAS picks its kernels and the allocator grows to the largest step now, at
-        start-up, instead of inside the first real steps; a budget that does not fit the card
-        fails here, before any request. (vLLM's profile run does the same.)"""
+        eager path, writing and reading no cache (padding slots, no cached prefix), then the
+        vision tower on blank images filling that budget (`model.warm_up_items`): Triton
+        compiles, cuBLAS picks its kernels, the allocator and the pinned staging buffer grow to
+        the largest step now, at start-up, instead of inside the first real steps; a budget
+        that does not fit the card fails here, before any request. (vLLM's profile run does
+        the same.)"""
         from mmhpc.engine.model_runner import StepInputs
         cfg = self.runner.config
         T = num_tokens or cfg.scheduler.max_num_batched_tokens
@@ -161,8 +163,11 @@ class CudaStepRunner:
             pos = pos.expand(3, T).contiguous()
         step = StepInputs([0] * T, pos, [-1] * T, qs, lens, [[0]] * len(lens),
                           [q - 1 for q in qs[1:]])
+        items = getattr(self.model, "warm_up_items", None)
         try:
             self._eager(step)
+            if items is not None:       # the vision tower at a step's largest image batch
+                self.runner.encode(items(T))
             torch.cuda.synchronize(self.device)
         except torch.OutOfMemoryError as e:
             raise RuntimeError(

@@ -66,6 +66,18 @@ class LlavaForCausalLM(nn.Module):
         embeds = self.multi_modal_projector(torch.cat(feats, dim=-1))   # [N, tokens, hidden]
         return list(embeds.unbind(0))
 
+    def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:
+        """Blank images (the tower's input size) filling `max_tokens` placeholder tokens: the
+        engine encodes them once at start-up (a step's largest vision batch)."""
+        from mmhpc.engine.sequence import MMItem
+        vc = self.config.vision_config
+        side = vc.image_size
+        tokens = (side // vc.patch_size) ** 2
+        if self.config.vision_feature_select_strategy != "default":
+            tokens += 1                                              # CLS kept
+        n = max(1, min(max_items, max_tokens // tokens))
+        return [MMItem("warm-up", 0, tokens, None, torch.zeros(3, side, side)) for _ in range(n)]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
         return self.language_model(input_ids, positions, meta, kv_cache, mm_embeds)

@@ -85,6 +85,18 @@ class Qwen2VLForCausalLM(nn.Module):
         sizes = (grid.prod(-1) // self.config.vision_config.spatial_merge_size ** 2).tolist()
         return list(embeds.split(sizes))
 
+    def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:
+        """Blank 336 x 336 px images (24 x 24 patches) filling `max_tokens` placeholder tokens:
+        the engine encodes them once at start-up."""
+        from mmhpc.engine.sequence import MMItem
+        vc = self.config.vision_config
+        merge, side = vc.spatial_merge_size, 24
+        tokens = side * side // merge ** 2
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        n = max(1, min(max_items, max_tokens // tokens))
+        return [MMItem("warm-up", 0, tokens, (1, side, side), torch.zeros(side * side, width))
+                for _ in range(n)]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
         return self.language_model(input_ids, positions, meta, kv_cache, mm_embeds)
