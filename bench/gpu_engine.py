@@ -530,8 +530,6 @@ def _():
     for mode, ahead, seqs, mnbt, extra in variants:
         os.environ["MMHPC_DECODE_AHEAD"] = ahead
         envs = dict(f.split("=", 1) for f in extra.split("+") if f.startswith("MMHPC_"))
-        saved = {name: os.environ.get(name) for name in envs}
-        os.environ.update(envs)
         flags = [x for f in extra.split("+") if f and not f.startswith("MMHPC_")
                  for x in f.split("=", 1)]
         p = argparse.ArgumentParser()
@@ -541,14 +539,8 @@ def _():
                              "--prompt-len", "40", "--output-len", "128", "--max-num-seqs",
                              str(seqs), "--max-num-batched-tokens", str(mnbt),
                              "--preprocess", mode] + flags)
-        try:
+        with offline.env_set(envs):
             m = offline.run(args)["mmhpc"]
-        finally:
-            for name, val in saved.items():
-                if val is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = val
         key = f"{mode}_ahead{ahead}_seqs{seqs}_tokens{mnbt}{extra}"
         key += "_again" if key in res else ""
         res[key] = {k: m.get(k) for k in ("total_s", "steps", "output_tokens_per_s",

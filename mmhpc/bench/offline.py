@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -313,15 +314,11 @@ def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int],
     (e.g. MMHPC_FAST_PATH=0). Returns every request's greedy tokens, in order, and the CUDA
     runner's (decode-ahead hits, misses) or None. The check of the CUDA fast path against the
     plain-torch path (tests/test_engine_gpu.py, bench/gpu_engine.py)."""
-    import os
     from mmhpc.config import Config
     from mmhpc.engine.engine import LLMEngine
     from mmhpc.engine.sequence import SamplingParams
     from mmhpc.tools.tiny import tiny_checkpoint
-    env = env or {}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with env_set(env or {}):
         path = tiny_checkpoint(family)
         cfg = Config.from_dict({"model": {"path": str(path), "dtype": "float32",
                                           "max_model_len": 512},
@@ -341,6 +338,16 @@ def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int],
         cs = eng.runner.cuda_steps
         stats = (cs.ahead_hits, cs.ahead_misses) if cs is not None else None
         return [t for r in reqs for t in out[r.request_id]], stats
+
+
+@contextmanager
+def env_set(env: dict):
+    """Environment variables set for the block, restored (or removed) after it."""
+    import os
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
     finally:
         for k, v in old.items():
             if v is None:
