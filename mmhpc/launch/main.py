@@ -181,9 +181,11 @@ def _serve_aggregated(config, comm, job, info) -> int:
         from mmhpc.server.engine_client import LocalEngineClient
     except ImportError as e:
         return _fail(f"aggregated serving is not available: {e}")
+    from mmhpc.distributed.group import destroy_tp_group
     tp = start_tp(comm, info, job.host_addr)
     if not tp.is_leader:
         follow(config)
+        destroy_tp_group()      # gloo's threads joined now, not torn down at interpreter exit
         return 0
     engine = LLMEngine(config, device=tp.device)   # a failure here: _run aborts the job
     try:
@@ -192,6 +194,7 @@ def _serve_aggregated(config, comm, job, info) -> int:
                           on_ready=write_url_file))
     finally:
         stop_followers()
+    destroy_tp_group()
     return 0
 
 
