@@ -111,7 +111,13 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             self._add_positions(positions, seq, start, end)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            p = start
+            while p < end:                               # slots, one run per KV block
+                b = p // bs
+                e = min(end, (b + 1) * bs)
+                first = table[b] * bs - b * bs
+                slots.extend(range(first + p, first + e))
+                p = e
             for it in seq.mm_items:                      # placeholder rows inside this chunk
                 lo, hi = max(start, it.offset), min(end, it.offset + it.num_tokens)
                 if lo < hi:
