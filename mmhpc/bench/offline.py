@@ -60,15 +60,11 @@ class ImageItems:
         pv = out["pixel_values"]
         h = image_hash(image)                   # as the server's processor: the decoded RGB
         if self.family == "llava":
-            vc = self.cfg.vision_config
-            n = (pv.shape[-1] // vc.patch_size) * (pv.shape[-2] // vc.patch_size)
-            if self.cfg.vision_feature_select_strategy != "default":
-                n += 1
-            return MMItem(h, 0, n, None, pv)
+            from mmhpc.models.llava import image_tokens
+            return MMItem(h, 0, image_tokens(self.cfg, pv.shape[-2], pv.shape[-1]), None, pv)
+        from mmhpc.models.qwen2_vl import image_tokens
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
-        merge = self.cfg.vision_config.spatial_merge_size
-        n = grid[0] * grid[1] * grid[2] // merge ** 2
-        return MMItem(h, 0, n, grid, pv)
+        return MMItem(h, 0, image_tokens(self.cfg, grid), grid, pv)
 
 
 def build_prompt(items, text_ids: list[int], image_token_id: int) -> list[int]:

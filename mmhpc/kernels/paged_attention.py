@@ -21,6 +21,36 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _attend_tile(q, k, v, m_i, l_i, acc, mask, scale_log2, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One online-softmax step of a query tile over one key tile."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        qk = tl.where(mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_kv(k_base, v_base, bt_row, n, n_mask, offs_d, d_mask, stride_kb, stride_kt,
+              stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
+    """K and V rows of key positions `n` (masked by `n_mask`) of one head, through the
+    sequence's block table row."""
+    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    within = n % BLOCK_SIZE
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + page[:, None] * stride_kb + within[:, None] * stride_kt
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + page[:, None] * stride_vb + within[:, None] * stride_vt
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     scale_log2, partition_size, num_splits,
@@ -66,21 +96,10 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
-        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        within = n % BLOCK_SIZE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + page[:, None] * stride_kb + within[:, None] * stride_kt + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + page[:, None] * stride_vb + within[:, None] * stride_vt + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2   # [G, N]
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v = _paged_kv(k_base, v_base, bt_row, n, n_mask, offs_d, d_mask, stride_kb,
+                         stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, n_mask[None, :], scale_log2,
+                                     DOT_PRECISION, True)
 
     if SPLIT:
         # partials: acc [B, Hq, S, D] (unnormalised), ml [B, Hq, S, 2] (running max in log2 units, sum)
@@ -191,21 +210,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache_layer: torch.Tensor,
 
 
 @triton.jit
-def _attend_tile(q, k, v, m_i, l_i, acc, mask, scale_log2, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr):
-    """One online-softmax step of a query tile over one key tile."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    if MASKED:
-        qk = tl.where(mask, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, lens_ptr, out_ptr, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -247,13 +251,8 @@ def _prefill_kernel(
         for n0 in range(0, prior, BLOCK_N):                    # the cached prefix
             n = n0 + offs_n
             n_mask = n < prior
-            page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            within = n % BLOCK_SIZE
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_base + page[:, None] * stride_kb + within[:, None] * stride_kct
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vc_base + page[:, None] * stride_vb + within[:, None] * stride_vct
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _paged_kv(kc_base, vc_base, bt_row, n, n_mask, offs_d, d_mask, stride_kb,
+                             stride_kct, stride_vb, stride_vct, BLOCK_SIZE)
             m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, n_mask[None, :], scale_log2,
                                          DOT_PRECISION, True)
 

@@ -33,6 +33,13 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def image_tokens(config, height: int, width: int) -> int:
+    """Placeholder tokens of one image of pixel size height x width (the processor's output)."""
+    vc = config.vision_config
+    n = (height // vc.patch_size) * (width // vc.patch_size)
+    return n + (config.vision_feature_select_strategy != "default")     # CLS kept
+
+
 class LlavaForCausalLM(nn.Module):
     uses_mrope = False
 
@@ -70,11 +77,8 @@ class LlavaForCausalLM(nn.Module):
         """Blank images (the tower's input size) filling `max_tokens` placeholder tokens: the
         engine encodes them once at start-up (a step's largest vision batch)."""
         from mmhpc.engine.sequence import MMItem
-        vc = self.config.vision_config
-        side = vc.image_size
-        tokens = (side // vc.patch_size) ** 2
-        if self.config.vision_feature_select_strategy != "default":
-            tokens += 1                                              # CLS kept
+        side = self.config.vision_config.image_size
+        tokens = image_tokens(self.config, side, side)
         n = max(1, min(max_items, max_tokens // tokens))
         return [MMItem("warm-up", 0, tokens, None, torch.zeros(3, side, side)) for _ in range(n)]
 

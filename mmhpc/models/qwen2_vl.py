@@ -59,6 +59,12 @@ def mrope_positions(token_ids, grid_thws, config) -> tuple[torch.Tensor, int]:
     return positions.long(), delta
 
 
+def image_tokens(config, grid_thw) -> int:
+    """Placeholder tokens of one image of `grid_thw` patches (after the spatial merge)."""
+    t, h, w = grid_thw
+    return t * h * w // config.vision_config.spatial_merge_size ** 2
+
+
 class Qwen2VLForCausalLM(nn.Module):
     uses_mrope = True
 
@@ -82,16 +88,15 @@ class Qwen2VLForCausalLM(nn.Module):
         grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
         out = self.visual(pixels, grid_thw=grid)
         embeds = getattr(out, "pooler_output", out)                 # 5.x output vs bare tensor
-        sizes = (grid.prod(-1) // self.config.vision_config.spatial_merge_size ** 2).tolist()
-        return list(embeds.split(sizes))
+        return list(embeds.split([image_tokens(self.config, it.grid_thw) for it in mm_items]))
 
     def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:
         """Blank 336 x 336 px images (24 x 24 patches) filling `max_tokens` placeholder tokens:
         the engine encodes them once at start-up."""
         from mmhpc.engine.sequence import MMItem
         vc = self.config.vision_config
-        merge, side = vc.spatial_merge_size, 24
-        tokens = side * side // merge ** 2
+        side = 24
+        tokens = image_tokens(self.config, (1, side, side))
         width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         n = max(1, min(max_items, max_tokens // tokens))
         return [MMItem("warm-up", 0, tokens, (1, side, side), torch.zeros(side * side, width))
