@@ -64,3 +64,56 @@ def test_not_for_other_processors():
     from mmhpc.models.arch import arch_dir
     proc = AutoImageProcessor.from_pretrained(str(arch_dir("arch:qwen2-vl-7b")))
     assert fast_pixel_values(proc, Image.new("RGB", (336, 336))) is None
+
+
+def test_first_use_from_many_threads():
+    """The server preprocesses in worker threads: while one thread's first call on a fresh
+    processor checks the formula, requests arriving then get the processor's values (CI once
+    saw one read the formula before its table was set: AttributeError, HTTP 500; before the
+    fix this loop failed in ~1 of 4 rounds)."""
+    import sys
+    import threading
+    import time
+    proc = InputProcessor(tiny_checkpoint("llava")).image_processor
+    side = proc.crop_size["height"] if isinstance(proc.crop_size, dict) else proc.crop_size.height
+    im = _images(side, n=1)[0]
+    ref = proc(images=[im], return_tensors="pt")["pixel_values"]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)             # switch threads often: the window is microseconds
+    try:
+        for _ in range(200):
+            fresh = copy_processor(proc)
+            got, errors = [], []
+
+            def late():                     # arrives as soon as the first call is under way
+                stop = time.monotonic() + 30
+                while pixel_formula(fresh) is _UNSET_SEEN and time.monotonic() < stop:
+                    pass
+                try:
+                    got.append(fast_pixel_values(fresh, im))
+                except Exception as e:  # noqa: BLE001 - collected, asserted below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=late) for _ in range(2)]
+            for t in threads:
+                t.start()
+            got.append(fast_pixel_values(fresh, im))
+            for t in threads:
+                t.join()
+            assert not errors, errors
+            assert len(got) == 3
+            for fast in got:
+                assert fast is None if pixel_formula(fresh) is None else torch.equal(fast, ref)
+    finally:
+        sys.setswitchinterval(old)
+
+
+_UNSET_SEEN = pixel_formula(object())       # what pixel_formula says before the first use
+
+
+def copy_processor(proc):
+    import copy
+    fresh = copy.deepcopy(proc)
+    for name in [n for n in vars(fresh) if n.startswith("_mmhpc_")]:
+        delattr(fresh, name)
+    return fresh

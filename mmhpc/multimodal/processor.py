@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,30 @@ def _pixels_fused(x, ip):
 
 _FORMULAS = (_pixels_pil_backend, _pixels_fused)
 _UNSET = object()
+_FIRST_USE = threading.Lock()       # the server preprocesses in worker threads
 
 
 def pixel_formula(image_processor):
     """The way of `_FORMULAS` bit-equal to this processor (checked on first use; None: none)."""
-    return getattr(image_processor, "_mmhpc_pixel_formula", _UNSET)
+    return getattr(image_processor, "_mmhpc_pixels", (_UNSET, None))[0]
+
+
+def _check_formula(ip, side: int) -> tuple:
+    """(formula, its per-byte table) for this processor, or (None, None): checked against the
+    processor itself on a random image."""
+    import numpy as np
+    from PIL import Image
+    probe = Image.fromarray(np.random.default_rng(0).integers(
+        0, 256, (side, side, 3), dtype=np.uint8))
+    ref = ip(images=[probe], return_tensors="pt")["pixel_values"]
+    x = _rgb_array(probe)
+    formula = next((f for f in _FORMULAS if _torch_equal(_chw(f(x, ip)), ref)), None)
+    if formula is None:
+        return None, None
+    byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)    # [256, 3]
+    lut = formula(byte, ip)
+    assert _torch_equal(_apply_lut(lut, x), ref)
+    return formula, lut
 
 
 def _fast_applies(ip, image) -> bool:
@@ -125,23 +145,17 @@ def fast_pixel_values(image_processor, image):
     ip = image_processor
     if not _fast_applies(ip, image):
         return None
-    formula = pixel_formula(ip)
-    if formula is _UNSET:
-        import numpy as np
-        from PIL import Image
-        probe = Image.fromarray(np.random.default_rng(0).integers(
-            0, 256, (image.height, image.width, 3), dtype=np.uint8))
-        ref = ip(images=[probe], return_tensors="pt")["pixel_values"]
-        x = _rgb_array(probe)
-        formula = next((f for f in _FORMULAS if _torch_equal(_chw(f(x, ip)), ref)), None)
-        ip._mmhpc_pixel_formula = formula
-        if formula is not None:
-            byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)    # [256, 3]
-            ip._mmhpc_pixel_lut = formula(byte, ip)
-            assert _torch_equal(_apply_lut(ip._mmhpc_pixel_lut, x), ref)
+    fast = getattr(ip, "_mmhpc_pixels", None)
+    if fast is None:
+        with _FIRST_USE:
+            fast = getattr(ip, "_mmhpc_pixels", None)
+            if fast is None:
+                fast = _check_formula(ip, image.width)
+                ip._mmhpc_pixels = fast     # formula and table published together
+    formula, lut = fast
     if formula is None:
         return None
-    return _apply_lut(ip._mmhpc_pixel_lut, _rgb_array(image))
+    return _apply_lut(lut, _rgb_array(image))
 
 
 def _torch_equal(a, b) -> bool:
