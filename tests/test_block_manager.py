@@ -124,6 +124,54 @@ def test_remote_allocation_and_mark_computed():
     assert seq.num_computed_tokens == 9 and bm.num_cached_blocks == 2
 
 
+def test_decoded_blocks_are_cached_as_they_fill():
+    """cache_blocks after every one-token step visits only new full blocks; every block a
+    decode filled, before and after a preemption, is a prefix hit for the same tokens."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    a = make_seq("a", 6)
+    prefill(bm, a)
+    for t in range(11):                            # decode 11 tokens: 17 in all, 4 full blocks
+        a.output_token_ids.append(100 + t)
+        bm.allocate(a, 1)
+        a.num_computed_tokens += 1
+        bm.cache_blocks(a)
+        if t == 4:                                  # preempted, recomputed, decoding on
+            bm.free(a)
+            prefill(bm, a)
+    same = make_seq("b", 0)
+    same.prompt_token_ids = a.token_ids + [7]
+    assert bm.lookup_prefix(same) == 16
+    assert same.block_table == a.block_table[:4]
+    assert bm.num_cached_blocks == 4
+
+
+def test_memoized_hashes_are_block_hash_chains():
+    """The manager's hashes (token bytes made once per batch of new blocks, extended as a
+    seq decodes) equal `block_hash` chained block by block, images included."""
+    from mmhpc.engine.block_manager import block_hash
+    bm = BlockManager(num_blocks=64, block_size=4)
+    prompt = [5, 6] + [9] * 6 + list(range(20, 31))
+    seq = make_seq("a", 0, prompt=prompt, mm_items=[MMItem("h1", 2, 6)])
+    got = list(bm._hashes(seq, 3))
+    seq.output_token_ids = [40, 41, 42, 43, 44]
+    got = list(bm._hashes(seq, 6))
+    want, parent = [], None
+    for b in range(6):
+        toks = seq.token_ids[4 * b:4 * b + 4]
+        keys = [f"h1@{2 - 4 * b}/6"] if 4 * b < 8 and 4 * b + 4 > 2 else []
+        parent = block_hash(parent, toks, keys)
+        want.append(parent)
+    assert got == want
+
+
+def test_token_slice():
+    seq = make_seq("a", 5)
+    seq.output_token_ids = [50, 51, 52]
+    for start in range(9):
+        for end in range(start, 9):
+            assert seq.token_slice(start, end) == seq.token_ids[start:end], (start, end)
+
+
 def test_modules_import_no_torch():
     code = ("import sys, mmhpc.engine.scheduler, mmhpc.engine.block_manager, tests.helpers_engine;"
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -108,7 +108,7 @@ class ModelRunner:
             seq, start = s.seq, s.start
             end = start + s.num_new_tokens
             base = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_slice(start, end))
             self._add_positions(positions, seq, start, end)
             table = seq.block_table
             p = start
