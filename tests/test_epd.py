@@ -120,6 +120,35 @@ def test_oracle_concurrent(deployment):
     assert got == expected(deployment.family)
 
 
+PENALTIES = dict(frequency_penalty=0.8, presence_penalty=0.4, repetition_penalty=1.3,
+                 logit_bias={5: 3.0, 6: -100.0})
+
+
+def test_penalties_match_offline(deployment):
+    """Penalties and logit_bias travel to the rank that samples the first token (prefill)
+    and to the one that samples the rest (decode): the same text as offline."""
+    from openai import OpenAI
+
+    from mmhpc.engine.sequence import SamplingParams
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    text, image = _requests(deployment.family)[0]
+    parts = [{"type": "text", "text": text},
+             {"type": "image_url", "image_url": {"url": _data_url(image)}}]
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
+        temperature=0, frequency_penalty=PENALTIES["frequency_penalty"],
+        presence_penalty=PENALTIES["presence_penalty"],
+        logit_bias={str(k): v for k, v in PENALTIES["logit_bias"].items()},
+        extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    want = offline_llm(deployment.family).generate(
+        [[{"role": "user", "content": [{"type": "text", "text": text},
+                                       {"type": "image", "image": image}]}]],
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, **PENALTIES))[0].text
+    assert want != expected(deployment.family)[0]
+    assert r.choices[0].message.content == want
+
+
 def test_stream_and_blocks_freed(deployment):
     from openai import OpenAI
     client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)

@@ -122,6 +122,13 @@ CASES = [
     Case("n_too_large", msg(n=100)),
     Case("stop_not_strings", msg(stop=[1, 2])),
     Case("top_logprobs_too_many", msg(logprobs=True, top_logprobs=50)),
+    Case("frequency_penalty_too_large", msg(frequency_penalty=3)),
+    Case("presence_penalty_string", msg(presence_penalty="high")),
+    Case("repetition_penalty_zero", msg(repetition_penalty=0)),
+    Case("logit_bias_not_object", msg(logit_bias=[1, 2])),
+    Case("logit_bias_key_not_id", msg(logit_bias={"hello": 5})),
+    Case("logit_bias_out_of_vocab", msg(logit_bias={str(10**9): 5})),
+    Case("logit_bias_too_large", msg(logit_bias={"5": 1000})),
     Case("too_many_images", lambda env: {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "{img}/a.png".format(**env)}}] * 5}]},
         code="too_many_images"),

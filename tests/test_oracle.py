@@ -39,9 +39,10 @@ class Oracle:
                                                add_generation_prompt=True, tokenize=False)
         return dict(self.proc(text=[prompt], images=images or None, return_tensors="pt"))
 
-    def expected(self, inputs: dict, n: int = N) -> list[int]:
+    def expected(self, inputs: dict, n: int = N, **generate_kw) -> list[int]:
         with torch.no_grad():
-            out = self.hf.generate(**inputs, generation_config=self.gen, max_new_tokens=n)
+            out = self.hf.generate(**inputs, generation_config=self.gen, max_new_tokens=n,
+                                   **generate_kw)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     def request(self, inputs: dict) -> tuple[list[int], list[MMItem]]:
@@ -175,3 +176,33 @@ def test_oracle_prefill_decode_handoff(oracle):
         toks += [t for o in decode.step() for t in o.new_token_ids]
     assert toks == oracle.expected(inputs)
     assert prefill.stats()["num_free_blocks"] == prefill.stats()["num_total_blocks"]
+
+
+# (SamplingParams fields, HF generate's): penalties and bias, each against HF's own processor
+PENALTY_CASES = {
+    "repetition": ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
+    "repetition_below_1": ({"repetition_penalty": 0.5}, {"repetition_penalty": 0.5}),
+    "logit_bias": ({"logit_bias": {7: 4.0, 9: 3.5, 11: -50.0}},
+                   {"sequence_bias": {(7,): 4.0, (9,): 3.5, (11,): -50.0}}),
+}
+
+
+@pytest.mark.parametrize("case", list(PENALTY_CASES))
+def test_oracle_penalties(oracle, case):
+    """A penalized request batched beside a plain one: each equals its own HF generate, and
+    the penalty changes the tokens (so the test sees it applied)."""
+    ours, hf_kw = PENALTY_CASES[case]
+    n = 12
+    inputs = oracle.inputs("say it again and again", [image(32, 32, 11)])
+    plain = oracle.expected(inputs, n)
+    want = oracle.expected(inputs, n, **hf_kw)
+    assert want != plain
+    engine = oracle.engine()
+    for rid, extra in (("plain", {}), ("penalized", ours)):
+        ids, items = oracle.request(inputs)
+        engine.add_request(rid, ids, SamplingParams(max_tokens=n, ignore_eos=True, **extra), items)
+    got: dict[str, list[int]] = {"plain": [], "penalized": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    assert got == {"plain": plain, "penalized": want}

@@ -48,6 +48,58 @@ def test_min_tokens_masks_eos_and_logprobs():
     assert lp.logprob == pytest.approx(float(ref[3])) and [t for t, _ in lp.top] == [2, 3]
 
 
+def _penalized_reference(logits, prompt, output, p):
+    """vLLM's definitions, written out: bias, repetition over prompt + output, then
+    frequency and presence over the output."""
+    row = logits.clone()
+    for t, b in p.logit_bias.items():
+        row[t] += b
+    for t in set(prompt) | set(output):
+        row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+    for t in set(output):
+        row[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return row
+
+
+PENALTIES = [dict(frequency_penalty=0.7), dict(presence_penalty=1.5),
+             dict(frequency_penalty=-0.4, presence_penalty=0.3),
+             dict(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5,
+                  logit_bias={5: 2.0, 6: -1.0})]
+
+
+@pytest.mark.parametrize("kw", PENALTIES, ids=lambda kw: "+".join(kw))
+def test_penalties_as_defined_and_logprobs_raw(kw):
+    g = torch.Generator().manual_seed(1)
+    sampler = Sampler()
+    logits = torch.randn(3, 12, generator=g) * 3               # rows: plain, penalized, plain
+    seqs = [Sequence(f"s{i}", [1, 2, 3, 5], SamplingParams(max_tokens=8, logprobs=1,
+                                                            **(kw if i == 1 else {})))
+            for i in range(3)]
+    for s in seqs:
+        s.output_token_ids = [4, 7, 7, 9, 4, 7]
+    params = seqs[1].params
+    ref = _penalized_reference(logits[1], [1, 2, 3, 5], [4, 7, 7, 9, 4, 7], params)
+    assert not torch.equal(ref, logits[1])
+    before = logits.clone()
+    out = sampler(logits, seqs)
+    assert torch.equal(logits, before)                           # the caller's logits untouched
+    assert out["s1"][0] == int(ref.argmax())
+    assert out["s0"][0] == int(logits[0].argmax()) and out["s2"][0] == int(logits[2].argmax())
+    # logprobs are the model's (vLLM's default), not the penalized row's
+    raw = torch.log_softmax(logits[1], -1)
+    assert out["s1"][1].logprob == pytest.approx(float(raw[out["s1"][0]]))
+
+
+def test_penalized_sampling_draws_from_the_penalized_row():
+    logits = torch.tensor([[5.0, 5.0, -30.0]])
+    seq = Sequence("r", [9], SamplingParams(temperature=1.0, seed=0, presence_penalty=2.0,
+                                            frequency_penalty=2.0, max_tokens=50))
+    seq.output_token_ids = [0]              # token 0: 5 - 2 - 2 = 1 against token 1's 5
+    sampler = Sampler()                     # seeded: the same 2000 draws every run
+    draws = [sampler(logits, [seq])["r"][0] for _ in range(2000)]
+    assert 0.008 < draws.count(0) / 2000 < 0.035    # e^-4 / (1 + e^-4) ~ 0.018; unpenalized 0.5
+
+
 class _Tok:
     """Character-level fake tokenizer: id = ord(char)."""
     def decode(self, ids, skip_special_tokens=True):

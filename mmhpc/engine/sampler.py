@@ -15,10 +15,12 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self._rng = random.Random(seed)            # seeds of requests without params.seed
         self._generators: dict[str, torch.Generator] = {}
+        self._prompt_ids: dict[str, torch.Tensor] = {}   # repetition penalty: [prompt] ids
         self._pinned: torch.Tensor | None = None   # host landing buffer of the tokens (CUDA)
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._prompt_ids.pop(request_id, None)
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         g = self._generators.get(seq.request_id)
@@ -40,14 +42,18 @@ class Sampler:
             return {}
         logits = logits.float()
         masked = logits
-        for i, seq in enumerate(seqs):             # min_tokens: no EOS / stop token before it
+        for i, seq in enumerate(seqs):
             p = seq.params
-            if len(seq.output_token_ids) < p.min_tokens:
+            early = len(seq.output_token_ids) < p.min_tokens   # no EOS / stop token before it
+            if early or p.penalized:
                 if masked is logits:
                     masked = logits.clone()
+            if early:
                 ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if ids:
                     masked[i, ids] = float("-inf")
+            if p.penalized:
+                self._penalize(masked[i], seq)
         if (launch_ahead is not None and logits.is_cuda
                 and all(s.params.greedy and s.params.logprobs is None for s in seqs)):
             tokens = self._argmax_then(masked, launch_ahead)
@@ -73,6 +79,30 @@ class Sampler:
                 lp = TokenLogprob(tokens[i], float(row[tokens[i]]), top)
             result[seq.request_id] = (tokens[i], lp)
         return result
+
+    def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
+        """logit_bias, then the repetition, frequency and presence penalties, in place on one
+        row [V] (vLLM's order and definitions; see SamplingParams). Gathers and scatters only:
+        nothing here waits for the GPU (decode ahead keeps running)."""
+        p, dev, vocab = seq.params, row.device, row.shape[0]
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if 0 <= t < vocab]
+            if ids:
+                row[ids] += torch.tensor([p.logit_bias[t] for t in ids], device=dev)
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=dev)     # [n_out]
+        if p.repetition_penalty != 1.0:
+            prompt = self._prompt_ids.get(seq.request_id)
+            if prompt is None:
+                prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=dev)
+                self._prompt_ids[seq.request_id] = prompt
+            seen = torch.cat([prompt, out])             # repeats scatter the same value
+            vals = row.gather(0, seen)
+            row.scatter_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty,
+                                              vals * p.repetition_penalty))
+        if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:
+            ones = torch.ones_like(out, dtype=row.dtype)
+            counts = torch.zeros_like(row).scatter_add_(0, out, ones)                  # [V]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
     def _argmax_then(self, logits: torch.Tensor, launch_ahead) -> list[int]:
         n = logits.shape[0]

@@ -23,6 +23,15 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None       # None: none; k: the chosen token's logprob + top-k
+    # Penalties and bias as vLLM applies them, in this order, before temperature: logit_bias
+    # {token id: added to its logit}; repetition_penalty (HF's): a logit of a token already in
+    # the prompt or output is divided by it where positive, multiplied where not;
+    # frequency_penalty × the token's count in the output and presence_penalty once for a
+    # token in the output are subtracted (OpenAI's). Logprobs stay those of the model.
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +46,20 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], "
+                             f"got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def penalized(self) -> bool:
+        """Logits depend on the tokens so far (or a bias): the sampler adjusts this row."""
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty
+                    or self.presence_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

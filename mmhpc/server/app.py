@@ -260,7 +260,8 @@ class Frontend:
         with self._admit("chat"):
             t0 = time.monotonic()
             body = await self._body(request)
-            req = P.parse_chat(body, self.model, self.config.media.max_images_per_request)
+            req = P.parse_chat(body, self.model, self.config.media.max_images_per_request,
+                               self.vocab_size)
             deadline = self._deadline()
             try:
                 async with asyncio.timeout(self.config.server.request_timeout_s):

@@ -16,6 +16,7 @@ from mmhpc.engine.sequence import SamplingParams
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024
 ROLES = ("system", "developer", "user", "assistant", "tool")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image_embeds")
 
@@ -90,6 +91,10 @@ class Sampling:
     min_tokens: int = 0
     logprobs: Optional[int] = None
     n: int = 1
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def params(self, num_prompt_tokens: int, max_model_len: int, index: int = 0,
                prompt_param: str = "messages") -> SamplingParams:
@@ -111,10 +116,13 @@ class Sampling:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=seed, stop=list(self.stop),
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-                              logprobs=self.logprobs)
+                              logprobs=self.logprobs, repetition_penalty=self.repetition_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              presence_penalty=self.presence_penalty,
+                              logit_bias=dict(self.logit_bias))
 
 
-def _sampling(body: dict, logprobs: Optional[int]) -> Sampling:
+def _sampling(body: dict, logprobs: Optional[int], vocab_size: Optional[int]) -> Sampling:
     max_tokens = _int(body, "max_completion_tokens", 1, 1 << 31)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1, 1 << 31)
@@ -127,9 +135,9 @@ def _sampling(body: dict, logprobs: Optional[int]) -> Sampling:
         raise bad("'stop' must be a string or a list of strings", param="stop")
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise bad(f"'stop' takes 1 to {MAX_STOP} non-empty strings", param="stop")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _float(body, key, -2.0, 2.0, 0.0) != 0.0:
-            raise bad(f"'{key}' is not supported", param=key, code="unsupported_parameter")
+    repetition = _float(body, "repetition_penalty", 0.0, 10.0, 1.0)
+    if repetition <= 0:
+        raise bad("'repetition_penalty' must be > 0 (1: off)", param="repetition_penalty")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
@@ -141,7 +149,37 @@ def _sampling(body: dict, logprobs: Optional[int]) -> Sampling:
         min_tokens=_int(body, "min_tokens", 0, 1 << 31, 0),
         logprobs=logprobs,
         n=_int(body, "n", 1, MAX_N, 1),
+        repetition_penalty=repetition,
+        frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        presence_penalty=_float(body, "presence_penalty", -2.0, 2.0, 0.0),
+        logit_bias=_logit_bias(body, vocab_size),
     )
+
+
+def _logit_bias(body: dict, vocab_size: Optional[int]) -> dict[int, float]:
+    """OpenAI's {"token id": bias in [-100, 100]}."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad("'logit_bias' must be an object of token id -> bias", param="logit_bias")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    out = {}
+    for key, bias in raw.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise bad(f"'logit_bias' key {key!r} is not a token id", param="logit_bias") from None
+        if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+            raise bad(f"'logit_bias' token id {tid} is not in [0, {vocab_size})",
+                      param="logit_bias")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                or not -100 <= bias <= 100):            # NaN fails the range too
+            raise bad(f"'logit_bias' of token {tid} must be a number in [-100, 100]",
+                      param="logit_bias")
+        out[tid] = float(bias)
+    return out
 
 
 def _model(body: dict, served: str) -> str:
@@ -197,7 +235,8 @@ def _image_url(part: dict, param: str) -> str:
     return v
 
 
-def parse_chat(body: dict, served_model: str, max_images: int) -> ChatRequest:
+def parse_chat(body: dict, served_model: str, max_images: int,
+               vocab_size: Optional[int] = None) -> ChatRequest:
     model = _model(body, served_model)
     raw = body.get("messages")
     if raw is None:
@@ -245,8 +284,8 @@ def parse_chat(body: dict, served_model: str, max_images: int) -> ChatRequest:
     if top is not None and not logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     stream, include_usage = _stream(body)
-    return ChatRequest(model, messages, media, _sampling(body, (top or 0) if logprobs else None),
-                       stream, include_usage, logprobs)
+    sampling = _sampling(body, (top or 0) if logprobs else None, vocab_size)
+    return ChatRequest(model, messages, media, sampling, stream, include_usage, logprobs)
 
 
 # ----------------------------------------------------------------------------- completions
@@ -284,7 +323,7 @@ def parse_completion(body: dict, served_model: str, vocab_size: int) -> Completi
         raise bad("'echo' is not supported", param="echo", code="unsupported_parameter")
     logprobs = _int(body, "logprobs", 0, 20)
     stream, include_usage = _stream(body)
-    sampling = _sampling(body, logprobs)
+    sampling = _sampling(body, logprobs, vocab_size)
     if len(prompts) * sampling.n > MAX_N:
         raise bad(f"len(prompt) * n must be <= {MAX_N}", param="n")
     return CompletionRequest(model, prompts, sampling, stream, include_usage, False)
