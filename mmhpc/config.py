@@ -112,8 +112,13 @@ class DeploymentConfig:
     decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
     allow_cross_node_instances: bool = False
+    # Routing (mmhpc.roles.router): a request whose prompt prefix (or images) an instance
+    # holds counts as this many queued requests fewer there; 0: least loaded only.
+    cache_affinity: float = 2.0
 
     def __post_init__(self) -> None:
+        if not self.cache_affinity >= 0:
+            raise ValueError(f"deployment.cache_affinity must be >= 0, got {self.cache_affinity}")
         if self.name not in DEPLOYMENT_GROUPS:
             raise ValueError(f"deployment.name must be one of {sorted(DEPLOYMENT_GROUPS)}, "
                              f"got {self.name!r}")

@@ -149,6 +149,60 @@ def test_penalties_match_offline(deployment):
     assert r.choices[0].message.content == want
 
 
+def test_prefix_affinity(deployment):
+    """With two prefill (or aggregated) instances, a prompt goes back to the instance that
+    holds its prefix: X and Y are served once (Y while X runs), then Y alone (least-loaded
+    alone would pick the first instance, whichever held it) and X beside it: both find every
+    block a lookup can hit cached (streamed usage reports it). They share only the chat
+    template's first blocks: with `deployment.cache_affinity=0` this fails."""
+    import threading
+
+    from openai import OpenAI
+    roles = [s["role"] for s in deployment.ranks().values()] if deployment.num_ranks > 1 else []
+    if max(roles.count("prefill"), roles.count("aggregated")) < 2:
+        pytest.skip("one prefill instance: nothing to choose")
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    prompts = {k: [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(make_image(seed, 64, 48))}},
+        {"type": "text", "text": f"Picture {k}: what do you see there?"}]}] for k, seed in
+        (("X", 21), ("Y", 22))}
+
+    def held_beside(first: str, second: str) -> dict[str, tuple[int, int]]:
+        """`first` streamed (held in flight), `second` sent once it has a token; each one's
+        (prompt tokens, cached tokens)."""
+        got: dict[str, tuple[int, int]] = {}
+        started = threading.Event()
+
+        def stream():
+            chunks = client.chat.completions.create(
+                model=model, messages=prompts[first], max_tokens=48, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            for c in chunks:
+                started.set()
+                if c.usage is not None:
+                    got[first] = (c.usage.prompt_tokens, _cached(c.usage))
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        r = client.chat.completions.create(model=model, messages=prompts[second], max_tokens=2,
+                                           temperature=0)
+        got[second] = (r.usage.prompt_tokens, _cached(r.usage))
+        t.join(60)
+        return got
+
+    first = held_beside("X", "Y")
+    again = held_beside("Y", "X")
+    block = 16                                              # cache.block_size
+    for k, (num_prompt, num_cached) in again.items():       # every block a lookup can hit
+        assert num_cached == (num_prompt - 1) // block * block, (k, first, again)
+
+
+def _cached(usage) -> int:
+    details = getattr(usage, "prompt_tokens_details", None)
+    return (details.cached_tokens or 0) if details is not None else 0
+
+
 def test_stream_and_blocks_freed(deployment):
     from openai import OpenAI
     client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)

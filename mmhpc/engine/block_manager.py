@@ -29,6 +29,28 @@ def block_hash(parent: int | None, token_ids: list[int], mm_keys: list[str]) -> 
     return int.from_bytes(h.digest(), "little")
 
 
+def chain_hashes(token_ids: list[int], mm_items, block_size: int, first: int = 0,
+                 parent: int | None = None) -> list[int]:
+    """`block_hash` of blocks first, first + 1, ... of a sequence, chained from `parent` (the
+    hash of block first - 1): `token_ids` holds exactly those blocks' tokens, `mm_items` (with
+    content_hash, offset, num_tokens) the sequence's images. The token bytes are made once."""
+    raw = memoryview(array("q", token_ids).tobytes())
+    width = block_size * 8                                  # one block of int64 ids
+    prev = parent.to_bytes(16, "little") if parent is not None else b"root"
+    out = []
+    for k in range(len(token_ids) // block_size):
+        start = (first + k) * block_size
+        end = start + block_size
+        h = hashlib.blake2b(prev, digest_size=16)
+        h.update(raw[k * width:(k + 1) * width])
+        for it in mm_items:
+            if it.offset < end and it.offset + it.num_tokens > start:
+                h.update(f"{it.content_hash}@{it.offset - start}/{it.num_tokens}".encode())
+        prev = h.digest()
+        out.append(int.from_bytes(prev, "little"))
+    return out
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -149,25 +171,13 @@ class BlockManager:
 
     def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
         """Chained hashes of the seq's blocks, at least its first `num_full` (memoized per
-        request; the list itself: do not change it). Equal to `block_hash` block by block,
-        with the token bytes made once for all new blocks (a new prompt's ~40 blocks)."""
+        request; the list itself: do not change it)."""
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
         first = len(hashes)
-        if first >= num_full:
-            return hashes
-        bs = self.block_size
-        raw = memoryview(array("q", seq.token_slice(first * bs, num_full * bs)).tobytes())
-        width = bs * 8                                      # one block of int64 ids
-        parent = hashes[-1].to_bytes(16, "little") if hashes else b"root"
-        for i in range(first, num_full):
-            start, end = i * bs, (i + 1) * bs
-            h = hashlib.blake2b(parent, digest_size=16)
-            h.update(raw[(i - first) * width:(i - first + 1) * width])
-            for it in seq.mm_items:
-                if it.offset < end and it.offset + it.num_tokens > start:
-                    h.update(f"{it.content_hash}@{it.offset - start}/{it.num_tokens}".encode())
-            parent = h.digest()
-            hashes.append(int.from_bytes(parent, "little"))
+        if first < num_full:
+            bs = self.block_size
+            hashes += chain_hashes(seq.token_slice(first * bs, num_full * bs), seq.mm_items, bs,
+                                   first, hashes[-1] if hashes else None)
         return hashes
 
     def _take_free(self) -> int:

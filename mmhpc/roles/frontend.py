@@ -33,6 +33,7 @@ from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import PrefillRequest
+from mmhpc.roles.router import MAX_IMAGES, Router
 from mmhpc.server.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class RemoteEngineClient(EngineClient):
         if local is not None:
             self.rank_stats[self.rank] = {}
         self.in_flight: Counter = Counter()
+        self.router = Router(self.config.cache.block_size, self.config.deployment.cache_affinity)
         self.requests: dict[str, _Request] = {}
         self.images: OrderedDict[str, Any] = OrderedDict()
         self.dead: str | None = None
@@ -118,10 +120,12 @@ class RemoteEngineClient(EngineClient):
         detok = IncrementalDetokenizer(self.tokenizer, params.stop,
                                        prompt_tail=prompt_token_ids[-PROMPT_TAIL:])
         if self.aggregated:
-            enc, pre, dec = -1, -1, self._pick(self.aggregated)
+            enc, pre = -1, -1
+            dec = self._pick(self.aggregated, prompt_token_ids, mm_items)
         else:
-            enc = self._pick(self.encoders) if self.encoders and images else -1
-            pre, dec = self._pick(self.prefills), self._pick(self.decoders)
+            enc = self._pick(self.encoders, images=mm_items) if self.encoders and images else -1
+            pre = self._pick(self.prefills, prompt_token_ids, mm_items)
+            dec = self._pick(self.decoders)
         st = _Request(asyncio.Queue(), [r for r in (enc, pre, dec) if r >= 0], detok)
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -202,15 +206,25 @@ class RemoteEngineClient(EngineClient):
         for r in ranks:
             self._send(r, AbortRequest(rid, reason))
 
-    def _pick(self, ranks: list[int]) -> int:
-        """Least loaded: own in-flight count + reported queue, then most free blocks."""
+    def _pick(self, ranks: list[int], prompt_token_ids=None, mm_items=(), images=()) -> int:
+        """Least loaded (own in-flight count + reported queue, then most free blocks), where
+        the prompt's prefix (`prompt_token_ids`, `mm_items`) or the `images` count as cached
+        on the rank they were last sent to (mmhpc.roles.router)."""
         self._refresh_local()
 
-        def load(r: int) -> tuple:
+        def load(r: int) -> tuple[float, int]:
             s = self.rank_stats.get(r, {})
             return (self.in_flight[r] + s.get("num_waiting", 0) + s.get("num_waiting_kv", 0),
-                    -s.get("num_free_blocks", 0), r)
-        return min(ranks, key=load)
+                    s.get("num_free_blocks", 0))
+        keys: list = []
+        if self.router.wants_keys(ranks):
+            keys = (self.router.prompt_keys(list(prompt_token_ids), mm_items)
+                    if prompt_token_ids is not None else [it.content_hash for it in images])
+        rank = self.router.pick(ranks, load, keys, prefix=prompt_token_ids is not None)
+        capacity = (self.rank_stats.get(rank, {}).get("num_total_blocks", 1 << 20)
+                    if prompt_token_ids is not None else MAX_IMAGES)
+        self.router.record(rank, keys, capacity)
+        return rank
 
     def _image_item(self, it) -> ImageItem:
         if it.embeddings is not None:

@@ -216,7 +216,7 @@ class Frontend:
         is sent as an error event; a client gone closes `outputs` (→ engine requests aborted)."""
         created = int(time.time())
         resp = await self._start_sse(request)
-        num_completion = 0
+        num_completion = num_cached = 0
 
         def chunk(choices: list[dict], u: Optional[dict] = None) -> bytes:
             return P.sse(P.response(obj, rid, self.model, choices, u, created))
@@ -227,11 +227,12 @@ class Frontend:
                 async for i, out in outputs:
                     self._check_output(out)
                     num_completion += len(out.new_token_ids)
+                    num_cached = max(num_cached, out.num_cached_tokens)
                     c = choice(i, out)
                     if c is not None:
                         await resp.write(chunk([c]))
             if include_usage:
-                await resp.write(chunk([], P.usage(num_prompt, num_completion)))
+                await resp.write(chunk([], P.usage(num_prompt, num_completion, num_cached)))
         except APIError as e:
             await resp.write(P.sse(e.body()))
         except ConnectionError:
