@@ -129,6 +129,9 @@ CASES = [
     Case("logit_bias_key_not_id", msg(logit_bias={"hello": 5})),
     Case("logit_bias_out_of_vocab", msg(logit_bias={str(10**9): 5})),
     Case("logit_bias_too_large", msg(logit_bias={"5": 1000})),
+    Case("min_p_above_1", msg(min_p=1.5)),
+    Case("stop_token_ids_not_ints", msg(stop_token_ids=["a"])),
+    Case("stop_token_ids_out_of_vocab", msg(stop_token_ids=[10**9])),
     Case("too_many_images", lambda env: {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "{img}/a.png".format(**env)}}] * 5}]},
         code="too_many_images"),

@@ -39,6 +39,15 @@ def test_top_p_keeps_the_nucleus():
     assert {sampler(logits, [seq])["r"][0] for _ in range(200)} == {0, 1}
 
 
+def test_min_p_drops_the_unlikely():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampler = Sampler()
+    seq = _seq(temperature=1.0, min_p=0.4, seed=0)          # keeps p >= 0.4 * 0.5 = 0.2
+    assert {sampler(logits, [seq])["r"][0] for _ in range(300)} == {0, 1}
+    seq = _seq("s", temperature=1.0, min_p=0.25, seed=0)    # keeps p >= 0.125
+    assert {sampler(logits, [seq])["s"][0] for _ in range(300)} == {0, 1, 2}
+
+
 def test_min_tokens_masks_eos_and_logprobs():
     logits = torch.tensor([[0.0, 0.0, 9.0, 1.0]])       # token 2 is EOS and the argmax
     seq = _seq(min_tokens=2, logprobs=2)

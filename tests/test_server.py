@@ -190,6 +190,11 @@ def test_sampling_options(env):
     if stop.strip():
         r = chat(env, part, max_tokens=30, stop=[stop])
         assert stop not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    # stop_token_ids (vLLM's): the reference's 4th token ends it, included like an EOS would be
+    ids = ref.token_ids[:4]
+    cut = ids.index(ids[3]) + 1
+    r = chat(env, part, max_tokens=30, temperature=0, extra_body={"stop_token_ids": [ids[3]]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut
     r = chat(env, part, logprobs=True, top_logprobs=3, max_completion_tokens=5,
              extra_body={"min_tokens": 5})
     content = r.choices[0].logprobs.content

@@ -120,6 +120,9 @@ class Sampler:
     @staticmethod
     def _sample(row: torch.Tensor, p, generator: torch.Generator) -> int:
         row = row / p.temperature                 # [V]
+        if p.min_p > 0:                           # vLLM's order: temperature, min_p, top-k, top-p
+            probs = row.softmax(-1)
+            row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_k > 0 and p.top_k < row.shape[-1]:
             kth = row.topk(p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -17,6 +17,7 @@ class SamplingParams:
     temperature: float = 0.0          # 0 → greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 → off
+    min_p: float = 0.0                # drop tokens below min_p × the top token's probability
     seed: int | None = None           # per-request generator: same seed, same tokens
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -42,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:

@@ -17,6 +17,7 @@ from mmhpc.engine.sequence import SamplingParams
 MAX_N = 16
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024
+MAX_STOP_IDS = 64
 ROLES = ("system", "developer", "user", "assistant", "tool")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image_embeds")
 
@@ -85,8 +86,10 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: Optional[int] = None
@@ -114,7 +117,8 @@ class Sampling:
                       param="min_tokens")
         seed = None if self.seed is None else (self.seed + index) % (1 << 63)
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=seed, stop=list(self.stop),
+                              top_k=self.top_k, min_p=self.min_p, seed=seed,
+                              stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                               logprobs=self.logprobs, repetition_penalty=self.repetition_penalty,
                               frequency_penalty=self.frequency_penalty,
@@ -143,6 +147,8 @@ def _sampling(body: dict, logprobs: Optional[int], vocab_size: Optional[int]) ->
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 1e-9, 1.0, 1.0),
         top_k=max(0, _int(body, "top_k", -1, 1 << 20, 0)),
+        min_p=_float(body, "min_p", 0.0, 1.0, 0.0),
+        stop_token_ids=_token_ids(body, "stop_token_ids", vocab_size),
         seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1),
         stop=stop,
         ignore_eos=_bool(body, "ignore_eos"),
@@ -154,6 +160,18 @@ def _sampling(body: dict, logprobs: Optional[int], vocab_size: Optional[int]) ->
         presence_penalty=_float(body, "presence_penalty", -2.0, 2.0, 0.0),
         logit_bias=_logit_bias(body, vocab_size),
     )
+
+
+def _token_ids(body: dict, key: str, vocab_size: Optional[int]) -> list[int]:
+    raw = body.get(key)
+    if raw is None:
+        return []
+    if not (isinstance(raw, list) and len(raw) <= MAX_STOP_IDS
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)):
+        raise bad(f"'{key}' must be a list of at most {MAX_STOP_IDS} token ids", param=key)
+    if any(t < 0 or (vocab_size is not None and t >= vocab_size) for t in raw):
+        raise bad(f"'{key}': token ids must be in [0, {vocab_size})", param=key)
+    return list(raw)
 
 
 def _logit_bias(body: dict, vocab_size: Optional[int]) -> dict[int, float]:
