@@ -130,6 +130,15 @@ CASES = [
     Case("logit_bias_out_of_vocab", msg(logit_bias={str(10**9): 5})),
     Case("logit_bias_too_large", msg(logit_bias={"5": 1000})),
     Case("min_p_above_1", msg(min_p=1.5)),
+    Case("tools", msg(tools=[{"type": "function", "function": {"name": "f"}}]),
+         code="unsupported_parameter"),
+    Case("tool_choice_required", msg(tool_choice="required"), code="unsupported_parameter"),
+    Case("json_mode", msg(response_format={"type": "json_object"}), code="unsupported_parameter"),
+    Case("audio_out", msg(modalities=["text", "audio"]), code="unsupported_parameter"),
+    Case("completion_suffix", {"prompt": "hi", "suffix": "end", "max_tokens": 2},
+         path="/v1/completions", code="unsupported_parameter"),
+    Case("completion_best_of", {"prompt": "hi", "best_of": 3, "max_tokens": 2},
+         path="/v1/completions", code="unsupported_parameter"),
     Case("stop_token_ids_not_ints", msg(stop_token_ids=["a"])),
     Case("stop_token_ids_out_of_vocab", msg(stop_token_ids=[10**9])),
     Case("too_many_images", lambda env: {"messages": [{"role": "user", "content": [
@@ -221,6 +230,17 @@ def test_hostile(env, case):
         assert err["code"] == case.code, err
     assert not env["marker"].exists()
     assert good(env)["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [], "tool_choice": "none"}, {"tool_choice": "auto"},
+    {"response_format": {"type": "text"}}, {"modalities": ["text"]}, {"functions": []},
+    {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}])
+def test_harmless_values_of_unsupported_fields_are_accepted(extra):
+    """What SDKs send by default (no tools, text output) is not refused."""
+    from mmhpc.server import protocol as P
+    req = P.parse_chat(msg(**extra), "m", 4, 1000)
+    assert req.messages and req.sampling.max_tokens == 2
 
 
 def test_enough_cases():

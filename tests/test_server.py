@@ -113,7 +113,11 @@ def wait_idle(st, timeout=30.0) -> dict:
 
 
 def test_models_health_metrics(env):
+    import openai
     assert [m.id for m in env["client"].models.list().data] == [env["model"]]
+    assert env["client"].models.retrieve(env["model"]).id == env["model"]
+    with pytest.raises(openai.NotFoundError):
+        env["client"].models.retrieve("gpt-17")
     assert http("GET", env["url"] + "/health")[0] == 200
     text = http("GET", env["url"] + "/metrics")[1].decode()
     for name in ("mmhpc_requests_total", "mmhpc_request_latency_seconds_bucket",

@@ -321,10 +321,20 @@ class Frontend:
                 for i, c in enumerate(choices)],
                 P.usage(num_prompt, sum(c.num_tokens for c in choices))))
 
+    def _model_card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.created,
+                "owned_by": "mmhpc", "max_model_len": self.max_model_len}
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": self.created, "owned_by": "mmhpc",
-             "max_model_len": self.max_model_len}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model} (the openai client's `models.retrieve`)."""
+        name = request.match_info["model"]
+        if name != self.model:
+            raise APIError(404, f"The model '{name}' does not exist (this server serves "
+                                f"'{self.model}')", param="model", code="model_not_found")
+        return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.ready or self.draining:
@@ -410,6 +420,7 @@ def build_app(config: Config, engine_client: EngineClient, processor) -> web.App
     app.router.add_post("/v1/chat/completions", fe.chat)
     app.router.add_post("/v1/completions", fe.completions)
     app.router.add_get("/v1/models", fe.models)
+    app.router.add_get("/v1/models/{model:.+}", fe.retrieve_model)
     app.router.add_get("/health", fe.health)
     app.router.add_get("/metrics", fe.metrics_text)
     return app
