@@ -37,6 +37,7 @@ CASES = [pytest.param(tuple(case), id=case[0], marks=marks) for *case, marks in 
      _SLOW),
     ("e_p_d_shared-qwen2_vl", "qwen2_vl", 3, ["deployment=e_p_d",
                                                "deployment.frontend_shares_rank=true"], _SLOW),
+    ("e2_p_d-llava", "llava", 5, ["deployment=e_p_d", "deployment.encode.instances=2"], _SLOW),
 ]]
 
 
@@ -196,6 +197,59 @@ def test_prefix_affinity(deployment):
     block = 16                                              # cache.block_size
     for k, (num_prompt, num_cached) in again.items():       # every block a lookup can hit
         assert num_cached == (num_prompt - 1) // block * block, (k, first, again)
+
+
+def test_image_affinity(deployment):
+    """With two encoders, an image goes back to the encoder that has its embeddings: X's and
+    Y's images are encoded once each (Y while X runs: on the other encoder), then Y alone
+    and X beside it are both encode-cache hits (least-loaded alone: Y to X's encoder, X to
+    the other, no hit)."""
+    import threading
+
+    from openai import OpenAI
+    if deployment.num_ranks == 1:
+        pytest.skip("one rank")
+    encoders = [r for r, s in deployment.ranks().items() if s["role"] == "encode"]
+    if len(encoders) < 2:
+        pytest.skip("one encoder: nothing to choose")
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+
+    def ask(seed: int, max_tokens: int, started: threading.Event | None = None) -> None:
+        parts = [{"type": "image_url", "image_url": {"url": _data_url(make_image(seed, 40, 40))}},
+                 {"type": "text", "text": "What is this?"}]
+        chunks = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": parts}], max_tokens=max_tokens,
+            temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for _ in chunks:
+            if started is not None:
+                started.set()
+
+    def held_beside(first: int, second: int) -> None:
+        started = threading.Event()
+        t = threading.Thread(target=ask, args=(first, 48, started))
+        t.start()
+        assert started.wait(60)
+        ask(second, 2)
+        t.join(60)
+
+    def settled(key: str, want: int) -> dict:
+        """The encoders' `key` totals once heartbeats (every timeouts.heartbeat_s) report
+        `want`, or what they report after 10 s."""
+        import time
+        end = time.monotonic() + 10
+        while True:
+            ranks = deployment.ranks()
+            got = sum(ranks[r].get(key, 0) for r in encoders)
+            if got == want or time.monotonic() > end:
+                return {"total": got, **{r: ranks[r] for r in encoders}}
+            time.sleep(0.3)
+
+    held_beside(31, 32)
+    assert settled("num_encoded", 2)["total"] == 2
+    held_beside(32, 31)
+    got = settled("num_cache_hits", 2)
+    assert got["total"] == 2, got
 
 
 def _cached(usage) -> int:
