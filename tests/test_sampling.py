@@ -167,3 +167,35 @@ def test_engine_stop_string_excluded_and_streamed():
     stop = full[len(full) // 2:len(full) // 2 + 3]
     text, reason = gen("b", stop=[stop])
     assert reason == "stop" and text == full[:full.find(stop)]
+
+
+@pytest.mark.parametrize("which", ["tiny:llava", "tiny:qwen2_vl", "toy"])
+def test_fast_decode_is_the_tokenizers_decode(which):
+    """The detokenizer's direct Rust decode gives tokenizer.decode's text, byte-split and
+    special tokens included, and the incremental text equals one decode of all the ids; a
+    tokenizer that cleans up spaces keeps transformers' own decode."""
+    import copy
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from mmhpc.engine.detokenizer import fast_decode
+    from mmhpc.tools.tiny import tiny_checkpoint
+    path = (Path(__file__).resolve().parents[1] / "models" / "mmhpc-toy" if which == "toy"
+            else tiny_checkpoint(which[5:]))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert tok.clean_up_tokenization_spaces is False       # so the direct path is the one used
+    rng = random.Random(0)
+    ids_sets = [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))] for _ in range(200)]
+    ids_sets.append(tok.encode("naïve café — ünïcödé 漢字 🙂 done"))
+    cleaning = copy.deepcopy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    for decode, ref in ((fast_decode(tok), tok), (fast_decode(cleaning), cleaning)):
+        for ids in ids_sets:
+            for skip in (True, False):
+                assert decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip)
+    text = tok.encode("naïve café — ünïcödé 漢字 🙂 done", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok)
+    got = "".join(d.add(t) for t in text) + d.flush()
+    assert got == tok.decode(text, skip_special_tokens=True)

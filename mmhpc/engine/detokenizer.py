@@ -7,11 +7,26 @@ the text (as in vLLM / OpenAI); while a stop string could still be completing, u
 """
 from __future__ import annotations
 
+from typing import Callable
+
+
+def fast_decode(tokenizer) -> Callable[[list[int], bool], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=skip)` as a function of (ids, skip). For a
+    fast (Rust) tokenizer without clean-up of spaces, transformers' decode only converts its
+    input and calls the Rust tokenizer: that call, directly, gives the same text in a quarter
+    of the host time (2 decodes per token per request: it adds up at large batches)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (type(backend).__module__.split(".")[0] == "tokenizers"
+            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False):
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str] = (), skip_special_tokens: bool = True,
                  prompt_tail: list[int] = ()):
         self.tokenizer = tokenizer
+        self._decode_ids = fast_decode(tokenizer)
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.skip = skip_special_tokens
@@ -23,7 +38,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        return self._decode_ids(ids, self.skip)
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the text delta that can be sent now."""

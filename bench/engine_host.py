@@ -1,0 +1,67 @@
+"""Host time of an engine decode step on this machine, by part: N text requests of 100
+tokens decoding 64 each on the tiny LLaVA checkpoint (its real tokenizer), float32 CPU.
+`host` = step time minus the model's `run_step`: what a GPU step would wait for when it is not
+hidden (TP > 1, or a host slower than the GPU step).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_host.py 256
+"""
+from __future__ import annotations
+
+import collections
+import random
+import sys
+import time
+
+import torch
+
+from mmhpc.config import Config
+from mmhpc.engine import engine as E, model_runner as MR, sampler as SA, scheduler as S
+from mmhpc.engine.sequence import SamplingParams
+from mmhpc.tools.tiny import tiny_checkpoint
+
+PARTS = [(S.Scheduler, "schedule"), (S.Scheduler, "update"), (MR.ModelRunner, "execute"),
+         (MR.ModelRunner, "run_step"), (SA.Sampler, "__call__"), (E.LLMEngine, "_postprocess")]
+
+
+def timed(seconds: dict, cls, name: str) -> None:
+    f = getattr(cls, name)
+
+    def g(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            seconds[name] += time.perf_counter() - t
+    setattr(cls, name, g)
+
+
+def main(num_requests: int) -> None:
+    torch.set_num_threads(1)
+    seconds: dict[str, float] = collections.defaultdict(float)
+    for cls, name in PARTS:
+        timed(seconds, cls, name)
+    cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")), "max_model_len": 1024},
+                            "scheduler": {"max_num_seqs": num_requests,
+                                          "max_num_batched_tokens": 8192}})
+    engine = E.LLMEngine(cfg)
+    rng = random.Random(0)
+    for i in range(num_requests):
+        engine.add_request(f"r{i}", [rng.randrange(10, 500) for _ in range(100)],
+                           SamplingParams(max_tokens=64, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
+        engine.step()                                   # prefill steps: not counted
+    seconds.clear()
+    num_steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        num_steps += 1
+    total = time.perf_counter() - t0
+    print(f"{num_requests} requests, {num_steps} decode steps: {total / num_steps * 1e3:.2f} ms/step")
+    for name, s in seconds.items():
+        print(f"  {name:12s} {s / num_steps * 1e3:7.3f} ms/step")
+    print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 256)
