@@ -3,7 +3,10 @@ tokens decoding 64 each on the tiny LLaVA checkpoint (its real tokenizer), float
 `host` = step time minus the model's `run_step`: what a GPU step would wait for when it is not
 hidden (TP > 1, or a host slower than the GPU step).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_host.py 256
+    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_host.py 256 [ids]
+
+`ids`: the engine as a worker rank builds it (`detokenize=False`: token ids only, the
+frontend makes the text).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def timed(seconds: dict, cls, name: str) -> None:
     setattr(cls, name, g)
 
 
-def main(num_requests: int) -> None:
+def main(num_requests: int, detokenize: bool = True) -> None:
     torch.set_num_threads(1)
     seconds: dict[str, float] = collections.defaultdict(float)
     for cls, name in PARTS:
@@ -43,7 +46,7 @@ def main(num_requests: int) -> None:
     cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")), "max_model_len": 1024},
                             "scheduler": {"max_num_seqs": num_requests,
                                           "max_num_batched_tokens": 8192}})
-    engine = E.LLMEngine(cfg)
+    engine = E.LLMEngine(cfg, detokenize=detokenize)
     rng = random.Random(0)
     for i in range(num_requests):
         engine.add_request(f"r{i}", [rng.randrange(10, 500) for _ in range(100)],
@@ -64,4 +67,4 @@ def main(num_requests: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 256)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 256, sys.argv[2:3] != ["ids"])

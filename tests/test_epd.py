@@ -121,6 +121,24 @@ def test_oracle_concurrent(deployment):
     assert got == expected(deployment.family)
 
 
+def test_stop_string(deployment):
+    """A stop string ends the request on the rank that samples (workers detokenize only the
+    requests that have stop strings) and is cut from the text, as offline."""
+    from openai import OpenAI
+    client = OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    text, image = _requests(deployment.family)[0]
+    full = expected(deployment.family)[0]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    parts = [{"type": "text", "text": text},
+             {"type": "image_url", "image_url": {"url": _data_url(image)}}]
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": parts}],
+                                       max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < MAX_TOKENS
+
+
 PENALTIES = dict(frequency_penalty=0.8, presence_penalty=0.4, repetition_penalty=1.3,
                  logit_bias={5: 3.0, 6: -100.0})
 

@@ -26,13 +26,17 @@ PROMPT_TAIL = 4        # prompt ids the detokenizer sees first (leading-space ha
 @dataclass
 class _Request:
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None      # None: no text wanted and no stop strings
     prefill_only: bool = False
 
 
 class LLMEngine:
-    def __init__(self, config: Config, processor=None, encode_only: bool = False, device=None):
+    def __init__(self, config: Config, processor=None, encode_only: bool = False, device=None,
+                 detokenize: bool = True):
+        """`detokenize=False`: outputs carry token ids only (a worker rank: the frontend makes
+        the text); requests with stop strings are still detokenized, to find them."""
         self.config = config
+        self.detokenize = detokenize
         if processor is None:
             from mmhpc.multimodal.processor import InputProcessor
             processor = InputProcessor(config.model.path)
@@ -60,7 +64,9 @@ class LLMEngine:
                 seq.prompt_token_ids, seq.mm_items)
         return seq
 
-    def _detok(self, seq: Sequence) -> IncrementalDetokenizer:
+    def _detok(self, seq: Sequence) -> IncrementalDetokenizer | None:
+        if not self.detokenize and not seq.params.stop:
+            return None
         return IncrementalDetokenizer(self.processor.tokenizer, seq.params.stop,
                                       prompt_tail=seq.prompt_token_ids[-PROMPT_TAIL:])
 
@@ -118,8 +124,9 @@ class LLMEngine:
                 raise ValueError(seq.error)
             return None
         detok = self._detok(seq)
-        detok.add(first_token_id)
-        detok.sent = len(detok.text)           # the prefill rank streamed this text
+        if detok is not None:
+            detok.add(first_token_id)
+            detok.sent = len(detok.text)       # the prefill rank streamed this text
         self.requests[request_id] = _Request(seq, detok)
         return blocks
 
@@ -152,8 +159,10 @@ class LLMEngine:
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         req = self.requests[seq.request_id]
-        delta = req.detok.add(token)
-        reason = FinishReason.STOP if req.detok.stopped else self.scheduler.check_stop(seq)
+        detok = req.detok
+        delta = detok.add(token) if detok is not None else ""
+        stopped = detok is not None and detok.stopped
+        reason = FinishReason.STOP if stopped else self.scheduler.check_stop(seq)
         out = RequestOutput(seq.request_id, [token], delta,
                             [logprob] if logprob is not None else None,
                             num_prompt_tokens=seq.num_prompt_tokens,
@@ -166,7 +175,8 @@ class LLMEngine:
             return out
         else:
             return out
-        out.text_delta += req.detok.flush()
+        if detok is not None:
+            out.text_delta += detok.flush()
         out.finished, out.finish_reason = True, reason.value
         self._forget(seq.request_id)
         return out

@@ -26,7 +26,7 @@ class AggregatedWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device)
+        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
         self.hidden_size = self.engine.runner.model.text_config.hidden_size
         self.requests: dict[str, GenerateRequest] = {}

@@ -39,7 +39,7 @@ class DecodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device)
+        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         self.geometry = KVGeometry.of_pool(self.engine.kv_cache)
         self.waiting: deque[KVReady] = deque()        # no free blocks yet

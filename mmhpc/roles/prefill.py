@@ -46,7 +46,7 @@ class PrefillWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device)
+        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
         self.hidden_size = self.engine.runner.model.text_config.hidden_size
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
