@@ -125,6 +125,30 @@ def test_models_health_metrics(env):
         assert name in text
 
 
+def test_tokenize_and_detokenize(env):
+    """/tokenize counts what a request would send the engine (a chat's image placeholders
+    included: the usage of the same chat), /detokenize gives the text back; bad input: 400."""
+    import json
+    url = env["url"]
+    part = [image_part(env["srv"].url("/cat.png"))]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, *part]}]
+    status, raw = http("POST", url + "/tokenize", json.dumps({"messages": msgs}).encode())
+    assert status == 200, raw
+    tok = json.loads(raw)
+    r = chat(env, part, max_tokens=2)
+    assert tok["count"] == len(tok["tokens"]) == r.usage.prompt_tokens
+    assert tok["max_model_len"] == MAX_LEN
+    status, raw = http("POST", url + "/tokenize", json.dumps({"prompt": "hello there"}).encode())
+    ids = json.loads(raw)["tokens"]
+    assert status == 200 and ids == env["llm"].engine.processor.process("hello there", [])[0]
+    status, raw = http("POST", url + "/detokenize", json.dumps({"tokens": ids}).encode())
+    assert status == 200 and "hello there" in json.loads(raw)["prompt"]
+    for path, body in (("/tokenize", {"prompt": 5}), ("/detokenize", {"tokens": [-1]}),
+                       ("/detokenize", {"tokens": "abc"}), ("/tokenize", {"messages": "x"})):
+        status, raw = http("POST", url + path, json.dumps(body).encode())
+        assert status == 400 and json.loads(raw)["error"]["param"], (path, raw)
+
+
 def test_chat_image_url_matches_offline(env):
     ref = offline(env, [env["img"]])
     r = chat(env, [image_part(env["srv"].url("/cat.png"))])

@@ -171,6 +171,16 @@ class Frontend:
         prompt = self.processor.apply_chat_template(messages)
         return self._process(prompt, [self._processor_input(x) for x in media], "messages")
 
+    async def _chat_inputs(self, req: P.ChatRequest) -> tuple[list[int], list]:
+        """Media fetched and decoded, chat template, tokens: (prompt ids, MMItems)."""
+        try:
+            async with asyncio.timeout(self.config.server.request_timeout_s):
+                media = await self.media.load_all([(m.url, m.param) for m in req.media])
+                return await asyncio.to_thread(self._tokenize_chat, req.messages, media)
+        except TimeoutError:
+            raise APIError(504, "timed out preparing the request", type="timeout_error",
+                           code="timeout") from None
+
     def _process(self, prompt: str, inputs: list, param: str) -> tuple[list[int], list]:
         try:
             return self.processor.process(prompt, inputs)
@@ -264,13 +274,7 @@ class Frontend:
             req = P.parse_chat(body, self.model, self.config.media.max_images_per_request,
                                self.vocab_size)
             deadline = self._deadline()
-            try:
-                async with asyncio.timeout(self.config.server.request_timeout_s):
-                    media = await self.media.load_all([(m.url, m.param) for m in req.media])
-                    ids, items = await asyncio.to_thread(self._tokenize_chat, req.messages, media)
-            except TimeoutError:
-                raise APIError(504, "timed out preparing the request", type="timeout_error",
-                               code="timeout") from None
+            ids, items = await self._chat_inputs(req)
             self.metrics.media.observe(time.monotonic() - t0)
             params = [req.sampling.params(len(ids), self.max_model_len, i)
                       for i in range(req.sampling.n)]
@@ -320,6 +324,37 @@ class Frontend:
                                     P.completion_logprobs(c.logprobs, self.token_str) if lp else None)
                 for i, c in enumerate(choices)],
                 P.usage(num_prompt, sum(c.num_tokens for c in choices))))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize (vLLM's): {"prompt": str} or {"messages": [...]} (images fetched and
+        expanded into their placeholder tokens, as a chat request would) → the token ids."""
+        with self._admit("tokenize"):
+            body = await self._body(request)
+            if "messages" in body:
+                req = P.parse_chat(body, self.model, self.config.media.max_images_per_request,
+                                   self.vocab_size)
+                ids, _ = await self._chat_inputs(req)
+            else:
+                P.check_model(body, self.model)
+                if not isinstance(body.get("prompt"), str):
+                    raise P.bad("'prompt' must be a string (or send 'messages')", param="prompt")
+                ids = await asyncio.to_thread(self._tokenize_completion, body["prompt"])
+            return web.json_response({"count": len(ids), "max_model_len": self.max_model_len,
+                                      "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize (vLLM's): {"tokens": [ids]} → {"prompt": text}."""
+        with self._admit("detokenize"):
+            body = await self._body(request)
+            P.check_model(body, self.model)
+            tokens = body.get("tokens")
+            if not (isinstance(tokens, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+                    for t in tokens)):
+                raise P.bad(f"'tokens' must be a list of token ids in [0, {self.vocab_size})",
+                            param="tokens")
+            text = await asyncio.to_thread(self.processor.tokenizer.decode, tokens)
+            return web.json_response({"prompt": text})
 
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created,
@@ -421,6 +456,8 @@ def build_app(config: Config, engine_client: EngineClient, processor) -> web.App
     app.router.add_post("/v1/completions", fe.completions)
     app.router.add_get("/v1/models", fe.models)
     app.router.add_get("/v1/models/{model:.+}", fe.retrieve_model)
+    app.router.add_post("/tokenize", fe.tokenize)
+    app.router.add_post("/detokenize", fe.detokenize)
     app.router.add_get("/health", fe.health)
     app.router.add_get("/metrics", fe.metrics_text)
     return app

@@ -223,7 +223,8 @@ def _refuse_unsupported(body: dict) -> None:
             raise bad(why, param=key, code="unsupported_parameter")
 
 
-def _model(body: dict, served: str) -> str:
+def check_model(body: dict, served: str) -> str:
+    """The request's model (default: the served one), after refusing fields not honoured."""
     _refuse_unsupported(body)           # every request parser starts here
     model = body.get("model")
     if model is None:
@@ -279,7 +280,7 @@ def _image_url(part: dict, param: str) -> str:
 
 def parse_chat(body: dict, served_model: str, max_images: int,
                vocab_size: Optional[int] = None) -> ChatRequest:
-    model = _model(body, served_model)
+    model = check_model(body, served_model)
     raw = body.get("messages")
     if raw is None:
         raise bad("'messages' is required", param="messages", code="missing_required_parameter")
@@ -342,7 +343,7 @@ class CompletionRequest:
 
 
 def parse_completion(body: dict, served_model: str, vocab_size: int) -> CompletionRequest:
-    model = _model(body, served_model)
+    model = check_model(body, served_model)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("'prompt' is required", param="prompt", code="missing_required_parameter")
