@@ -38,6 +38,7 @@ from mmhpc.server.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
 MAX_IMAGES_KEPT = 512
+INLINE_HASH_TOKENS = 4096       # longer prompts are hashed for routing in a worker thread
 PROMPT_TAIL = 4
 
 
@@ -121,10 +122,15 @@ class RemoteEngineClient(EngineClient):
                                        prompt_tail=prompt_token_ids[-PROMPT_TAIL:])
         if self.aggregated:
             enc, pre = -1, -1
-            dec = self._pick(self.aggregated, prompt_token_ids, mm_items)
+            dec = self._pick(self.aggregated, await self._prefix_keys(
+                self.aggregated, prompt_token_ids, mm_items))
         else:
-            enc = self._pick(self.encoders, images=mm_items) if self.encoders and images else -1
-            pre = self._pick(self.prefills, prompt_token_ids, mm_items)
+            enc = -1
+            if self.encoders and images:
+                enc = self._pick(self.encoders, [it.content_hash for it in mm_items]
+                                 if self.router.wants_keys(self.encoders) else [], prefix=False)
+            pre = self._pick(self.prefills, await self._prefix_keys(
+                self.prefills, prompt_token_ids, mm_items))
             dec = self._pick(self.decoders)
         st = _Request(asyncio.Queue(), [r for r in (enc, pre, dec) if r >= 0], detok)
         if request_id in self.requests:
@@ -206,23 +212,29 @@ class RemoteEngineClient(EngineClient):
         for r in ranks:
             self._send(r, AbortRequest(rid, reason))
 
-    def _pick(self, ranks: list[int], prompt_token_ids=None, mm_items=(), images=()) -> int:
+    async def _prefix_keys(self, ranks: list[int], prompt_token_ids, mm_items) -> list[int]:
+        """The prompt's block hashes for the router (none where they cannot change a pick);
+        a long prompt is hashed off the event loop (~4 µs a block)."""
+        if not self.router.wants_keys(ranks):
+            return []
+        ids = list(prompt_token_ids)
+        if len(ids) > INLINE_HASH_TOKENS:
+            return await asyncio.to_thread(self.router.prompt_keys, ids, mm_items)
+        return self.router.prompt_keys(ids, mm_items)
+
+    def _pick(self, ranks: list[int], keys: list = (), prefix: bool = True) -> int:
         """Least loaded (own in-flight count + reported queue, then most free blocks), where
-        the prompt's prefix (`prompt_token_ids`, `mm_items`) or the `images` count as cached
-        on the rank they were last sent to (mmhpc.roles.router)."""
+        the prompt's block hashes (`prefix`) or the images' content hashes in `keys` count as
+        cached on the rank they were last sent to (mmhpc.roles.router)."""
         self._refresh_local()
 
         def load(r: int) -> tuple[float, int]:
             s = self.rank_stats.get(r, {})
             return (self.in_flight[r] + s.get("num_waiting", 0) + s.get("num_waiting_kv", 0),
                     s.get("num_free_blocks", 0))
-        keys: list = []
-        if self.router.wants_keys(ranks):
-            keys = (self.router.prompt_keys(list(prompt_token_ids), mm_items)
-                    if prompt_token_ids is not None else [it.content_hash for it in images])
-        rank = self.router.pick(ranks, load, keys, prefix=prompt_token_ids is not None)
-        capacity = (self.rank_stats.get(rank, {}).get("num_total_blocks", 1 << 20)
-                    if prompt_token_ids is not None else MAX_IMAGES)
+        rank = self.router.pick(ranks, load, keys, prefix)
+        capacity = (self.rank_stats.get(rank, {}).get("num_total_blocks", 1 << 20) if prefix
+                    else MAX_IMAGES)
         self.router.record(rank, keys, capacity)
         return rank
 
