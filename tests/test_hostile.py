@@ -235,7 +235,9 @@ def test_hostile(env, case):
 @pytest.mark.parametrize("extra", [
     {"tools": [], "tool_choice": "none"}, {"tool_choice": "auto"},
     {"response_format": {"type": "text"}}, {"modalities": ["text"]}, {"functions": []},
-    {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}])
+    {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}},
+    {"tools": None, "tool_choice": None, "response_format": None, "audio": None,
+     "modalities": None, "logit_bias": None, "stop_token_ids": None}])
 def test_harmless_values_of_unsupported_fields_are_accepted(extra):
     """What SDKs send by default (no tools, text output) is not refused."""
     from mmhpc.server import protocol as P

@@ -205,21 +205,20 @@ def _logit_bias(body: dict, vocab_size: Optional[int]) -> dict[int, float]:
 _UNSUPPORTED = (
     ("tools", lambda v: bool(v), "tool calling is not supported: send no 'tools'"),
     ("functions", lambda v: bool(v), "function calling is not supported"),
-    ("tool_choice", lambda v: v not in (None, "none", "auto"), "tool calling is not supported"),
-    ("function_call", lambda v: v not in (None, "none", "auto"),
-     "function calling is not supported"),
+    ("tool_choice", lambda v: v not in ("none", "auto"), "tool calling is not supported"),
+    ("function_call", lambda v: v not in ("none", "auto"), "function calling is not supported"),
     ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") in (None, "text")),
      "structured output is not supported: use response_format {\"type\": \"text\"}"),
-    ("modalities", lambda v: v not in (None, ["text"]), "only text output is supported"),
-    ("audio", lambda v: v is not None, "audio output is not supported"),
-    ("suffix", lambda v: v not in (None, ""), "'suffix' is not supported"),
-    ("best_of", lambda v: v not in (None, 1), "'best_of' is not supported: use 'n'"),
+    ("modalities", lambda v: v != ["text"], "only text output is supported"),
+    ("audio", lambda v: True, "audio output is not supported"),
+    ("suffix", lambda v: v != "", "'suffix' is not supported"),
+    ("best_of", lambda v: v != 1, "'best_of' is not supported: use 'n'"),
 )
 
 
 def _refuse_unsupported(body: dict) -> None:
     for key, used, why in _UNSUPPORTED:
-        if key in body and used(body[key]):
+        if body.get(key) is not None and used(body[key]):       # null: not sent
             raise bad(why, param=key, code="unsupported_parameter")
 
 
