@@ -42,23 +42,28 @@ class Sampler:
             return {}
         logits = logits.float()
         masked = logits
+        plain = True                    # every row greedy without logprobs: the argmax is all
         for i, seq in enumerate(seqs):
             p = seq.params
             early = len(seq.output_token_ids) < p.min_tokens   # no EOS / stop token before it
-            if early or p.penalized:
+            penalized = p.penalized
+            if early or penalized:
                 if masked is logits:
                     masked = logits.clone()
             if early:
                 ids = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 if ids:
                     masked[i, ids] = float("-inf")
-            if p.penalized:
+            if penalized:
                 self._penalize(masked[i], seq)
-        if (launch_ahead is not None and logits.is_cuda
-                and all(s.params.greedy and s.params.logprobs is None for s in seqs)):
+            if plain and (p.temperature != 0.0 or p.logprobs is not None):
+                plain = False
+        if launch_ahead is not None and logits.is_cuda and plain:
             tokens = self._argmax_then(masked, launch_ahead)
         else:
             tokens = masked.argmax(dim=-1).tolist()
+        if plain:
+            return {s.request_id: (t, None) for s, t in zip(seqs, tokens)}
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.greedy:
