@@ -149,6 +149,30 @@ def test_tokenize_and_detokenize(env):
         assert status == 400 and json.loads(raw)["error"]["param"], (path, raw)
 
 
+def _metric(env, name: str) -> float:
+    text = http("GET", env["url"] + "/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_cached_tokens_reported_streamed_and_counted(env):
+    """A repeated prompt's prefix-cache hit shows in the streamed usage (as in the
+    non-streamed one) and in /metrics, for chat and completions alike."""
+    part = [image_part(env["srv"].url("/cat.png"))]
+    chat(env, part, max_tokens=2, stream=True)
+    before = _metric(env, "mmhpc_prompt_cached_tokens_total")
+    _, usage, _ = streamed(chat(env, part, max_tokens=2, stream=True,
+                                stream_options={"include_usage": True}))
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached >= usage.prompt_tokens - 2 * 16 > 0
+    assert _metric(env, "mmhpc_prompt_cached_tokens_total") - before == cached
+    prompt = "a prompt for the completions endpoint, long enough to fill a few blocks " * 2
+    env["client"].completions.create(model=env["model"], prompt=prompt, max_tokens=2)
+    before = _metric(env, "mmhpc_prompt_cached_tokens_total")
+    env["client"].completions.create(model=env["model"], prompt=prompt, max_tokens=2)
+    assert _metric(env, "mmhpc_prompt_cached_tokens_total") - before >= 16
+
+
 def test_chat_image_url_matches_offline(env):
     ref = offline(env, [env["img"]])
     r = chat(env, [image_part(env["srv"].url("/cat.png"))])

@@ -226,7 +226,8 @@ class Frontend:
         is sent as an error event; a client gone closes `outputs` (→ engine requests aborted)."""
         created = int(time.time())
         resp = await self._start_sse(request)
-        num_completion = num_cached = 0
+        num_completion = 0
+        cached: dict[int, int] = {}             # choice -> prompt tokens from the prefix cache
 
         def chunk(choices: list[dict], u: Optional[dict] = None) -> bytes:
             return P.sse(P.response(obj, rid, self.model, choices, u, created))
@@ -237,12 +238,13 @@ class Frontend:
                 async for i, out in outputs:
                     self._check_output(out)
                     num_completion += len(out.new_token_ids)
-                    num_cached = max(num_cached, out.num_cached_tokens)
+                    cached[i] = max(cached.get(i, 0), out.num_cached_tokens)
                     c = choice(i, out)
                     if c is not None:
                         await resp.write(chunk([c]))
+            self.metrics.cached_tokens += sum(cached.values())     # as the non-streamed
             if include_usage:
-                await resp.write(chunk([], P.usage(num_prompt, num_completion, num_cached)))
+                await resp.write(chunk([], P.usage(num_prompt, num_completion, cached.get(0, 0))))
         except APIError as e:
             await resp.write(P.sse(e.body()))
         except ConnectionError:
@@ -319,6 +321,7 @@ class Frontend:
                                           functools.partial(self._completion_delta, lp),
                                           num_prompt, req.include_usage, [])
             choices = await self._collect(merged, len(prompt_ids) * n)
+            self.metrics.cached_tokens += sum(c.num_cached for c in choices)
             return web.json_response(P.response(P.COMPLETION, rid, self.model, [
                 P.completion_choice(i, "".join(c.text), c.reason,
                                     P.completion_logprobs(c.logprobs, self.token_str) if lp else None)
