@@ -159,7 +159,7 @@ def test_cached_tokens_reported_streamed_and_counted(env):
     """A repeated prompt's prefix-cache hit shows in the streamed usage (as in the
     non-streamed one) and in /metrics, for chat and completions alike."""
     part = [image_part(env["srv"].url("/cat.png"))]
-    chat(env, part, max_tokens=2, stream=True)
+    streamed(chat(env, part, max_tokens=2, stream=True))          # read to its end
     before = _metric(env, "mmhpc_prompt_cached_tokens_total")
     _, usage, _ = streamed(chat(env, part, max_tokens=2, stream=True,
                                 stream_options={"include_usage": True}))
