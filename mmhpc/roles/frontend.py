@@ -39,6 +39,7 @@ from mmhpc.server.engine_client import EngineClient
 log = logging.getLogger(__name__)
 MAX_IMAGES_KEPT = 512
 INLINE_HASH_TOKENS = 4096       # longer prompts are hashed for routing in a worker thread
+ABORT_GRACE_S = 0.5             # the dead-rank line reaches the launcher before MPI_Abort
 PROMPT_TAIL = 4
 
 
@@ -423,4 +424,7 @@ def run(ctx, local=None) -> None:
     asyncio.run(main())
     if client.dead:                  # outside asyncio: take every rank down
         sys.stderr.flush()
+        # The launcher forwards rank 0's stderr through a pipe; MPI_Abort tears the job down
+        # at once, and a busy launcher could drop the one line that says which rank died.
+        time.sleep(ABORT_GRACE_S)
         ctx.comm.Abort(1)
