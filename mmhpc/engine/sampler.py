@@ -56,7 +56,7 @@ class Sampler:
                     masked[i, ids] = float("-inf")
             if penalized:
                 self._penalize(masked[i], seq)
-            if plain and (p.temperature != 0.0 or p.logprobs is not None):
+            if plain and not (p.greedy and p.logprobs is None):
                 plain = False
         if launch_ahead is not None and logits.is_cuda and plain:
             tokens = self._argmax_then(masked, launch_ahead)
@@ -94,8 +94,12 @@ class Sampler:
             ids = [t for t in p.logit_bias if 0 <= t < vocab]
             if ids:
                 row[ids] += torch.tensor([p.logit_bias[t] for t in ids], device=dev)
+        repeat = p.repetition_penalty != 1.0
+        counted = bool((p.frequency_penalty or p.presence_penalty) and seq.output_token_ids)
+        if not (repeat or counted):
+            return
         out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=dev)     # [n_out]
-        if p.repetition_penalty != 1.0:
+        if repeat:
             prompt = self._prompt_ids.get(seq.request_id)
             if prompt is None:
                 prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=dev)
@@ -104,7 +108,7 @@ class Sampler:
             vals = row.gather(0, seen)
             row.scatter_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty,
                                               vals * p.repetition_penalty))
-        if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:
+        if counted:
             ones = torch.ones_like(out, dtype=row.dtype)
             counts = torch.zeros_like(row).scatter_add_(0, out, ones)                  # [V]
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
