@@ -121,8 +121,8 @@ class HF:
 class Deployment:
     """`mpirun -n N python -m mmhpc ...` serving HTTP on a free port; stopped by SIGTERM."""
 
-    def __init__(self, n: int, overrides: list[str]):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    def __init__(self, n: int, overrides: list[str], env: dict | None = None):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
         self.proc = subprocess.Popen(
             [MPIRUN, "-n", str(n), sys.executable, "-m", "mmhpc", "server.host=127.0.0.1",
              "server.port=0", *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -183,23 +183,30 @@ CASES = [("tell me a story about the sea", []), ("what is in the picture?", [(32
          ("compare these two", [(32, 32, 2), (48, 40, 3)])]
 
 
-# (id, family, kv heads, ranks, overrides): KV heads split or replicated; E/P/D with prefill
-# and decode of different TP sizes (decode READs each head from the prefill rank holding it).
+# (id, family, kv heads, ranks, overrides[, env]): KV heads split or replicated; E/P/D with
+# prefill and decode of different TP sizes (decode READs each head from the prefill rank
+# holding it). slow_follower: decode's TP follower starts its READs 0.5 s after the leader;
+# prefill must not free (and reuse) the blocks when the leader's READ is done (it did: the
+# follower then read another prompt's KV into the last block; one token in six went wrong).
 DEPLOYMENTS = [
     ("agg_tp2-llava-kv2", "llava", 2, 2, ["deployment.aggregated.tp=2"]),
     ("agg_tp2-qwen2_vl-kv1", "qwen2_vl", 1, 2, ["deployment.aggregated.tp=2"]),
     ("e_p2_d1-llava-kv2", "llava", 2, 5, ["deployment=e_p_d", "deployment.prefill.tp=2"]),
     ("e_p1_d2-qwen2_vl-kv1", "qwen2_vl", 1, 5, ["deployment=e_p_d", "deployment.decode.tp=2"]),
+    ("e_p1_d2-qwen2_vl-kv1-slow_follower", "qwen2_vl", 1, 5,
+     ["deployment=e_p_d", "deployment.decode.tp=2"],
+     {"MMHPC_TEST_FOLLOWER_PULL_DELAY_S": "0.5"}),
 ]
 
 
 @pytest.fixture(scope="module", params=DEPLOYMENTS, ids=[d[0] for d in DEPLOYMENTS])
 def deployment(request):
     from mmhpc.tools.tiny import tiny_checkpoint
-    name, family, kv, ranks, overrides = request.param
+    name, family, kv, ranks, overrides, *env = request.param
     path = tiny_checkpoint(family, kv_heads=kv)
     dep = Deployment(ranks, [f"model.path={path}", "model.max_model_len=512",
-                             "cache.num_blocks=128", "cache.block_size=4", *overrides])
+                             "cache.num_blocks=128", "cache.block_size=4", *overrides],
+                     env[0] if env else None)
     yield dep, path, HF(path)
     rc = dep.stop()
     # agg: rank 0 drains, then stops its followers: exit 0. E/P/D workers die by SIGTERM.

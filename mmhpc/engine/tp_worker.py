@@ -140,7 +140,9 @@ class KVPull(FollowerTask):
     i's pool) into `dst_blocks` of this rank's pool: ONE READ per prefill rank that holds
     heads this rank needs (`mmhpc.distributed.kv_layout.plan_tp_reads`)."""
 
-    def __init__(self, num_kv_heads: int, src_pools, src_blocks, dst_blocks, deadline: float):
+    def __init__(self, request_id: str, num_kv_heads: int, src_pools, src_blocks, dst_blocks,
+                 deadline: float):
+        self.request_id = request_id
         self.num_kv_heads = num_kv_heads
         self.src_pools, self.src_blocks, self.dst_blocks = src_pools, src_blocks, dst_blocks
         self.deadline = deadline
@@ -156,19 +158,53 @@ class KVPull(FollowerTask):
         return [ctx.nixl.read(local, remote) for _, local, remote in reads]
 
     def run(self, ctx, runner) -> None:
-        """Follower: READ and wait; the leader's next step broadcast comes after."""
+        """Follower: READ and wait (a failure is remembered for the leader's `Sync`); the
+        leader's next broadcast comes after."""
         import time
+        if _PULL_DELAY_S:
+            time.sleep(_PULL_DELAY_S)
         try:
             for h in self.start(ctx, runner.kv_cache, ctx.kv_pool_descs):
                 ctx.nixl.wait(h, timeout=max(0.0, self.deadline - time.time()))
         except Exception:  # noqa: BLE001
-            log.exception("TP rank %d: KV pull failed", get_tp().rank)
+            log.exception("TP rank %d: KV pull of %s failed", get_tp().rank, self.request_id)
+            _FAILED_PULLS.add(self.request_id)
 
 
-def start_kv_pull(ctx, engine, pool, src_pools, src_blocks, dst_blocks, deadline) -> list:
+# Fault injection for tests: followers start their READs this late (a slow rank).
+_PULL_DELAY_S = float(__import__("os").environ.get("MMHPC_TEST_FOLLOWER_PULL_DELAY_S", "0"))
+_FAILED_PULLS: set[str] = set()        # follower: pulls that failed, until a Sync asks
+
+
+class Sync(FollowerTask):
+    """A barrier: has every TP rank pulled these requests' KV? (The follower has finished
+    every task broadcast before this one.)"""
+
+    def __init__(self, request_ids: list[str]):
+        self.request_ids = request_ids
+
+    def run(self, ctx, runner) -> None:
+        failed = [r for r in self.request_ids if r in _FAILED_PULLS]
+        _FAILED_PULLS.difference_update(failed)
+        get_tp().min_int(0 if failed else 1)
+
+
+def sync_followers(request_ids: list[str]) -> bool:
+    """Leader: return once every follower has finished what was broadcast before (e.g. its
+    `KVPull` READs: only then may the prefill rank reuse the blocks they read). False: a
+    follower's pull of one of `request_ids` failed (its KV there is not valid)."""
+    tp = get_tp()
+    if tp.size == 1 or not tp.is_leader:
+        return True
+    tp.broadcast_object(Sync(list(request_ids)))
+    return tp.min_int(1) == 1
+
+
+def start_kv_pull(ctx, engine, pool, request_id, src_pools, src_blocks, dst_blocks,
+                  deadline) -> list:
     """Decode leader: start this rank's READs (handles returned: poll each) and have the
     followers do theirs."""
-    task = KVPull(num_kv_heads(engine.runner.model.text_config), list(src_pools),
+    task = KVPull(request_id, num_kv_heads(engine.runner.model.text_config), list(src_pools),
                   list(src_blocks), list(dst_blocks), deadline)
     get_tp().broadcast_object(task)
     return task.start(ctx, engine.kv_cache, pool)

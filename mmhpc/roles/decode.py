@@ -5,7 +5,9 @@
 2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
    (`kv_transfer.plan_read`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
 3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
-   each step's new tokens go to the frontend as TokenStream.
+   each step's new tokens go to the frontend as TokenStream. With TP, ReleaseKV waits until
+   every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
+   of a follower's, and prefill reuses freed blocks at once.
 AbortRequest, an expired deadline or a failed READ frees the reserved blocks (and tells
 prefill with ReleaseKV so its blocks go too).
 """
@@ -21,7 +23,7 @@ from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import ReleaseKV
-from mmhpc.engine.tp_worker import start_kv_pull
+from mmhpc.engine.tp_worker import start_kv_pull, sync_followers
 from mmhpc.roles.kv_transfer import KVGeometry
 from mmhpc.roles.worker import Worker, run_worker
 
@@ -92,7 +94,7 @@ class DecodeWorker(Worker):
                 deadline = min(msg.deadline, msg.lease_expires,
                                time.time() + self.timeouts.kv_transfer_s)
                 # every TP rank of ours READs its KV heads from the prefill TP ranks holding them
-                handle = start_kv_pull(self.ctx, self.engine, self.pool_descs, msg.pools,
+                handle = start_kv_pull(self.ctx, self.engine, self.pool_descs, rid, msg.pools,
                                        msg.block_ids[:n], blocks[:n], deadline)
             except Exception as e:  # noqa: BLE001
                 self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
@@ -102,6 +104,7 @@ class DecodeWorker(Worker):
 
     def _poll_pulls(self) -> None:
         now = time.time()
+        done_pulls: list[_Pull] = []
         for rid, p in list(self.pulls.items()):
             try:
                 p.handle[:] = [h for h in p.handle if not self.ctx.nixl.done(h)]
@@ -112,15 +115,23 @@ class DecodeWorker(Worker):
                 continue
             if done:
                 del self.pulls[rid]
-                self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
-                self.engine.activate_request(rid)
-                self.active[rid] = p.msg
+                done_pulls.append(p)
             elif now > p.deadline:
                 del self.pulls[rid]
                 for h in p.handle:
                     self.ctx.nixl._release(h)
                 self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} timed out",
                            timeout=True)
+        # one barrier for all of this turn's pulls (a follower failing fails them all)
+        if done_pulls and not sync_followers([p.msg.request_id for p in done_pulls]):
+            for p in done_pulls:
+                self._fail(p.msg, "KV READ on a TP follower rank failed (its log says why)")
+            return
+        for p in done_pulls:
+            rid = p.msg.request_id
+            self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
+            self.engine.activate_request(rid)
+            self.active[rid] = p.msg
 
     def _expire(self) -> None:
         now = time.time()
