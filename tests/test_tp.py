@@ -1,7 +1,8 @@
 """Tensor parallelism: KV head layout across TP sizes (pure functions, NIXL reads simulated by
 byte copies), and the HF oracle over HTTP under `mpirun`: agg tp=2, E/P/D with prefill tp=2 →
 decode tp=1 and prefill tp=1 → decode tp=2; both families; GQA with KV heads split (2 heads)
-and replicated (1 head, tp=2). Each deployment starts once per module."""
+and replicated (1 head, tp=2); a slow decode TP follower, and one whose READ fails. Each
+deployment starts once per module."""
 from __future__ import annotations
 
 import base64
@@ -229,3 +230,35 @@ def test_tp_oracle_over_http(deployment):
     for t in threads:
         t.join(180)
     assert results == expected
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_follower_pull_failure_fails_the_request_only():
+    """A decode TP follower whose READ fails: the request gets an error (not tokens decoded
+    from half-valid KV), prefill gets its blocks back, and the job keeps serving."""
+    import json
+    import urllib.request
+
+    import openai
+    from mmhpc.tools.tiny import tiny_checkpoint
+    path = tiny_checkpoint("qwen2_vl", kv_heads=1)
+    dep = Deployment(5, [f"model.path={path}", "model.max_model_len=512", "cache.num_blocks=128",
+                         "cache.block_size=4", "deployment=e_p_d", "deployment.decode.tp=2"],
+                     {"MMHPC_TEST_FOLLOWER_PULL_FAIL": "1"})
+    try:
+        for _ in range(2):
+            with pytest.raises(openai.APIError, match="TP follower"):
+                chat_tokens(dep.url, path.name, "tell me a story about the sea", [])
+
+        def retained() -> dict:
+            with urllib.request.urlopen(dep.url + "/debug/ranks", timeout=10) as r:
+                ranks = json.load(r)
+            return {k: v["num_retained"] for k, v in ranks.items() if v["role"] == "prefill"}
+        end = time.monotonic() + 10
+        while any(retained().values()) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not any(retained().values()), retained()
+        with urllib.request.urlopen(dep.url + "/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        dep.stop()

@@ -164,6 +164,8 @@ class KVPull(FollowerTask):
         if _PULL_DELAY_S:
             time.sleep(_PULL_DELAY_S)
         try:
+            if _PULL_FAIL:
+                raise RuntimeError("MMHPC_TEST_FOLLOWER_PULL_FAIL is set")
             for h in self.start(ctx, runner.kv_cache, ctx.kv_pool_descs):
                 ctx.nixl.wait(h, timeout=max(0.0, self.deadline - time.time()))
         except Exception:  # noqa: BLE001
@@ -171,8 +173,9 @@ class KVPull(FollowerTask):
             _FAILED_PULLS.add(self.request_id)
 
 
-# Fault injection for tests: followers start their READs this late (a slow rank).
+# Fault injection for tests: followers start their READs this late (a slow rank), or fail them.
 _PULL_DELAY_S = float(__import__("os").environ.get("MMHPC_TEST_FOLLOWER_PULL_DELAY_S", "0"))
+_PULL_FAIL = __import__("os").environ.get("MMHPC_TEST_FOLLOWER_PULL_FAIL") == "1"
 _FAILED_PULLS: set[str] = set()        # follower: pulls that failed, until a Sync asks
 
 
