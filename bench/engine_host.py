@@ -7,6 +7,12 @@ hidden (TP > 1, or a host slower than the GPU step).
 
 `ids`: the engine as a worker rank builds it (`detokenize=False`: token ids only, the
 frontend makes the text).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_host.py prefill [seeded]
+
+Prefill steps of the offline bench's shape: 256 prompts of 616 tokens (text), 16-token
+blocks, 16,384-token steps, one output token each, `detokenize=False`. `seeded`: the prompts'
+block hashes made before `add_request` (as the offline bench's preprocessing threads do).
 """
 from __future__ import annotations
 
@@ -66,5 +72,38 @@ def main(num_requests: int, detokenize: bool = True) -> None:
     print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
 
 
+def prefill(seeded: bool) -> None:
+    torch.set_num_threads(1)
+    seconds: dict[str, float] = collections.defaultdict(float)
+    for cls, name in PARTS:
+        timed(seconds, cls, name)
+    cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")), "max_model_len": 1024},
+                            "cache": {"block_size": 16, "num_blocks": 4096},
+                            "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": 16384}})
+    engine = E.LLMEngine(cfg, detokenize=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 500) for _ in range(616)] for _ in range(256)]
+    hashes = [engine.prompt_block_hashes(p) if seeded else None for p in prompts]
+    seconds.clear()
+    for i, (p, h) in enumerate(zip(prompts, hashes)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=1, ignore_eos=True),
+                           block_hashes=h)
+    num_steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        num_steps += 1
+    total = time.perf_counter() - t0
+    print(f"256 x 616-token prompts{' (seeded hashes)' if seeded else ''}, {num_steps} steps: "
+          f"{total / num_steps * 1e3:.2f} ms/step")
+    for name, s in seconds.items():
+        print(f"  {name:12s} {s / num_steps * 1e3:7.3f} ms/step")
+    print(f"  execute - run_step {(seconds['execute'] - seconds['run_step']) / num_steps * 1e3:7.3f}"
+          f" ms/step (input building)")
+    print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 256, sys.argv[2:3] != ["ids"])
+    if sys.argv[1:2] == ["prefill"]:
+        prefill(sys.argv[2:3] == ["seeded"])
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 256, sys.argv[2:3] != ["ids"])

@@ -164,6 +164,31 @@ def test_memoized_hashes_are_block_hash_chains():
     assert got == want
 
 
+def test_seeded_hashes_equal_the_managers_own():
+    """`prompt_hashes` (made off the engine's thread) seed a seq's hashes: the same values as
+    the manager's own, the same prefix hits, extended past the prompt as it decodes."""
+    items = [MMItem("h1", 2, 6)]
+    prompt = [5, 6] + [9] * 6 + list(range(20, 31))          # 19 tokens: 4 full blocks
+    own, seeded = BlockManager(64, 4), BlockManager(64, 4)
+    a = make_seq("a", 0, prompt=prompt, mm_items=items)
+    b = make_seq("a", 0, prompt=prompt, mm_items=items)
+    b.block_hashes = seeded.prompt_hashes(prompt, items)
+    assert len(b.block_hashes) == 4
+    a.output_token_ids = b.output_token_ids = [40, 41, 42, 43, 44]
+    assert list(seeded._hashes(b, 6)) == list(own._hashes(a, 6))
+    # a seeded seq finds what an unseeded one cached
+    for bm, seq in ((own, a),):
+        bm.lookup_prefix(seq)
+        bm.allocate(seq, seq.num_tokens)
+        bm.mark_computed(seq, seq.num_tokens)
+    c = make_seq("c", 0, prompt=prompt + [7], mm_items=items)
+    c.block_hashes = own.prompt_hashes(c.prompt_token_ids, items)
+    assert own.lookup_prefix(c) == 16 and c.block_table == a.block_table[:4]
+    other = make_seq("d", 0, prompt=prompt + [7], mm_items=[MMItem("h2", 2, 6)])
+    other.block_hashes = own.prompt_hashes(other.prompt_token_ids, other.mm_items)
+    assert own.lookup_prefix(other) == 0                        # another image: no hit
+
+
 def test_token_slice():
     seq = make_seq("a", 5)
     seq.output_token_ids = [50, 51, 52]

@@ -151,6 +151,26 @@ def test_oracle_prefix_cache_hit(oracle):
     assert [t for o in outs for t in o.new_token_ids] == first == oracle.expected(inputs)
 
 
+def test_oracle_prefix_cache_hit_seeded_hashes(oracle):
+    """Hashes made by `prompt_block_hashes` (as a preprocessing thread does) instead of the
+    scheduler: the same hits, the same tokens; too many hashes for the prompt: ValueError."""
+    inputs = oracle.inputs("the same prompt twice, please", [image(32, 32, 7)])
+    engine = oracle.engine()
+    params = SamplingParams(max_tokens=N, ignore_eos=True)
+    for rid in ("a", "b"):
+        ids, items = oracle.request(inputs)
+        engine.add_request(rid, ids, params, items,
+                           block_hashes=engine.prompt_block_hashes(ids, items))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert [t for o in outs for t in o.new_token_ids] == oracle.expected(inputs)
+    assert outs[0].num_cached_tokens >= 4
+    ids, items = oracle.request(inputs)
+    with pytest.raises(ValueError, match="block hashes"):
+        engine.add_request("c", ids, params, items, block_hashes=[0] * (len(ids) // 4 + 1))
+
+
 def test_oracle_prefill_decode_handoff(oracle):
     """Prefill-only engine → KV blocks copied → decode engine: same tokens as HF."""
     inputs = oracle.inputs("hand me off", [image(40, 32, 9)])

@@ -162,8 +162,14 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
     engine.scheduler.schedule = timed_schedule
     first: dict[str, float] = {}
     prof = _StepProfiler(args.profile_dir, runner.device)
-    with prof, PreprocessFeed(lambda r: [images(im) for im in r.images], requests,
-                              args.preprocess_workers) as feed:
+    def preprocess(r):
+        """In a feed thread: the images, the prompt and its prefix-cache block hashes (made
+        while the engine's thread waits on the GPU, not in the next step's schedule)."""
+        its = [images(im) for im in r.images]
+        ids = build_prompt(its, r.text_ids, images.image_token_id)
+        return its, ids, engine.prompt_block_hashes(ids, its)
+
+    with prof, PreprocessFeed(preprocess, requests, args.preprocess_workers) as feed:
         while feed or engine.has_unfinished_requests():
             # hand over every request whose images are ready; when the engine idles, wait for
             # a step's worth of tokens (or, with --preprocess first, for all of them)
@@ -172,14 +178,12 @@ def run_engine(args, model_path: str, model_dir: Path, requests) -> dict:
             elif engine.has_unfinished_requests():
                 ready = feed.take()
             else:
-                ready = _take_tokens(feed, config.scheduler.max_num_batched_tokens,
-                                     [len(r.text_ids) for r in waiting])
-            for its in ready:
+                ready = _take_tokens(feed, config.scheduler.max_num_batched_tokens)
+            for its, ids, hashes in ready:
                 r = waiting.popleft()
-                ids = build_prompt(its, r.text_ids, images.image_token_id)
                 num_prompt += len(ids)
                 engine.add_request(r.request_id, ids, SamplingParams(
-                    max_tokens=r.output_len, ignore_eos=True), mm_items=its)
+                    max_tokens=r.output_len, ignore_eos=True), mm_items=its, block_hashes=hashes)
             ts = time.perf_counter()
             prof.step_start()
             for o in engine.step():
@@ -352,15 +356,15 @@ def env_set(env: dict):
                 os.environ[k] = v
 
 
-def _take_tokens(feed, budget: int, text_lens: list[int]) -> list:
-    """Wait for the next results until they hold `budget` tokens (images + text, the i-th
-    result's text being text_lens[i]) or the feed is done."""
+def _take_tokens(feed, budget: int) -> list:
+    """Wait for the next results (images, prompt ids, hashes) until their prompts hold
+    `budget` tokens or the feed is done."""
     out, tokens = [], 0
     while feed and tokens < budget:
         got = feed.take(block=True)
-        for its in got:
-            tokens += sum(it.num_tokens for it in its) + text_lens[len(out)]
-            out.append(its)
+        for res in got:
+            tokens += len(res[1])
+            out.append(res)
     return out
 
 

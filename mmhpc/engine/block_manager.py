@@ -169,10 +169,18 @@ class BlockManager:
             self.hash_to_block[h] = block_id
         self._num_visited[seq.request_id] = num_full
 
+    def prompt_hashes(self, token_ids: list[int], mm_items) -> list[int]:
+        """The hashes of a prompt's full blocks, to give a Sequence as `block_hashes`: pure,
+        so a preprocessing thread can make them while the engine's thread waits on the GPU."""
+        n = len(token_ids) // self.block_size * self.block_size
+        return chain_hashes(token_ids[:n], mm_items, self.block_size)
+
     def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
         """Chained hashes of the seq's blocks, at least its first `num_full` (memoized per
-        request; the list itself: do not change it)."""
-        hashes = self._seq_hashes.setdefault(seq.request_id, [])
+        request, seeded by `seq.block_hashes`; the list itself: do not change it)."""
+        hashes = self._seq_hashes.get(seq.request_id)
+        if hashes is None:
+            hashes = self._seq_hashes[seq.request_id] = list(seq.block_hashes or ())
         first = len(hashes)
         if first < num_full:
             bs = self.block_size

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mmhpc.engine.gpu_forward import FastDecoder, GpuAttnMeta
+from mmhpc.engine.model_runner import long_tensor
 
 
 def graph_pieces(num_layers: int, chunk: int | None = None) -> list[tuple[int, int]]:
@@ -286,7 +287,7 @@ class CudaStepRunner:
         max_q = max(qs[i + 1] - qs[i] for i in range(B))
         tables = torch.from_numpy(self._fill_tables(step.block_tables, step.context_lens, B).copy())
         meta = GpuAttnMeta(
-            torch.tensor(step.slots, dtype=torch.long).to(dev, non_blocking=True),
+            long_tensor(step.slots).to(dev, non_blocking=True),
             tables.to(dev, non_blocking=True),
             torch.tensor(step.context_lens, dtype=torch.int32).to(dev, non_blocking=True),
             torch.tensor(qs, dtype=torch.int32).to(dev, non_blocking=True),
@@ -294,7 +295,7 @@ class CudaStepRunner:
         mm = None
         if step.mm is not None:
             mm = (step.mm[0].to(dev), step.mm[1].to(device=dev, dtype=self.runner.dtype))
-        ids = torch.tensor(step.input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        ids = long_tensor(step.input_ids).to(dev, non_blocking=True)
         h = self.decoder(ids, step.positions.to(dev, non_blocking=True), meta,
                          self.runner.kv_cache, mm)
         if not step.sample_rows:

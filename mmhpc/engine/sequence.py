@@ -110,6 +110,9 @@ class Sequence:
     # Qwen2-VL: [3, num_prompt_tokens] positions and the offset of generated positions.
     mrope_positions: Any = None
     mrope_delta: int = 0
+    # Prefix-cache hashes of the prompt's first full blocks, made by the caller off the engine's
+    # thread (`BlockManager.prompt_hashes`); the block manager extends them as it needs.
+    block_hashes: list[int] | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
