@@ -201,3 +201,23 @@ def test_modules_import_no_torch():
     code = ("import sys, mmhpc.engine.scheduler, mmhpc.engine.block_manager, tests.helpers_engine;"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_packed_hashes_round_trip_and_frontend_hashes_check_the_block_size():
+    from types import SimpleNamespace
+
+    from mmhpc.engine.block_manager import pack_hashes, unpack_hashes
+    from mmhpc.roles.worker import frontend_hashes
+    bm = BlockManager(64, 4)
+    hashes = bm.prompt_hashes(list(range(30)), [MMItem("h1", 2, 6)])
+    raw = pack_hashes(hashes)
+    assert len(raw) == 16 * 7 and unpack_hashes(raw) == hashes
+    with pytest.raises(ValueError, match="multiple of 16"):
+        unpack_hashes(raw[:-1])
+    engine = SimpleNamespace(scheduler=SimpleNamespace(block_manager=bm))
+    msg = SimpleNamespace(block_hashes=raw, hash_block_size=4)
+    assert frontend_hashes(msg, engine) == hashes
+    msg.hash_block_size = 16                 # made for another block size: not used
+    assert frontend_hashes(msg, engine) is None
+    msg.hash_block_size = 0
+    assert frontend_hashes(msg, engine) is None

@@ -51,6 +51,17 @@ def chain_hashes(token_ids: list[int], mm_items, block_size: int, first: int = 0
     return out
 
 
+def pack_hashes(hashes: list[int]) -> bytes:
+    """Block hashes as 16 little-endian bytes each (messages: msgpack has no 128-bit ints)."""
+    return b"".join(h.to_bytes(16, "little") for h in hashes)
+
+
+def unpack_hashes(raw: bytes) -> list[int]:
+    if len(raw) % 16:
+        raise ValueError(f"packed block hashes of {len(raw)} bytes (not a multiple of 16)")
+    return [int.from_bytes(raw[i:i + 16], "little") for i in range(0, len(raw), 16)]
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:

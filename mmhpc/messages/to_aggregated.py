@@ -20,3 +20,7 @@ class GenerateRequest:
     images: list[ImageItem] = field(default_factory=list)   # one per mm_item, same order
     deadline: float = 0.0              # absolute time.time()
     frontend_rank: int = 0
+    # the prompt's prefix-cache block hashes (`block_manager.pack_hashes`), made by the
+    # frontend at `hash_block_size` tokens a block (0: none; the engine makes its own)
+    block_hashes: bytes = b""
+    hash_block_size: int = 0

@@ -23,6 +23,10 @@ class PrefillRequest:
     encode_rank: int = -1              # -1: embeddings come from `images` (ep_d: prefill encodes)
     images: list[ImageItem] = field(default_factory=list)
     frontend_rank: int = 0
+    # the prompt's prefix-cache block hashes (`block_manager.pack_hashes`), made by the
+    # frontend at `hash_block_size` tokens a block (0: none; the engine makes its own)
+    block_hashes: bytes = b""
+    hash_block_size: int = 0
 
 
 @register

@@ -17,7 +17,7 @@ from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.roles.encode import media_item
-from mmhpc.roles.worker import Worker, run_worker
+from mmhpc.roles.worker import Worker, frontend_hashes, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class AggregatedWorker(Worker):
         try:
             items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
                      for img in req.images]
-            self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items)
+            self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
+                                    block_hashes=frontend_hashes(req, self.engine))
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             self._fail(req, f"{type(e).__name__}: {e}")
             return

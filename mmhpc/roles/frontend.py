@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from mmhpc.engine.block_manager import pack_hashes
 from mmhpc.engine.detokenizer import IncrementalDetokenizer
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
@@ -121,17 +122,18 @@ class RemoteEngineClient(EngineClient):
                             list(it.grid_thw) if it.grid_thw else None) for it in mm_items]
         detok = IncrementalDetokenizer(self.tokenizer, params.stop,
                                        prompt_tail=prompt_token_ids[-PROMPT_TAIL:])
+        keys = await self._prefix_keys(prompt_token_ids, mm_items)
+        hashes = dict(block_hashes=pack_hashes(keys),
+                      hash_block_size=self.router.block_size if keys else 0)
         if self.aggregated:
             enc, pre = -1, -1
-            dec = self._pick(self.aggregated, await self._prefix_keys(
-                self.aggregated, prompt_token_ids, mm_items))
+            dec = self._pick(self.aggregated, self._routing(self.aggregated, keys))
         else:
             enc = -1
             if self.encoders and images:
                 enc = self._pick(self.encoders, [it.content_hash for it in mm_items]
                                  if self.router.wants_keys(self.encoders) else [], prefix=False)
-            pre = self._pick(self.prefills, await self._prefix_keys(
-                self.prefills, prompt_token_ids, mm_items))
+            pre = self._pick(self.prefills, self._routing(self.prefills, keys))
             dec = self._pick(self.decoders)
         st = _Request(asyncio.Queue(), [r for r in (enc, pre, dec) if r >= 0], detok)
         if request_id in self.requests:
@@ -142,13 +144,13 @@ class RemoteEngineClient(EngineClient):
         try:
             if self.aggregated:
                 self._send(dec, GenerateRequest(request_id, list(prompt_token_ids), params, metas,
-                                                images, deadline, self.rank))
+                                                images, deadline, self.rank, **hashes))
             if enc >= 0:
                 self._send(enc, EncodeRequest(request_id, images, pre, deadline, self.rank))
             if pre >= 0:
                 self._send(pre, PrefillRequest(request_id, list(prompt_token_ids), params, metas,
                                                dec, deadline, enc, [] if enc >= 0 else images,
-                                               self.rank))
+                                               self.rank, **hashes))
             while not finished:
                 left = deadline - time.time()
                 if left <= 0:
@@ -213,15 +215,21 @@ class RemoteEngineClient(EngineClient):
         for r in ranks:
             self._send(r, AbortRequest(rid, reason))
 
-    async def _prefix_keys(self, ranks: list[int], prompt_token_ids, mm_items) -> list[int]:
-        """The prompt's block hashes for the router (none where they cannot change a pick);
-        a long prompt is hashed off the event loop (~4 µs a block)."""
-        if not self.router.wants_keys(ranks):
+    async def _prefix_keys(self, prompt_token_ids, mm_items) -> list[int]:
+        """The prompt's prefix-cache block hashes: for the router, and sent with the request so
+        the prefill / aggregated rank's scheduler need not make them (~4 µs a block, on the
+        GPU's critical path there); a long prompt is hashed off the event loop."""
+        if not self.config.cache.enable_prefix_caching:
             return []
         ids = list(prompt_token_ids)
+        items = sorted(mm_items, key=lambda it: it.offset)
         if len(ids) > INLINE_HASH_TOKENS:
-            return await asyncio.to_thread(self.router.prompt_keys, ids, mm_items)
-        return self.router.prompt_keys(ids, mm_items)
+            return await asyncio.to_thread(self.router.prompt_keys, ids, items)
+        return self.router.prompt_keys(ids, items)
+
+    def _routing(self, ranks: list[int], keys: list[int]) -> list[int]:
+        """`keys` where they can change the pick among `ranks` (else none: nothing recorded)."""
+        return keys if self.router.wants_keys(ranks) else []
 
     def _pick(self, ranks: list[int], keys: list = (), prefix: bool = True) -> int:
         """Least loaded (own in-flight count + reported queue, then most free blocks), where

@@ -27,7 +27,7 @@ from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
 from mmhpc.roles.embed_pool import EmbeddingPool
 from mmhpc.roles.encode import media_item
-from mmhpc.roles.worker import Worker, run_worker, stage_deadline
+from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
 MAX_ABORTED = 4096
@@ -174,7 +174,8 @@ class PrefillWorker(Worker):
     def _add(self, req: PrefillRequest, items: list[MMItem]) -> None:
         try:
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
-                                    prefill_only=True)
+                                    prefill_only=True,
+                                    block_hashes=frontend_hashes(req, self.engine))
             self.in_engine.add(req.request_id)
         except Exception as e:  # noqa: BLE001
             self._fail(req.request_id, f"{type(e).__name__}: {e}")

@@ -216,3 +216,13 @@ def _leave_signals_to_frontend(grace_s: float) -> None:
 def stage_deadline(request_deadline: float, stage_s: float, start: float | None = None) -> float:
     """The earlier of the request's deadline and `stage_s` from `start` (now)."""
     return min(request_deadline, (start if start is not None else time.time()) + stage_s)
+
+
+def frontend_hashes(msg, engine) -> list[int] | None:
+    """The prompt's block hashes the frontend sent with `msg` (PrefillRequest,
+    GenerateRequest), if made at this engine's block size; None: the scheduler makes them."""
+    if not msg.hash_block_size or \
+            msg.hash_block_size != engine.scheduler.block_manager.block_size:
+        return None
+    from mmhpc.engine.block_manager import unpack_hashes
+    return unpack_hashes(msg.block_hashes)
