@@ -98,7 +98,17 @@ class LocalEngineClient(EngineClient):
             raise ValueError(f"duplicate request id {request_id!r}")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        self._cmds.put(("add", request_id, list(prompt_token_ids), params, list(mm_items)))
+        ids, items = list(prompt_token_ids), list(mm_items)
+        # the prefix-cache hashes made here, not in the engine thread's next schedule (it
+        # waits on the GPU meanwhile); a long prompt off the event loop
+        hashes = None
+        if self.engine.scheduler.block_manager.enable_prefix_caching:
+            try:
+                hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
+                          if len(ids) > 4096 else self.engine.prompt_block_hashes(ids, items))
+            except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
+                hashes = None
+        self._cmds.put(("add", request_id, ids, params, items, hashes))
         finished = False
         try:
             while not finished:
@@ -161,9 +171,9 @@ class LocalEngineClient(EngineClient):
 
     def _handle(self, cmd: tuple) -> list[RequestOutput]:
         if cmd[0] == "add":
-            _, rid, ids, params, items = cmd
+            _, rid, ids, params, items, hashes = cmd
             try:
-                self.engine.add_request(rid, ids, params, items)
+                self.engine.add_request(rid, ids, params, items, block_hashes=hashes)
                 self._live.add(rid)
                 self._fresh.add(rid)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
