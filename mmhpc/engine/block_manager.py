@@ -120,14 +120,28 @@ class BlockManager:
         self._drop_blocks(seq)
         self._seq_hashes.pop(seq.request_id, None)
 
-    def _drop_blocks(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
+    def hold(self, block_ids: list[int]) -> None:
+        """One more reference on each block: not handed out again until `unhold` (e.g. a
+        transfer into them may still land after their seq is gone)."""
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self.free_blocks[block_id]
+            self.ref_counts[block_id] += 1
+
+    def unhold(self, block_ids: list[int]) -> None:
+        self._unref(reversed(block_ids))
+
+    def _unref(self, block_ids) -> None:
+        for block_id in block_ids:
             self.ref_counts[block_id] -= 1
             assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
             if self.ref_counts[block_id] == 0:
                 self.free_blocks[block_id] = None
                 if self.hashes[block_id] is None:   # worthless: reuse before cached ones
                     self.free_blocks.move_to_end(block_id, last=False)
+
+    def _drop_blocks(self, seq: Sequence) -> None:
+        self._unref(reversed(seq.block_table))
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._num_visited.pop(seq.request_id, None)

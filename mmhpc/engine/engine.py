@@ -142,6 +142,17 @@ class LLMEngine:
         self.requests[request_id] = _Request(seq, detok)
         return blocks
 
+    def hold_blocks(self, request_id: str) -> list[int]:
+        """Decode side: keep a reserved request's blocks out of use past its abort (a READ
+        into them may still be landing); give them back with `unhold_blocks`."""
+        seq = self.scheduler.reserved.get(request_id)
+        blocks = list(seq.block_table) if seq is not None else []
+        self.scheduler.block_manager.hold(blocks)
+        return blocks
+
+    def unhold_blocks(self, block_ids: list[int]) -> None:
+        self.scheduler.block_manager.unhold(block_ids)
+
     def activate_request(self, request_id: str) -> None:
         """Decode side: the reserved blocks hold the KV; decode from the next step."""
         if self.scheduler.activate_remote(request_id) is None:

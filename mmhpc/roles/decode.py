@@ -9,7 +9,10 @@
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
    of a follower's, and prefill reuses freed blocks at once.
 AbortRequest, an expired deadline or a failed READ frees the reserved blocks (and tells
-prefill with ReleaseKV so its blocks go too).
+prefill with ReleaseKV so its blocks go too). A READ still in flight then (an abort
+mid-transfer, a timeout) keeps its blocks held until it is over (or another
+timeouts.kv_transfer_s passed): releasing a NIXL request does not promise that the bytes stop
+landing, and the blocks would already belong to someone else.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ class _Pull:
     deadline: float
 
 
+@dataclass
+class _Drain:
+    """A dropped pull's READs that may still land: its blocks stay held until they are done."""
+    request_id: str
+    handles: list
+    blocks: list[int]
+    deadline: float
+
+
 class DecodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -47,6 +59,7 @@ class DecodeWorker(Worker):
         self.waiting: deque[KVReady] = deque()        # no free blocks yet
         self.pulls: dict[str, _Pull] = {}
         self.active: dict[str, KVReady] = {}           # decoding in the engine
+        self.draining: list[_Drain] = []                # dropped pulls, READs maybe in flight
         self.num_kv_bytes = 0
 
     def handle(self, src: int, msg) -> None:
@@ -61,16 +74,18 @@ class DecodeWorker(Worker):
         return bool(self.active) and self.engine.has_unfinished_requests()
 
     def transfers_in_flight(self) -> bool:
-        return bool(self.pulls)
+        return bool(self.pulls or self.draining)
 
     def tick(self) -> None:
         self._reserve()
         self._poll_pulls()
+        self._poll_drains()
         self._expire()
         if self.engine.has_unfinished_requests() and self.active:
             self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
-                          num_pulling=len(self.pulls), num_kv_bytes=self.num_kv_bytes)
+                          num_pulling=len(self.pulls), num_draining=len(self.draining),
+                          num_kv_bytes=self.num_kv_bytes)
 
     # ------------------------------------------------------------------------ KV pull
     def _reserve(self) -> None:
@@ -118,8 +133,7 @@ class DecodeWorker(Worker):
                 done_pulls.append(p)
             elif now > p.deadline:
                 del self.pulls[rid]
-                for h in p.handle:
-                    self.ctx.nixl._release(h)
+                self._drain(p)
                 self._fail(p.msg, f"KV READ from rank {p.msg.prefill_rank} timed out",
                            timeout=True)
         # one barrier for all of this turn's pulls (a follower failing fails them all)
@@ -149,14 +163,43 @@ class DecodeWorker(Worker):
         msg = self.active.pop(rid, None)
         pull = self.pulls.pop(rid, None)
         if pull is not None:
-            for h in pull.handle:
-                self.ctx.nixl._release(h)
+            self._drain(pull)
             msg = pull.msg
         for m in [m for m in self.waiting if m.request_id == rid]:
             self.waiting.remove(m)
             msg = m
         self.engine.abort_request(rid)
         return msg
+
+    def _finished(self, h) -> bool:
+        try:
+            return self.ctx.nixl.done(h)
+        except Exception:  # noqa: BLE001 - failed: nothing more lands
+            return True
+
+    def _drain(self, pull: _Pull) -> None:
+        """Before the engine drops a pull's request: hold its blocks while a READ may land."""
+        live = [h for h in pull.handle if not self._finished(h)]
+        pull.handle[:] = []
+        if live:
+            rid = pull.msg.request_id
+            self.draining.append(_Drain(rid, live, self.engine.hold_blocks(rid),
+                                        time.time() + self.timeouts.kv_transfer_s))
+
+    def _poll_drains(self) -> None:
+        now = time.time()
+        for d in list(self.draining):
+            d.handles = [h for h in d.handles if not self._finished(h)]
+            if d.handles and now <= d.deadline:
+                continue
+            for h in d.handles:
+                self.ctx.nixl._release(h)
+            if d.handles:
+                log.warning("decode rank %d: a KV READ of dropped request %s still in flight "
+                            "after another %.0f s; its %d blocks go back to the pool", self.rank,
+                            d.request_id, self.timeouts.kv_transfer_s, len(d.blocks))
+            self.engine.unhold_blocks(d.blocks)
+            self.draining.remove(d)
 
     def _fail(self, msg: KVReady, message: str, timeout: bool = False) -> None:
         rid = msg.request_id

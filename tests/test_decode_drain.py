@@ -1,0 +1,81 @@
+"""Decode: a pull dropped while its READ may still be landing (abort mid-transfer, timeout)
+keeps its KV blocks out of the pool until the READ is over, or another kv_transfer_s passed.
+
+A real DecodeWorker (tiny LLaVA engine, a real NIXL agent holding its pool). The READ's
+progress is the one thing set by hand: NIXL over DRAM here finishes a READ inside the call that
+posts it (1 GiB measured), so no real transfer is ever in flight long enough to abort."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from mmhpc.config import Config
+
+
+@pytest.fixture()
+def worker():
+    from mmhpc.roles.decode import DecodeWorker
+    from mmhpc.tools.tiny import tiny_checkpoint
+    from mmhpc.transport.nixl_agent import NixlAgent
+    cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")),
+                                      "max_model_len": 256},
+                            "cache": {"block_size": 4, "num_blocks": 64},
+                            "timeouts": {"kv_transfer_s": 0.5}})
+    ctx = SimpleNamespace(rank=3, config=cfg, device="cpu", nixl=NixlAgent("decode-drain"))
+    w = DecodeWorker(ctx)
+    in_flight: set[int] = set()
+    released: list[int] = []
+    ctx.nixl.done = lambda h: h not in in_flight           # the READ's progress, by hand
+    ctx.nixl._release = lambda h: released.append(h)
+    yield w, in_flight, released
+    ctx.nixl.close()
+
+
+def _pull(w, rid: str, handles: list[int], prompt_len: int = 30):
+    from mmhpc.engine.sequence import SamplingParams
+    from mmhpc.roles.decode import _Pull
+    blocks = w.engine.add_prefilled_request(rid, list(range(10, 10 + prompt_len)),
+                                            SamplingParams(max_tokens=4), 7)
+    msg = SimpleNamespace(request_id=rid, prefill_rank=1, frontend_rank=0)
+    w.pulls[rid] = _Pull(msg, list(handles), time.time() + 60)
+    return blocks
+
+
+def test_aborted_pull_holds_its_blocks_until_the_read_is_over(worker):
+    w, in_flight, released = worker
+    bm = w.engine.scheduler.block_manager
+    free = bm.num_free_blocks
+    blocks = _pull(w, "a", [1, 2])
+    in_flight.add(2)                                       # READ 1 done, READ 2 still landing
+    w._drop("a")                                           # AbortRequest mid-transfer
+    assert "a" not in w.engine.requests and not w.pulls
+    assert bm.num_free_blocks == free - len(blocks)        # still held
+    assert w.transfers_in_flight()
+    other = _pull(w, "b", [])                              # the next arrival gets other blocks
+    assert not set(other) & set(blocks)
+    w._poll_drains()
+    assert bm.num_free_blocks == free - len(blocks) - len(other)
+    in_flight.discard(2)                                   # the READ is over
+    w._poll_drains()
+    assert not w.draining and bm.num_free_blocks == free - len(other)
+    assert released == []                                  # finished handles: nothing to cancel
+
+
+def test_finished_pull_frees_at_once_and_a_stuck_one_after_the_grace(worker):
+    w, in_flight, released = worker
+    bm = w.engine.scheduler.block_manager
+    free = bm.num_free_blocks
+    _pull(w, "a", [1])
+    w._drop("a")                                           # nothing in flight: freed now
+    assert not w.draining and bm.num_free_blocks == free
+    blocks = _pull(w, "b", [5])
+    in_flight.add(5)
+    w.pulls["b"].deadline = time.time() - 1                # the pull timed out
+    w._poll_pulls()
+    assert "b" not in w.engine.requests and len(w.draining) == 1
+    assert bm.num_free_blocks == free - len(blocks)
+    w.draining[0].deadline = time.time() - 1               # ... and is still landing later
+    w._poll_drains()
+    assert released == [5] and not w.draining and bm.num_free_blocks == free
