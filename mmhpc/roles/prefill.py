@@ -40,6 +40,7 @@ class _Read:
     handle: object
     start: int
     deadline: float
+    timed_out: bool = False          # failed already; its landing rows wait for the READ
 
 
 class PrefillWorker(Worker):
@@ -138,24 +139,43 @@ class PrefillWorker(Worker):
                           num_retained=len(self.leases), num_lease_expired=self.num_lease_expired)
 
     def _poll_reads(self) -> None:
+        """Finished READs hand their rows over; a READ past its deadline fails its request at
+        once, but its landing rows stay taken until it is over (or another kv_transfer_s
+        passed): released or not, a NIXL READ may still write them."""
         now, keep = time.time(), []
         for r in self.reads:
             try:
-                done = self.ctx.nixl.done(r.handle)
-                err = None if done or now < r.deadline else "embedding READ timed out"
-            except Exception as e:  # noqa: BLE001
-                done, err = False, f"embedding READ failed: {e}"
+                done, failed = self.ctx.nixl.done(r.handle), None
+            except Exception as e:  # noqa: BLE001 - failed: nothing more lands
+                done, failed = False, f"embedding READ failed: {e}"
+            n = r.msg.num_tokens
+            if r.timed_out:
+                if done or failed:
+                    self.landing.free(r.start, n)
+                elif now > r.deadline:          # the grace is over too
+                    self.ctx.nixl._release(r.handle)
+                    self.landing.free(r.start, n)
+                    log.warning("prefill rank %d: an embedding READ of %s still in flight after "
+                                "another %.0f s; its landing rows go back", self.rank,
+                                r.request_id, self.timeouts.kv_transfer_s)
+                else:
+                    keep.append(r)
+                continue
+            err = failed or (None if done or now < r.deadline else "embedding READ timed out")
             if not done and err is None:
                 keep.append(r)
                 continue
-            n = r.msg.num_tokens
             if done and r.request_id not in self.aborted:
                 self.embeds.setdefault(r.request_id, {})[r.msg.content_hash] = \
                     self.landing.rows(r.start, n).clone()
-            self.landing.free(r.start, n)     # a timed-out READ's handle was released by done()
             self.send(r.msg.encode_rank, ReleaseEmbeddings(r.request_id, [r.msg.content_hash]))
             if err:
-                self._fail(r.request_id, err, timeout="timed out" in err)
+                self._fail(r.request_id, err, timeout=not failed)
+            if err and not failed:              # timed out: may still land
+                r.timed_out, r.deadline = True, now + self.timeouts.kv_transfer_s
+                keep.append(r)
+            else:
+                self.landing.free(r.start, n)
         self.reads = keep
 
     def _admit_ready(self) -> None:

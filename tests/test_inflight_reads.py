@@ -1,8 +1,10 @@
-"""Decode: a pull dropped while its READ may still be landing (abort mid-transfer, timeout)
-keeps its KV blocks out of the pool until the READ is over, or another kv_transfer_s passed.
+"""READs that may still be landing after their request is gone keep their memory taken.
+Decode: a pull dropped mid-transfer (abort, timeout) holds its KV blocks; prefill: an embedding
+READ past its deadline holds its landing rows; both until the READ is over, or another
+kv_transfer_s passed.
 
-A real DecodeWorker (tiny LLaVA engine, a real NIXL agent holding its pool). The READ's
-progress is the one thing set by hand: NIXL over DRAM here finishes a READ inside the call that
+Real workers (tiny LLaVA engine, a real NIXL agent holding the pools). The READ's progress is
+the one thing set by hand: NIXL over DRAM here finishes a READ inside the call that
 posts it (1 GiB measured), so no real transfer is ever in flight long enough to abort."""
 from __future__ import annotations
 
@@ -79,3 +81,45 @@ def test_finished_pull_frees_at_once_and_a_stuck_one_after_the_grace(worker):
     w.draining[0].deadline = time.time() - 1               # ... and is still landing later
     w._poll_drains()
     assert released == [5] and not w.draining and bm.num_free_blocks == free
+
+
+def test_timed_out_embedding_read_keeps_its_landing_rows(tmp_path):
+    from mmhpc.roles.embed_pool import EmbeddingPool
+    from mmhpc.roles.prefill import PrefillWorker, _Read
+    from mmhpc.tools.tiny import tiny_checkpoint
+    from mmhpc.transport.nixl_agent import NixlAgent
+    cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")),
+                                      "max_model_len": 256},
+                            "cache": {"block_size": 4, "num_blocks": 64},
+                            "timeouts": {"kv_transfer_s": 0.5}})
+    ctx = SimpleNamespace(rank=1, config=cfg, device="cpu", nixl=NixlAgent("prefill-drain"),
+                          layout=SimpleNamespace(frontend_rank=0))
+    try:
+        w = PrefillWorker(ctx)
+        w.landing = EmbeddingPool(w.hidden_size, w.engine.runner.dtype, device="cpu")
+        in_flight, released = set(), []
+        ctx.nixl.done = lambda h: h not in in_flight
+        ctx.nixl._release = lambda h: released.append(h)
+        total = w.landing.num_free_rows
+        for handle in (9, 10):
+            start = w.landing.alloc(8)
+            msg = SimpleNamespace(num_tokens=8, encode_rank=2, content_hash=f"h{handle}")
+            w.reads.append(_Read(f"r{handle}", msg, handle, start, time.time() - 1))
+            in_flight.add(handle)
+        w._poll_reads()                          # both past their deadline: requests failed
+        sent = []
+        while not w.outbox.empty():
+            sent.append(w.outbox.get_nowait()[1])
+        failed = [m for m in sent if type(m).__name__ == "RequestFailed"]
+        assert sorted(m.request_id for m in failed) == ["r10", "r9"]
+        assert all(m.timeout and "timed out" in m.message for m in failed)
+        assert len(w.reads) == 2 and all(r.timed_out for r in w.reads)
+        assert w.landing.num_free_rows == total - 16          # rows still taken
+        in_flight.discard(9)                                  # READ 9 is over
+        w._poll_reads()
+        assert [r.request_id for r in w.reads] == ["r10"] and w.landing.num_free_rows == total - 8
+        w.reads[0].deadline = time.time() - 1                 # READ 10 outlives its grace
+        w._poll_reads()
+        assert not w.reads and released == [10] and w.landing.num_free_rows == total
+    finally:
+        ctx.nixl.close()
