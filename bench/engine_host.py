@@ -44,15 +44,36 @@ def timed(seconds: dict, cls, name: str) -> None:
     setattr(cls, name, g)
 
 
-def main(num_requests: int, detokenize: bool = True) -> None:
+def _timed_engine(scheduler: dict, cache: dict | None = None, detokenize: bool = True):
+    """(engine on the tiny LLaVA checkpoint, seconds per part since the last clear)."""
     torch.set_num_threads(1)
     seconds: dict[str, float] = collections.defaultdict(float)
     for cls, name in PARTS:
         timed(seconds, cls, name)
     cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")), "max_model_len": 1024},
-                            "scheduler": {"max_num_seqs": num_requests,
-                                          "max_num_batched_tokens": 8192}})
-    engine = E.LLMEngine(cfg, detokenize=detokenize)
+                            "cache": cache or {}, "scheduler": scheduler})
+    return E.LLMEngine(cfg, detokenize=detokenize), seconds
+
+
+def _run_and_report(engine, seconds: dict, label: str, inputs: bool = False) -> None:
+    """Step until done; per step: the wall time, each part, (input building), host."""
+    num_steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        num_steps += 1
+    total = time.perf_counter() - t0
+    print(f"{label}, {num_steps} steps: {total / num_steps * 1e3:.2f} ms/step")
+    for name, s in seconds.items():
+        print(f"  {name:12s} {s / num_steps * 1e3:7.3f} ms/step")
+    if inputs:
+        print(f"  execute - run_step {(seconds['execute'] - seconds['run_step']) / num_steps * 1e3:7.3f}"
+              f" ms/step (input building)")
+    print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
+
+
+def main(num_requests: int, detokenize: bool = True) -> None:
+    engine, seconds = _timed_engine({"max_num_seqs": num_requests,
+                                     "max_num_batched_tokens": 8192}, detokenize=detokenize)
     rng = random.Random(0)
     for i in range(num_requests):
         engine.add_request(f"r{i}", [rng.randrange(10, 500) for _ in range(100)],
@@ -61,26 +82,12 @@ def main(num_requests: int, detokenize: bool = True) -> None:
                                           for s in engine.scheduler.running):
         engine.step()                                   # prefill steps: not counted
     seconds.clear()
-    num_steps, t0 = 0, time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-        num_steps += 1
-    total = time.perf_counter() - t0
-    print(f"{num_requests} requests, {num_steps} decode steps: {total / num_steps * 1e3:.2f} ms/step")
-    for name, s in seconds.items():
-        print(f"  {name:12s} {s / num_steps * 1e3:7.3f} ms/step")
-    print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
+    _run_and_report(engine, seconds, f"{num_requests} requests, decode")
 
 
 def prefill(seeded: bool) -> None:
-    torch.set_num_threads(1)
-    seconds: dict[str, float] = collections.defaultdict(float)
-    for cls, name in PARTS:
-        timed(seconds, cls, name)
-    cfg = Config.from_dict({"model": {"path": str(tiny_checkpoint("llava")), "max_model_len": 1024},
-                            "cache": {"block_size": 16, "num_blocks": 4096},
-                            "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": 16384}})
-    engine = E.LLMEngine(cfg, detokenize=False)
+    engine, seconds = _timed_engine({"max_num_seqs": 256, "max_num_batched_tokens": 16384},
+                                    {"block_size": 16, "num_blocks": 4096}, detokenize=False)
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 500) for _ in range(616)] for _ in range(256)]
     hashes = [engine.prompt_block_hashes(p) if seeded else None for p in prompts]
@@ -88,18 +95,8 @@ def prefill(seeded: bool) -> None:
     for i, (p, h) in enumerate(zip(prompts, hashes)):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=1, ignore_eos=True),
                            block_hashes=h)
-    num_steps, t0 = 0, time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-        num_steps += 1
-    total = time.perf_counter() - t0
-    print(f"256 x 616-token prompts{' (seeded hashes)' if seeded else ''}, {num_steps} steps: "
-          f"{total / num_steps * 1e3:.2f} ms/step")
-    for name, s in seconds.items():
-        print(f"  {name:12s} {s / num_steps * 1e3:7.3f} ms/step")
-    print(f"  execute - run_step {(seconds['execute'] - seconds['run_step']) / num_steps * 1e3:7.3f}"
-          f" ms/step (input building)")
-    print(f"  host         {(total - seconds['run_step']) / num_steps * 1e3:7.3f} ms/step")
+    _run_and_report(engine, seconds, f"256 x 616-token prompts{' (seeded hashes)' if seeded else ''}",
+                    inputs=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from collections import OrderedDict
 from mmhpc.engine.sequence import Sequence
 
 
+INLINE_HASH_TOKENS = 4096   # callers on an event loop hash longer prompts in a worker thread
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from mmhpc.engine.block_manager import pack_hashes
+from mmhpc.engine.block_manager import INLINE_HASH_TOKENS, pack_hashes
 from mmhpc.engine.detokenizer import IncrementalDetokenizer
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
@@ -39,7 +39,6 @@ from mmhpc.server.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
 MAX_IMAGES_KEPT = 512
-INLINE_HASH_TOKENS = 4096       # longer prompts are hashed for routing in a worker thread
 ABORT_GRACE_S = 0.5             # the dead-rank line reaches the launcher before MPI_Abort
 PROMPT_TAIL = 4
 

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import AsyncIterator, Optional, Sequence
 
+from mmhpc.engine.block_manager import INLINE_HASH_TOKENS
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.engine.sequence import MMItem, SamplingParams
 
@@ -105,7 +106,8 @@ class LocalEngineClient(EngineClient):
         if self.engine.scheduler.block_manager.enable_prefix_caching:
             try:
                 hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
-                          if len(ids) > 4096 else self.engine.prompt_block_hashes(ids, items))
+                          if len(ids) > INLINE_HASH_TOKENS
+                          else self.engine.prompt_block_hashes(ids, items))
             except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
                 hashes = None
         self._cmds.put(("add", request_id, ids, params, items, hashes))
