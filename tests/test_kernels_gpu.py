@@ -273,6 +273,89 @@ def test_gemv():
 
 @gpu
 @needs_gpu
+def test_gemv_silu_and_mul():
+    """The gated GEMV (gate_up projection + SiLU-mul in one launch) vs float64, and bit-equal to
+    the GEMV followed by the SiLU-mul kernel (what it replaces)."""
+    import mmhpc.kernels as kernels
+    from mmhpc.kernels import fused
+    for dtype in (torch.bfloat16, torch.float32):
+        for inter, K in ((11008, 4096), (18944, 3584), (5, 3000), (48, 64)):
+            x = torch.randn(1, K, device="cuda").to(dtype)
+            w = (torch.randn(2 * inter, K, device="cuda") / K ** 0.5).to(dtype)
+            ref = reference.silu_and_mul(F.linear(x.double(), w.double()))
+            out = kernels.linear_silu_and_mul(x, w)
+            assert out.shape == (1, inter)
+            assert _rel(out, ref) < TOL[dtype]
+            assert torch.equal(out, triton_impl.silu_and_mul(fused.gemv(x, w)))
+            x2 = torch.randn(3, K, device="cuda").to(dtype)          # several rows: cuBLAS
+            assert _rel(kernels.linear_silu_and_mul(x2, w),
+                        reference.silu_and_mul(F.linear(x2.double(), w.double()))) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
+def test_pdl_chain_in_graph():
+    """A decode layer's kernel chain (RMSNorm, GEMV, rotary + KV write, paged attention, GEMV,
+    gated GEMV), each reading the one before, replayed as a CUDA graph with programmatic
+    dependent launch: bit-equal to the same graph captured without it, over many replays with
+    inputs changed between them (a kernel reading before its predecessor's writes landed would
+    show as a mismatch)."""
+    import mmhpc.kernels as kernels
+    from mmhpc.kernels import fused, pdl
+    if not pdl._supported():
+        pytest.skip("no PDL: needs compute capability 9.0 and Triton's griddepcontrol")
+    torch.manual_seed(0)
+    dt, C, Hq, Hkv, D, inter = torch.bfloat16, 1024, 8, 2, 128, 2816
+    w_norm = torch.rand(C, device="cuda", dtype=dt) + 0.5
+    w_qkv = (torch.randn((Hq + 2 * Hkv) * D, C, device="cuda") / C ** 0.5).to(dt)
+    w_o = (torch.randn(C, Hq * D, device="cuda") / (Hq * D) ** 0.5).to(dt)
+    w_gu = (torch.randn(2 * inter, C, device="cuda") / C ** 0.5).to(dt)
+    w_down = (torch.randn(C, inter, device="cuda") / inter ** 0.5).to(dt)
+    ctx = 300
+    kv, tables = _paged([ctx], Hkv, D, dt, "cuda")
+    lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+    slot = torch.tensor([int(tables[0, (ctx - 1) // BLOCK_SIZE]) * BLOCK_SIZE
+                         + (ctx - 1) % BLOCK_SIZE], device="cuda")
+    h_in = torch.randn(1, C, device="cuda", dtype=dt)
+    cos = torch.rand(1, D, device="cuda", dtype=dt)
+    sin = torch.rand(1, D, device="cuda", dtype=dt)
+
+    def layer():
+        x, res = kernels.rms_norm(h_in, w_norm, 1e-6, h_in)
+        qkv = fused.gemv(x, w_qkv)
+        qk = qkv[:, :(Hq + Hkv) * D].view(1, Hq + Hkv, D)
+        v = qkv[:, (Hq + Hkv) * D:].view(1, Hkv, D)
+        kernels.rotary_write_kv(qk, Hq, v, cos, sin, kv, slot)
+        o = kernels.paged_decode_attention(qk[:, :Hq], kv, tables, lens, D ** -0.5,
+                                           max_context_len=ctx)
+        h = fused.gemv(o.reshape(1, Hq * D), w_o)
+        x, res = kernels.rms_norm(h, w_norm, 1e-6, res)
+        return fused.gemv(kernels.linear_silu_and_mul(x, w_gu), w_down) + res
+
+    outs = {}
+    try:
+        for on in (False, True):
+            pdl.set_enabled(on)
+            layer()                                               # compile outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = layer()
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            res = []
+            for _ in range(50):
+                h_in.copy_(torch.randn(1, C, device="cuda", generator=gen).to(dt))
+                g.replay()
+                res.append(out.clone())
+            outs[on] = torch.cat(res)
+    finally:
+        pdl.set_enabled(None)
+    assert torch.isfinite(outs[True]).all()
+    assert torch.equal(outs[True], outs[False])
+
+
+@gpu
+@needs_gpu
 def test_dispatch_picks_triton_on_cuda():
     import mmhpc.kernels as kernels
     assert kernels.HAS_TRITON

@@ -75,6 +75,7 @@ class FastDecoder:
         # GEMM + collective
         from mmhpc.distributed.group import get_tp
         self.gemv = get_tp().size == 1 and os.environ.get("MMHPC_GEMV", "1") != "0"
+        self.gemv_silu = os.environ.get("MMHPC_GEMV_SILU", "1") != "0"   # SiLU-mul in the GEMV
 
     def _linear(self, x, w, b=None):
         return kernels.linear(x, w, b) if self.gemv else F.linear(x, w, b)
@@ -128,7 +129,8 @@ class FastDecoder:
             k = qkv[:, self.q_size:qk].view(T, Hkv, D)
             v = qkv[:, qk:].view(T, Hkv, D)
             cache = kv_cache[i]
-            # rotary on q and k in place, k and v into their cache slots: one kernel
+            # rotary on q and k in place, k and v into their cache slots: one kernel (in the qkv
+            # GEMV's epilogue it was slower: bench/RESULTS.md)
             kernels.rotary_write_kv(qkv[:, :qk].view(T, Hq + Hkv, D), Hq, v, cos, sin, cache,
                                     meta.slot_mapping)
             if meta.decode:
@@ -141,7 +143,11 @@ class FastDecoder:
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            h = self._proj(kernels.silu_and_mul(self._linear(x, gu_w)), layer.mlp.down_proj)
+            if self.gemv and self.gemv_silu:                         # one launch at one row
+                a = kernels.linear_silu_and_mul(x, gu_w)
+            else:
+                a = kernels.silu_and_mul(F.linear(x, gu_w))
+            h = self._proj(a, layer.mlp.down_proj)
         state["h"], state["residual"] = h, residual
         return state
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmhpc.kernels import pdl
+
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, num_heads,
@@ -67,10 +69,14 @@ def _rotary_write_kv_kernel(x_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot
                             stride_cb, stride_ch, stride_ct, stride_vcb, stride_vch, stride_vct,
                             num_q_heads, num_kv_heads,
                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                            BLOCK_HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                            BLOCK_HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            USE_PDL: tl.constexpr):
     # one program: one token; rotate its q heads in place, then its k heads in place and, when
     # the token has a slot (>= 0), store the rotated k and its v into the paged cache
     t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HALF
     c1 = tl.load(cos_ptr + t * stride_c + offs_d, mask=d_mask).to(tl.float32)
@@ -126,7 +132,7 @@ def rotary_write_kv(qk: torch.Tensor, num_q_heads: int, v: torch.Tensor, cos: to
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         num_q_heads, Hkv, HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_SIZE=kv_cache_layer.shape[3], num_warps=4)
+        BLOCK_SIZE=kv_cache_layer.shape[3], num_warps=4, **pdl.launch_kwargs())
 
 
 @triton.jit
@@ -174,38 +180,72 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    # y[n] = sum_k w[n, k] x[k] (+ b[n]): BN rows per program, K streamed in BK chunks, fp32
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+def _gemv_rows(x_ptr, w_ptr, rows, rmask, K, BK: tl.constexpr, USE_PDL: tl.constexpr):
+    # sum_k w[rows, k] x[k] in fp32 (one value a row), K streamed in BK chunks. The first
+    # weight chunk reads nothing an earlier kernel writes: it is in flight before the PDL wait.
+    cols = tl.arange(0, BK)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+    w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols < K)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BK, K, BK):
+        c = k0 + cols
+        cmask = c < K
+        x = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        acc += tl.load(w_rows + c[None, :], mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32) * x[None, :]
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
+    # y[n] = sum_k w[n, k] x[k] (+ b[n]): BN rows per program, fp32 accumulation.
+    # GATED: w is [gate; up] (2N rows) and y[n] = silu(gate[n]) * up[n], each product rounded
+    # to y's dtype first (= silu_and_mul of the plain GEMV's output, bit for bit); the program
+    # reads its BN gate rows and the same BN up rows.
+    if GATED:
+        offs = tl.arange(0, 2 * BN)                  # gate 0, up 0, gate 1, up 1, ...
+        out = tl.program_id(0) * BN + offs // 2
+        rmask = out < N
+        y = _gemv_rows(x_ptr, w_ptr, out + (offs % 2) * N, rmask, K, BK, USE_PDL)
+        g, u = tl.split(tl.reshape(y, (BN, 2)))
+        g = g.to(y_ptr.dtype.element_ty).to(tl.float32)
+        u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        tl.store(y_ptr + rows, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty),
+                 mask=rows < N)
+    else:
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        y = _gemv_rows(x_ptr, w_ptr, rows, rmask, K, BK, USE_PDL)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         block_n: int = 2, block_k: int = 2048, num_warps: int = 8,
+         gated: bool = False, block_n: int = 2, block_k: int = 2048, num_warps: int = 8,
          num_stages: int = 3) -> torch.Tensor:
     """F.linear for ONE row: x [1, K] (contiguous), weight [N, K] (row-major), bias [N] →
     [1, N] in x's dtype, fp32 accumulation. At batch 1 a decode step is this, weight-read bound;
     the default tiles (2 rows x 2048 columns a program, 8 warps, 3 stages: the best of the sweep
     in bench/gemv_exp.py) read 2.5-3.1 TB/s on an H100 where cuBLAS reads 2.0-2.7
-    (bench/RESULTS.md)."""
+    (bench/RESULTS.md). gated=True: weight is [gate; up] ([2I, K], no bias) and the result is
+    silu(gate) * up, [1, I] (the MLP's SiLU-mul folded in: one launch less a layer)."""
     N, K = weight.shape
     assert x.shape == (1, K) and x.is_contiguous() and weight.stride() == (K, 1)
+    if gated:
+        assert bias is None and N % 2 == 0
+        N //= 2
+        block_n = max(1, block_n // 2)          # the same weight rows a program: BN gate + BN up
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, N, K, HAS_BIAS=bias is not None,
-        BN=block_n, BK=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps,
-        num_stages=num_stages)
+        GATED=gated, BN=block_n, BK=min(block_k, triton.next_power_of_2(K)),
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs())
     return y

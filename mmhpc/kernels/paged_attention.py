@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmhpc.kernels import pdl
+
 _NEG = tl.constexpr(-1.0e30)   # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) is defined
 _LOG2E = 1.4426950408889634
 
@@ -60,12 +62,15 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PER_SEQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PER_SEQ: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads that share it), one partition.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
+    if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ctx = tl.load(lens_ptr + b)
     # This sequence's partition: ITS context split evenly over the grid's num_splits partitions
     # (BLOCK_N-aligned), not the host bound's. A graph sized for the model's longest context
@@ -119,9 +124,13 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_heads, num_splits, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
@@ -198,13 +207,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache_layer: torch.Tensor,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
         DOT_PRECISION=_dot_precision(q.dtype), PER_SEQ=per_seq_partition,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(),
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](
             part_acc, part_ml, out, num_heads, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
             MAX_SPLITS=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            **pdl.launch_kwargs(),
         )
     return out
 
@@ -378,9 +388,12 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache_layer: torch.Tensor,
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
@@ -413,7 +426,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x2, r2, weight, out, res_out, shape[-1], eps,
             x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
             HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
-            num_warps=8 if shape[-1] >= 4096 else 4,
+            num_warps=8 if shape[-1] >= 4096 else 4, **pdl.launch_kwargs(),
         )
     if residual is not None:
         return out.view(shape), res_out.view(shape)
@@ -421,8 +434,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -441,5 +458,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, inter, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+            x2, out, inter, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            **pdl.launch_kwargs())
     return out.view(*shape[:-1], inter)
