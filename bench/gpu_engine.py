@@ -273,6 +273,21 @@ def decode_b1(eng, key, prompt_len, steps=64, eager=True):
         res["graph_replay_gpu_silu_kernel"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
         cs.decoder.gemv_silu = True
         _recapture(cs, [1], gemv=True)
+    if cs.decoder.gemv and os.environ.get("TILES_AB", "1") == "1":   # the H100-tuned tiles
+        from mmhpc.kernels import fused
+        fused.set_gemv_tiles((2, 2048, 8, 3))
+        _recapture(cs, [1], gemv=True)
+        res["graphs_h100_tiles"] = round(_decode_steps(eng, f"{key}-t", prompt_len, steps), 3)
+        res["graph_replay_gpu_h100_tiles"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
+        fused.set_gemv_tiles(None)
+        fused.ROTARY_DECODE_HEADS, split = None, fused.ROTARY_DECODE_HEADS   # one program a token
+        _recapture(cs, [1], gemv=True)
+        res["graphs_rotary_one_program"] = round(_decode_steps(eng, f"{key}-r", prompt_len,
+                                                               steps), 3)
+        res["graph_replay_gpu_rotary_one_program"] = replay_ms(cs, 1, prompt_len,
+                                                               eng.runner.num_blocks)
+        fused.ROTARY_DECODE_HEADS = split
+        _recapture(cs, [1], gemv=True)
     res["ahead_hits"] = hits
     acc: dict = {}
     res["phased_wall"] = round(_decode_steps(eng, f"{key}-p", prompt_len, steps // 2, acc), 3)
@@ -470,11 +485,13 @@ def _():
 
 @part("prefill")
 def _():
-    """Where a prefill step's time goes: 8192-token steps of LLaVA-1.5-7B (13 prompts of
-    576 image + 41 text tokens each, embeddings given), wall per step and a kernel profile."""
+    """Where a prefill step's time goes: $PREFILL_TOKENS-token steps (default 16,384, the
+    offline run's) of LLaVA-1.5-7B (prompts of 576 image + 41 text tokens each, embeddings
+    given), wall per step and a kernel profile."""
     from torch.profiler import ProfilerActivity, profile
     from mmhpc.engine.sequence import MMItem, SamplingParams
-    eng = build_engine("arch:llava-1.5-7b", 128)
+    eng = build_engine("arch:llava-1.5-7b", 256,
+                       tokens=int(os.environ.get("PREFILL_TOKENS", "16384")))
     r = R.setdefault("prefill", {})
     img = 32000
     hidden = eng.runner.model.text_config.hidden_size
@@ -523,9 +540,9 @@ def _():
     args = p.parse_args(["--model", "arch:llava-1.5-7b", "--random-weights", "--dtype",
                          "bfloat16", "--num-requests", "256", "--image-size", "336",
                          "--prompt-len", "40", "--output-len", "128",
-                         "--max-num-seqs", os.environ.get("OFFLINE_MAX_SEQS", "128"),
+                         "--max-num-seqs", os.environ.get("OFFLINE_MAX_SEQS", "256"),
                          "--preprocess", os.environ.get("PREPROCESS", "overlap"),
-                         "--hf", "--hf-batch-sizes", os.environ.get("HF_BS", "64,128"),
+                         "--hf", "--hf-batch-sizes", os.environ.get("HF_BS", "64,128,256"),
                          "--hf-max-requests", str(n_hf),
                          "--json", os.path.join(OUT, "offline.json")])
     R["offline"] = offline.run(args)
@@ -539,8 +556,8 @@ def _():
     import argparse
     res = R.setdefault("offline_ab", {})
     variants = [v.split(":") for v in os.environ.get("AB_VARIANTS", ",".join([
-        "overlap:1:128:8192:", "first:1:128:8192:", "overlap:1:128:8192:",
-        "overlap:0:128:8192:", "overlap:1:144:8192:", "overlap:1:128:16384:"]))
+        "overlap:1:256:16384:", "first:1:256:16384:", "overlap:0:256:16384:",
+        "overlap:1:128:16384:", "overlap:1:256:32768:"]))
         .split(",")]
     for mode, ahead, seqs, mnbt, extra in variants:
         os.environ["MMHPC_DECODE_AHEAD"] = ahead

@@ -209,19 +209,23 @@ def test_rms_norm_and_silu():
 @gpu
 @needs_gpu
 def test_rotary_write_kv():
-    """Fused rotary (q and k heads in place) + cache write vs float64 reference; padding slot."""
+    """Fused rotary (q and k heads in place) + cache write vs float64 reference; padding slot;
+    both a few heads a program (steps of <= 64 tokens) and all heads in one."""
     from mmhpc.kernels import fused
     for dtype in (torch.bfloat16, torch.float32):
-        for T, Hq, Hkv, D in ((37, 32, 32, 128), (5, 28, 4, 128), (3, 16, 16, 80)):
+        for T, Hq, Hkv, D in ((37, 32, 32, 128), (5, 28, 4, 128), (3, 16, 16, 80),
+                              (1, 32, 32, 128), (130, 28, 4, 128)):
             qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda").to(dtype)
             ang = torch.randn(T, D // 2, device="cuda")
             cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-            slots = torch.randperm(8 * BLOCK_SIZE, device="cuda")[:T]
-            slots[1] = -1
+            nb = max(8, T // BLOCK_SIZE + 2)                # cache blocks: a slot for every token
+            slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:T]
+            if T > 1:
+                slots[1] = -1                           # a padding row: no write
             got, want = {}, {}
             for impl, out, x_dtype in ((fused, got, dtype), (reference, want, torch.float64)):
                 x = qkv.clone().to(x_dtype)         # the kernel works in place: own copies
-                cache = torch.full((2, 8, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
+                cache = torch.full((2, nb, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
                                    dtype=x_dtype)
                 qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
                 v = x[:, (Hq + Hkv) * D:].view(T, Hkv, D)
@@ -231,6 +235,19 @@ def test_rotary_write_kv():
             written = ~torch.isnan(want["cache"])
             assert torch.equal(written, ~torch.isnan(got["cache"]))
             assert _rel(got["cache"][written], want["cache"][written]) < TOL[dtype]
+            split, fused.ROTARY_DECODE_HEADS = fused.ROTARY_DECODE_HEADS, None
+            try:                                    # all heads in one program, at any T
+                x = qkv.clone()
+                cache = torch.full((2, nb, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
+                                   dtype=dtype)
+                qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+                fused.rotary_write_kv(qk, Hq, x[:, (Hq + Hkv) * D:].view(T, Hkv, D),
+                                      cos.to(dtype), sin.to(dtype), cache, slots)
+            finally:
+                fused.ROTARY_DECODE_HEADS = split
+            assert _rel(qk, want["qk"]) < TOL[dtype]
+            assert torch.equal(written, ~torch.isnan(cache))
+            assert _rel(cache[written], want["cache"][written]) < TOL[dtype]
 
 
 @gpu
@@ -259,12 +276,15 @@ def test_gemv():
     import mmhpc.kernels as kernels
     from mmhpc.kernels import fused
     for dtype in (torch.bfloat16, torch.float32):
-        for N, K, bias in ((12288, 4096, False), (4608, 3584, True), (7, 3000, True), (33, 64, False)):
+        for N, K, bias in ((12288, 4096, False), (4608, 3584, True), (4096, 11008, False),
+                           (7, 3000, True), (33, 64, False), (5, 5000, True)):
             x = torch.randn(1, K, device="cuda").to(dtype)
             w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
             b = torch.randn(N, device="cuda").to(dtype) if bias else None
             ref = F.linear(x.double(), w.double(), b.double() if bias else None)
             assert _rel(fused.gemv(x, w, b), ref) < TOL[dtype]
+            assert _rel(fused.gemv(x, w, b, block_n=2, block_k=2048, num_warps=8, num_stages=3),
+                        ref) < TOL[dtype]                           # the H100-tuned tiles
             assert _rel(kernels.linear(x, w, b), ref) < TOL[dtype]
             x2 = torch.randn(3, K, device="cuda").to(dtype)          # several rows: cuBLAS
             assert _rel(kernels.linear(x2, w, b), F.linear(x2.double(), w.double(),
@@ -275,7 +295,7 @@ def test_gemv():
 @needs_gpu
 def test_gemv_silu_and_mul():
     """The gated GEMV (gate_up projection + SiLU-mul in one launch) vs float64, and bit-equal to
-    the GEMV followed by the SiLU-mul kernel (what it replaces)."""
+    the GEMV followed by the SiLU-mul kernel (what it replaces) at the same tiles."""
     import mmhpc.kernels as kernels
     from mmhpc.kernels import fused
     for dtype in (torch.bfloat16, torch.float32):
@@ -286,7 +306,9 @@ def test_gemv_silu_and_mul():
             out = kernels.linear_silu_and_mul(x, w)
             assert out.shape == (1, inter)
             assert _rel(out, ref) < TOL[dtype]
-            assert torch.equal(out, triton_impl.silu_and_mul(fused.gemv(x, w)))
+            # same weight rows a program (one gate + one up row = two rows): same sums, bit for bit
+            assert torch.equal(fused.gemv(x, w, gated=True, block_n=2),
+                               triton_impl.silu_and_mul(fused.gemv(x, w, block_n=2)))
             x2 = torch.randn(3, K, device="cuda").to(dtype)          # several rows: cuBLAS
             assert _rel(kernels.linear_silu_and_mul(x2, w),
                         reference.silu_and_mul(F.linear(x2.double(), w.double()))) < TOL[dtype]

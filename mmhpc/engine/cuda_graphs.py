@@ -27,6 +27,7 @@ the real step (or the block's next owner) writes before anything reads it.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -109,6 +110,20 @@ class CudaStepRunner:
         piece before it wrote: they stay allocated, and a size's pieces always replay in order."""
         if not self.use_graphs:
             return
+        # Another engine's graphs freed by the garbage collector while this one captures (an
+        # engine dropped and rebuilt in one process) destroy a graph mid-capture, which
+        # invalidates it ("operation not permitted when stream is capturing"): collect first,
+        # and not during the capture.
+        gc.collect()
+        gc_on = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture(sizes)
+        finally:
+            if gc_on:
+                gc.enable()
+
+    def _capture(self, sizes: list[int] | None) -> None:
         for b in self.bufs.values():
             b.slots.fill_(-1)
             b.lens.fill_(1)                 # attend to slot 0 of block 0: harmless, finite

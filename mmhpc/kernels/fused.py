@@ -5,6 +5,8 @@ decode batch sizes. Plain-torch equivalents: `mmhpc.models.layers.apply_rotary` 
 `x * sigmoid(1.702 x)`."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,50 +69,52 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 def _rotary_write_kv_kernel(x_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                             stride_t, stride_h, stride_vt, stride_vh, stride_c,
                             stride_cb, stride_ch, stride_ct, stride_vcb, stride_vch, stride_vct,
-                            num_q_heads, num_kv_heads,
-                            HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                            BLOCK_HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                            USE_PDL: tl.constexpr):
-    # one program: one token; rotate its q heads in place, then its k heads in place and, when
-    # the token has a slot (>= 0), store the rotated k and its v into the paged cache
+                            num_q_heads, num_heads,
+                            HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr):
+    # one program: one token, BLOCK_H of its q+k heads (q heads first, then k heads); rotate
+    # them in place and, for k heads of a token with a slot (>= 0), store the rotated k and the
+    # matching v head into the paged cache. Every load is issued before the first store.
     t = tl.program_id(0).to(tl.int64)
     if USE_PDL:                             # mmhpc.kernels.pdl: wait, then let the next launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HALF
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (offs_h[:, None] < num_heads) & d_mask[None, :]
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     c1 = tl.load(cos_ptr + t * stride_c + offs_d, mask=d_mask).to(tl.float32)
     c2 = tl.load(cos_ptr + t * stride_c + HALF + offs_d, mask=d_mask).to(tl.float32)
     s1 = tl.load(sin_ptr + t * stride_c + offs_d, mask=d_mask).to(tl.float32)
     s2 = tl.load(sin_ptr + t * stride_c + HALF + offs_d, mask=d_mask).to(tl.float32)
-    offs_q = tl.arange(0, BLOCK_HQ)
-    mask = (offs_q[:, None] < num_q_heads) & d_mask[None, :]
-    base = x_ptr + t * stride_t + offs_q[:, None] * stride_h + offs_d[None, :]
+    base = x_ptr + t * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(base, mask=mask).to(tl.float32)
     x2 = tl.load(base + HALF, mask=mask).to(tl.float32)
-    tl.store(base, (x1 * c1[None, :] - x2 * s1[None, :]).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(x_ptr.dtype.element_ty),
-             mask=mask)
-    offs_k = tl.arange(0, BLOCK_HKV)
-    mask = (offs_k[:, None] < num_kv_heads) & d_mask[None, :]
-    base = x_ptr + t * stride_t + (num_q_heads + offs_k[:, None]) * stride_h + offs_d[None, :]
-    x1 = tl.load(base, mask=mask).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=mask).to(tl.float32)
+    kvh = tl.maximum(offs_h - num_q_heads, 0)           # k heads: their kv head
+    kmask = mask & (offs_h >= num_q_heads)[:, None] & (slot >= 0)
+    vb = v_ptr + t * stride_vt + kvh[:, None] * stride_vh + offs_d[None, :]
+    v1 = tl.load(vb, mask=kmask)
+    v2 = tl.load(vb + HALF, mask=kmask)
     y1 = (x1 * c1[None, :] - x2 * s1[None, :]).to(x_ptr.dtype.element_ty)
     y2 = (x2 * c2[None, :] + x1 * s2[None, :]).to(x_ptr.dtype.element_ty)
     tl.store(base, y1, mask=mask)
     tl.store(base + HALF, y2, mask=mask)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        kc = kc_ptr + blk * stride_cb + offs_k[:, None] * stride_ch + off * stride_ct + offs_d[None, :]
-        tl.store(kc, y1.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(kc + HALF, y2.to(kc_ptr.dtype.element_ty), mask=mask)
-        vb = v_ptr + t * stride_vt + offs_k[:, None] * stride_vh + offs_d[None, :]
-        vc = vc_ptr + blk * stride_vcb + offs_k[:, None] * stride_vch + off * stride_vct + offs_d[None, :]
-        tl.store(vc, tl.load(vb, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + HALF, tl.load(vb + HALF, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+    blk = tl.maximum(slot, 0) // BLOCK_SIZE
+    off = tl.maximum(slot, 0) % BLOCK_SIZE
+    kc = kc_ptr + blk * stride_cb + kvh[:, None] * stride_ch + off * stride_ct + offs_d[None, :]
+    tl.store(kc, y1.to(kc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(kc + HALF, y2.to(kc_ptr.dtype.element_ty), mask=kmask)
+    vc = vc_ptr + blk * stride_vcb + kvh[:, None] * stride_vch + off * stride_vct + offs_d[None, :]
+    tl.store(vc, v1.to(vc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(vc + HALF, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
+
+
+# Heads a program of `rotary_write_kv` for steps of at most _ROTARY_SPLIT_TOKENS tokens (decode):
+# one program for all 64 heads of a LLaVA token left most of the GPU idle on one token's
+# latency chain; None: all heads in one program at every step size (as before 2026-12-04).
+ROTARY_DECODE_HEADS: int | None = 4
+_ROTARY_SPLIT_TOKENS = 64
 
 
 def rotary_write_kv(qk: torch.Tensor, num_q_heads: int, v: torch.Tensor, cos: torch.Tensor,
@@ -120,19 +124,21 @@ def rotary_write_kv(qk: torch.Tensor, num_q_heads: int, v: torch.Tensor, cos: to
     place on all heads; then the rotated k heads and v [T, Hkv, D] go to the cache slots
     `slot_mapping` [T] (negative: no write). = `rotary_` + `write_kv` in one launch."""
     T, H, D = qk.shape
-    Hkv = H - num_q_heads
     assert qk.stride(-1) == 1 and v.stride(-1) == 1 and cos.stride(-1) == 1
     assert cos.stride(0) == sin.stride(0) and kv_cache_layer.stride(-1) == 1 and D % 2 == 0
     if T == 0:
         return
     kc, vc = kv_cache_layer[0], kv_cache_layer[1]
-    _rotary_write_kv_kernel[(T,)](
+    block_h = triton.next_power_of_2(H)
+    if ROTARY_DECODE_HEADS and T <= _ROTARY_SPLIT_TOKENS:
+        block_h = min(block_h, ROTARY_DECODE_HEADS)
+    _rotary_write_kv_kernel[(T, triton.cdiv(H, block_h))](
         qk, v, cos, sin, kc, vc, slot_mapping,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        num_q_heads, Hkv, HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2),
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_SIZE=kv_cache_layer.shape[3], num_warps=4, **pdl.launch_kwargs())
+        num_q_heads, H, HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_H=block_h,
+        BLOCK_SIZE=kv_cache_layer.shape[3], num_warps=4 if block_h * D >= 2048 else 1,
+        **pdl.launch_kwargs())
 
 
 @triton.jit
@@ -228,21 +234,56 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
+# Batch-1 GEMV tiles (rows a program, columns a chunk, warps, stages). bench/gemv_exp.py's
+# sweep on an H200 (bench/RESULTS.md, 2026-12-04): one row a program, 4 warps, all of K <= 4096
+# in one chunk (1,024-column chunks beyond) read 2-9 % faster than (2, 2048, 8, 3), the best
+# of the H100 sweep of 2026-11-25 (which tried no 4,096-column chunk).
+# MMHPC_GEMV_TILES="2,2048,8,3" sets one tile for every shape.
+_TILES: tuple[int, int, int, int] | None = None
+
+
+def set_gemv_tiles(tiles: tuple[int, int, int, int] | None) -> None:
+    """One (block_n, block_k, num_warps, num_stages) for every GEMV launched after this; None:
+    the per-K default (MMHPC_GEMV_TILES is read again). Captured graphs keep their tiles."""
+    global _TILES
+    _TILES = tuple(tiles) if tiles is not None else None
+
+
+def gemv_tiles(K: int) -> tuple[int, int, int, int]:
+    global _TILES
+    if _TILES is None and os.environ.get("MMHPC_GEMV_TILES"):
+        env = os.environ["MMHPC_GEMV_TILES"]
+        try:
+            bn, bk, warps, stages = (int(v) for v in env.split(","))
+        except ValueError:
+            raise ValueError(f"MMHPC_GEMV_TILES={env!r}: want four integers "
+                             "block_n,block_k,num_warps,num_stages, e.g. 2,2048,8,3") from None
+        _TILES = (bn, bk, warps, stages)
+    if _TILES is not None:
+        return _TILES
+    return (1, 4096, 4, 3) if K <= 4096 else (1, 1024, 4, 3)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         gated: bool = False, block_n: int = 2, block_k: int = 2048, num_warps: int = 8,
-         num_stages: int = 3) -> torch.Tensor:
+         gated: bool = False, block_n: int | None = None, block_k: int | None = None,
+         num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """F.linear for ONE row: x [1, K] (contiguous), weight [N, K] (row-major), bias [N] →
     [1, N] in x's dtype, fp32 accumulation. At batch 1 a decode step is this, weight-read bound;
-    the default tiles (2 rows x 2048 columns a program, 8 warps, 3 stages: the best of the sweep
-    in bench/gemv_exp.py) read 2.5-3.1 TB/s on an H100 where cuBLAS reads 2.0-2.7
-    (bench/RESULTS.md). gated=True: weight is [gate; up] ([2I, K], no bias) and the result is
-    silu(gate) * up, [1, I] (the MLP's SiLU-mul folded in: one launch less a layer)."""
+    it reads 3.3-4.5 TB/s on an H200 where cuBLAS reads 2.5-4.0 (tiles: `gemv_tiles`, any
+    argument given overrides its part; bench/RESULTS.md). gated=True: weight is [gate; up]
+    ([2I, K], no bias) and the result is silu(gate) * up, [1, I] (the MLP's SiLU-mul folded
+    in: one launch less a layer)."""
+    bn, bk, warps, stages = gemv_tiles(weight.shape[1])
+    block_n = bn if block_n is None else block_n
+    block_k = bk if block_k is None else block_k
+    num_warps = warps if num_warps is None else num_warps
+    num_stages = stages if num_stages is None else num_stages
     N, K = weight.shape
     assert x.shape == (1, K) and x.is_contiguous() and weight.stride() == (K, 1)
     if gated:
         assert bias is None and N % 2 == 0
         N //= 2
-        block_n = max(1, block_n // 2)          # the same weight rows a program: BN gate + BN up
+        block_n = max(1, block_n // 2)          # BN gate + BN up rows a program (at least 2)
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, N, K, HAS_BIAS=bias is not None,
