@@ -234,12 +234,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-# Batch-1 GEMV tiles (rows a program, columns a chunk, warps, stages). bench/gemv_exp.py's
-# sweep on an H200 (bench/RESULTS.md, 2026-12-04): one row a program, 4 warps, all of K <= 4096
-# in one chunk (1,024-column chunks beyond) read 2-9 % faster than (2, 2048, 8, 3), the best
-# of the H100 sweep of 2026-11-25 (which tried no 4,096-column chunk).
+# Batch-1 GEMV tiles (rows a program, columns a chunk, warps, stages), from bench/gemv_exp.py's
+# sweeps (bench/RESULTS.md). H200, 2026-12-04: one row a program, 4 warps, all of K <= 4096 in
+# one chunk (1,024-column chunks beyond) read 2-9 % faster than (2, 2048, 8, 3), which won the
+# H100 sweep of 2026-11-25 over one-row tiles of <= 2,048 columns (4,096 was not tried there).
+# An H100 keeps its own winner until it is swept again; other cards take the H200's tiles.
 # MMHPC_GEMV_TILES="2,2048,8,3" sets one tile for every shape.
 _TILES: tuple[int, int, int, int] | None = None
+_H100_TILES = (2, 2048, 8, 3)
+_ON_H100: bool | None = None
 
 
 def set_gemv_tiles(tiles: tuple[int, int, int, int] | None) -> None:
@@ -250,7 +253,8 @@ def set_gemv_tiles(tiles: tuple[int, int, int, int] | None) -> None:
 
 
 def gemv_tiles(K: int) -> tuple[int, int, int, int]:
-    global _TILES
+    """The default tiles of a GEMV over K columns on this process's card."""
+    global _TILES, _ON_H100
     if _TILES is None and os.environ.get("MMHPC_GEMV_TILES"):
         env = os.environ["MMHPC_GEMV_TILES"]
         try:
@@ -261,6 +265,10 @@ def gemv_tiles(K: int) -> tuple[int, int, int, int]:
         _TILES = (bn, bk, warps, stages)
     if _TILES is not None:
         return _TILES
+    if _ON_H100 is None:
+        _ON_H100 = torch.cuda.is_available() and "H100" in torch.cuda.get_device_name()
+    if _ON_H100:
+        return _H100_TILES
     return (1, 4096, 4, 3) if K <= 4096 else (1, 1024, 4, 3)
 
 
