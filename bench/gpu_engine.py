@@ -232,10 +232,9 @@ def replay_ms(cs, n: int, ctx: int, num_blocks: int, iters: int = 50) -> float:
     return round(ms, 3)
 
 
-def _recapture(cs, sizes, gemv):
-    """Capture the decode graphs of `sizes` again, with the GEMV on or off (the other sizes'
+def _recapture(cs, sizes):
+    """Capture the decode graphs of `sizes` again, with the current switches (the other sizes'
     graphs stay, and with them the shared pool)."""
-    cs.decoder.gemv = gemv
     for n in sizes:
         cs.graphs.pop(n, None)
         cs.logits.pop(n, None)
@@ -253,41 +252,35 @@ def decode_b1(eng, key, prompt_len, steps=64, eager=True):
     cs.ahead_enabled = False
     res["graphs_no_ahead"] = round(_decode_steps(eng, f"{key}-n", prompt_len, steps), 3)
     cs.ahead_enabled = True
-    if os.environ.get("GEMV_AB", "1") == "1" and cs.decoder.gemv:     # cuBLAS instead
-        _recapture(cs, [1], gemv=False)
-        res["graphs_cublas"] = round(_decode_steps(eng, f"{key}-c", prompt_len, steps), 3)
-        res["graph_replay_gpu_cublas"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
-        _recapture(cs, [1], gemv=True)
-    from mmhpc.kernels import pdl
+    from mmhpc.kernels import fused, pdl
+
+    def variant(name, tag, on, off):
+        """res["graphs_<name>"] (wall) and res["graph_replay_gpu_<name>"] with the decode
+        graph of one row captured after `on()`; `off()` restores, and the graph again."""
+        on()
+        _recapture(cs, [1])
+        res[f"graphs_{name}"] = round(_decode_steps(eng, f"{key}-{tag}", prompt_len, steps), 3)
+        res[f"graph_replay_gpu_{name}"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
+        off()
+        _recapture(cs, [1])
+
+    def setter(obj, attr, value):
+        return lambda: setattr(obj, attr, value)
+
+    gemv = cs.decoder.gemv
+    if os.environ.get("GEMV_AB", "1") == "1" and gemv:                 # cuBLAS instead
+        variant("cublas", "c", setter(cs.decoder, "gemv", False), setter(cs.decoder, "gemv", True))
     if os.environ.get("PDL_AB", "1") == "1" and pdl.enabled():         # no PDL launches
-        pdl.set_enabled(False)
-        _recapture(cs, [1], gemv=cs.decoder.gemv)
-        res["graphs_no_pdl"] = round(_decode_steps(eng, f"{key}-np", prompt_len, steps), 3)
-        res["graph_replay_gpu_no_pdl"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
-        pdl.set_enabled(None)
-        _recapture(cs, [1], gemv=cs.decoder.gemv)
-    if cs.decoder.gemv and cs.decoder.gemv_silu:                     # SiLU-mul as its own kernel
-        cs.decoder.gemv_silu = False
-        _recapture(cs, [1], gemv=True)
-        res["graphs_silu_kernel"] = round(_decode_steps(eng, f"{key}-s", prompt_len, steps), 3)
-        res["graph_replay_gpu_silu_kernel"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
-        cs.decoder.gemv_silu = True
-        _recapture(cs, [1], gemv=True)
-    if cs.decoder.gemv and os.environ.get("TILES_AB", "1") == "1":   # the H100-tuned tiles
-        from mmhpc.kernels import fused
-        fused.set_gemv_tiles((2, 2048, 8, 3))
-        _recapture(cs, [1], gemv=True)
-        res["graphs_h100_tiles"] = round(_decode_steps(eng, f"{key}-t", prompt_len, steps), 3)
-        res["graph_replay_gpu_h100_tiles"] = replay_ms(cs, 1, prompt_len, eng.runner.num_blocks)
-        fused.set_gemv_tiles(None)
-        fused.ROTARY_DECODE_HEADS, split = None, fused.ROTARY_DECODE_HEADS   # one program a token
-        _recapture(cs, [1], gemv=True)
-        res["graphs_rotary_one_program"] = round(_decode_steps(eng, f"{key}-r", prompt_len,
-                                                               steps), 3)
-        res["graph_replay_gpu_rotary_one_program"] = replay_ms(cs, 1, prompt_len,
-                                                               eng.runner.num_blocks)
-        fused.ROTARY_DECODE_HEADS = split
-        _recapture(cs, [1], gemv=True)
+        variant("no_pdl", "np", lambda: pdl.set_enabled(False), lambda: pdl.set_enabled(None))
+    if gemv and cs.decoder.gemv_silu:                                  # SiLU-mul as its own kernel
+        variant("silu_kernel", "s", setter(cs.decoder, "gemv_silu", False),
+                setter(cs.decoder, "gemv_silu", True))
+    if gemv and os.environ.get("TILES_AB", "1") == "1":                # the H100-tuned tiles
+        variant("h100_tiles", "t", lambda: fused.set_gemv_tiles(fused.H100_TILES),
+                lambda: fused.set_gemv_tiles(None))
+        split = fused.ROTARY_DECODE_HEADS                              # one program a token
+        variant("rotary_one_program", "r", setter(fused, "ROTARY_DECODE_HEADS", None),
+                setter(fused, "ROTARY_DECODE_HEADS", split))
     res["ahead_hits"] = hits
     acc: dict = {}
     res["phased_wall"] = round(_decode_steps(eng, f"{key}-p", prompt_len, steps // 2, acc), 3)

@@ -222,32 +222,28 @@ def test_rotary_write_kv():
             slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:T]
             if T > 1:
                 slots[1] = -1                           # a padding row: no write
-            got, want = {}, {}
-            for impl, out, x_dtype in ((fused, got, dtype), (reference, want, torch.float64)):
+            out = {}
+            split = fused.ROTARY_DECODE_HEADS
+            for name, impl, x_dtype, heads in (("split", fused, dtype, split),
+                                               ("one", fused, dtype, None),   # all heads a program
+                                               ("want", reference, torch.float64, split)):
                 x = qkv.clone().to(x_dtype)         # the kernel works in place: own copies
                 cache = torch.full((2, nb, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
                                    dtype=x_dtype)
                 qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
                 v = x[:, (Hq + Hkv) * D:].view(T, Hkv, D)
-                impl.rotary_write_kv(qk, Hq, v, cos.to(x_dtype), sin.to(x_dtype), cache, slots)
-                out["qk"], out["cache"] = qk, cache
-            assert _rel(got["qk"], want["qk"]) < TOL[dtype]
-            written = ~torch.isnan(want["cache"])
-            assert torch.equal(written, ~torch.isnan(got["cache"]))
-            assert _rel(got["cache"][written], want["cache"][written]) < TOL[dtype]
-            split, fused.ROTARY_DECODE_HEADS = fused.ROTARY_DECODE_HEADS, None
-            try:                                    # all heads in one program, at any T
-                x = qkv.clone()
-                cache = torch.full((2, nb, Hkv, BLOCK_SIZE, D), float("nan"), device="cuda",
-                                   dtype=dtype)
-                qk = x[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
-                fused.rotary_write_kv(qk, Hq, x[:, (Hq + Hkv) * D:].view(T, Hkv, D),
-                                      cos.to(dtype), sin.to(dtype), cache, slots)
-            finally:
-                fused.ROTARY_DECODE_HEADS = split
-            assert _rel(qk, want["qk"]) < TOL[dtype]
-            assert torch.equal(written, ~torch.isnan(cache))
-            assert _rel(cache[written], want["cache"][written]) < TOL[dtype]
+                fused.ROTARY_DECODE_HEADS = heads
+                try:
+                    impl.rotary_write_kv(qk, Hq, v, cos.to(x_dtype), sin.to(x_dtype), cache, slots)
+                finally:
+                    fused.ROTARY_DECODE_HEADS = split
+                out[name] = qk, cache
+            want_qk, want_cache = out.pop("want")
+            written = ~torch.isnan(want_cache)
+            for got_qk, got_cache in out.values():
+                assert _rel(got_qk, want_qk) < TOL[dtype]
+                assert torch.equal(written, ~torch.isnan(got_cache))
+                assert _rel(got_cache[written], want_cache[written]) < TOL[dtype]
 
 
 @gpu

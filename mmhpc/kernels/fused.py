@@ -241,7 +241,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED
 # An H100 keeps its own winner until it is swept again; other cards take the H200's tiles.
 # MMHPC_GEMV_TILES="2,2048,8,3" sets one tile for every shape.
 _TILES: tuple[int, int, int, int] | None = None
-_H100_TILES = (2, 2048, 8, 3)
+H100_TILES = (2, 2048, 8, 3)
 _ON_H100: bool | None = None
 
 
@@ -268,7 +268,7 @@ def gemv_tiles(K: int) -> tuple[int, int, int, int]:
     if _ON_H100 is None:
         _ON_H100 = torch.cuda.is_available() and "H100" in torch.cuda.get_device_name()
     if _ON_H100:
-        return _H100_TILES
+        return H100_TILES
     return (1, 4096, 4, 3) if K <= 4096 else (1, 1024, 4, 3)
 
 
