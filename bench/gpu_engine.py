@@ -275,9 +275,13 @@ def decode_b1(eng, key, prompt_len, steps=64, eager=True):
     if gemv and cs.decoder.gemv_silu:                                  # SiLU-mul as its own kernel
         variant("silu_kernel", "s", setter(cs.decoder, "gemv_silu", False),
                 setter(cs.decoder, "gemv_silu", True))
-    if gemv and os.environ.get("TILES_AB", "1") == "1":                # the H100-tuned tiles
-        variant("h100_tiles", "t", lambda: fused.set_gemv_tiles(fused.H100_TILES),
-                lambda: fused.set_gemv_tiles(None))
+    if gemv and os.environ.get("TILES_AB", "1") == "1":                # the other card's tiles
+        if fused.gemv_tiles(4096) == fused.H100_TILES:                 # an H100: the H200's
+            variant("h200_tiles", "t", setter(fused, "_ON_H100", False),
+                    setter(fused, "_ON_H100", None))
+        else:
+            variant("h100_tiles", "t", lambda: fused.set_gemv_tiles(fused.H100_TILES),
+                    lambda: fused.set_gemv_tiles(None))
         split = fused.ROTARY_DECODE_HEADS                              # one program a token
         variant("rotary_one_program", "r", setter(fused, "ROTARY_DECODE_HEADS", None),
                 setter(fused, "ROTARY_DECODE_HEADS", split))

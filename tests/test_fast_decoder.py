@@ -87,3 +87,46 @@ def test_rotary_write_kv_reference():
     torch.testing.assert_close(qk, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache, want_cache, rtol=1e-6, atol=1e-6)
     assert cache[:, 0].abs().sum() > 0 and cache[:, 3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prefill_last_layer_on_sampled_rows(family, tiny_llava, tiny_qwen2_vl):
+    """A prefill step whose last layer runs attention + MLP on the sampled rows alone (the CUDA
+    runner's default) gives those rows' hidden states of the full step and writes the same
+    KV; a step that samples no row still writes every layer's KV."""
+    path = tiny_llava if family == "llava" else tiny_qwen2_vl
+    model = load_model(path, torch.float32, "cpu")
+    fast = FastDecoder(model.language_model)
+    g = torch.Generator().manual_seed(2)
+    vocab = model.text_config.vocab_size
+    # seq 0: 9 fresh tokens (sampled); seq 1: 6 tokens after 5 cached (not sampled: a middle
+    # chunk); seq 2: 3 tokens after 7 cached (sampled)
+    chunks = [(9, 0), (6, 5), (3, 7)]
+    tables = [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    shape = kv_cache_shape(model.text_config, 24, BLOCK)
+    base = torch.randn(shape, generator=g) * 0.1          # the cached prefixes
+    ids, pos, slots, qs = [], [], [], [0]
+    for (n, p), table in zip(chunks, tables):
+        ids.append(torch.randint(3, vocab - 8, (n,), generator=g))
+        pos.append(_positions(model, ids[-1], p))
+        slots += [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(p, p + n)]
+        qs.append(qs[-1] + n)
+    ids, pos = torch.cat(ids), torch.cat(pos, dim=-1)
+    lens = [n + p for n, p in chunks]
+
+    def run(rows, seqs):
+        cache = base.clone()
+        meta = GpuAttnMeta(torch.tensor(slots), torch.tensor(tables, dtype=torch.int32),
+                           torch.tensor(lens, dtype=torch.int32),
+                           torch.tensor(qs, dtype=torch.int32), max(n for n, _ in chunks),
+                           max(lens), decode=False, sample_rows=rows, sample_seqs=seqs)
+        with torch.inference_mode():
+            return fast(ids, pos, meta, cache), cache
+
+    full, full_cache = run(None, None)
+    rows = torch.tensor([qs[1] - 1, qs[3] - 1])
+    pruned, cache = run(rows, torch.tensor([0, 2]))
+    torch.testing.assert_close(pruned, full[rows], rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache, full_cache)
+    none, cache = run(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    assert none.shape[0] == 0 and torch.equal(cache, full_cache)

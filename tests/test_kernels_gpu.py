@@ -6,6 +6,7 @@ poisons the output with NaN first, and compares ||out - ref|| / ||ref||.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -189,6 +190,35 @@ def test_prefill_attention():
     for dtype in (torch.bfloat16, torch.float32):
         for case in PREFILL_CASES:
             check_prefill(triton_impl, "cuda", dtype, *case)
+
+
+@gpu
+@needs_gpu
+def test_fresh_prefill_attention_flash():
+    """Chunks with nothing cached before them: FlashAttention varlen (through torch) equals the
+    float64 reference and the Triton kernel's tolerance, k/v as strided views of a fused qkv."""
+    from mmhpc import kernels
+    for dtype in (torch.bfloat16, torch.float16):
+        for hq, hkv, d, lens in [(32, 32, 128, [617, 1, 40, 2048]), (28, 4, 128, [5, 1000]),
+                                 (16, 16, 80, [300, 77])]:
+            T = sum(lens)
+            qkv = torch.randn(T, (hq + 2 * hkv) * d, device="cuda").to(dtype)
+            q = qkv[:, :hq * d].view(T, hq, d)
+            k = qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
+            v = qkv[:, (hq + hkv) * d:].view(T, hkv, d)
+            cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32,
+                              device="cuda")
+            out = kernels.fresh_prefill_attention(q, k, v, cu, max(lens), d ** -0.5)
+            assert out is not None, kernels._flash_error
+            kv, tables = _paged(lens, hkv, d, dtype, "cuda")    # never read: no prefix
+            ref = reference.paged_prefill_attention(
+                q.double(), k.double(), v.double(), cu, kv.double(), tables,
+                torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5)
+            err = _rel(out, ref)
+            assert err < TOL[dtype], (dtype, hq, hkv, d, lens, err)
+    q32 = torch.randn(4, 2, 64, device="cuda")                   # fp32: the Triton kernel's
+    cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+    assert kernels.fresh_prefill_attention(q32, q32, q32, cu, 4, 0.125) is None
 
 
 @gpu

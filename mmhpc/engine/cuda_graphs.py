@@ -87,6 +87,8 @@ class CudaStepRunner:
         self._host_tables = np.zeros((M, self.max_blocks), dtype=np.int32)
         self._copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.ahead_enabled = use_graphs and os.environ.get("MMHPC_DECODE_AHEAD", "1") != "0"
+        # prefill steps: the last layer's attention + MLP on the sampled rows only
+        self.prune_last = os.environ.get("MMHPC_PRUNE_LAST", "1") != "0"
         self._last = None                   # (n, step) of the last graph-replayed decode step
         self._ahead: _Ahead | None = None   # the step launched ahead, not yet claimed
         self.ahead_hits = self.ahead_misses = 0
@@ -301,12 +303,20 @@ class CudaStepRunner:
         qs = step.query_start
         max_q = max(qs[i + 1] - qs[i] for i in range(B))
         tables = torch.from_numpy(self._fill_tables(step.block_tables, step.context_lens, B).copy())
+        fresh = all(qs[i + 1] - qs[i] == n for i, n in enumerate(step.context_lens))
+        rows = seqs = None
+        if self.prune_last:
+            # sample rows are the last rows of their chunks: the sequence of each, by its end
+            ends = {q - 1: i for i, q in enumerate(qs[1:])}
+            rows = long_tensor(step.sample_rows).to(dev, non_blocking=True)
+            seqs = long_tensor([ends[r] for r in step.sample_rows]).to(dev, non_blocking=True)
         meta = GpuAttnMeta(
             long_tensor(step.slots).to(dev, non_blocking=True),
             tables.to(dev, non_blocking=True),
             torch.tensor(step.context_lens, dtype=torch.int32).to(dev, non_blocking=True),
             torch.tensor(qs, dtype=torch.int32).to(dev, non_blocking=True),
-            max_q, max(step.context_lens), decode=False)
+            max_q, max(step.context_lens), decode=False, fresh=fresh,
+            sample_rows=rows, sample_seqs=seqs)
         mm = None
         if step.mm is not None:
             mm = (step.mm[0].to(dev), step.mm[1].to(device=dev, dtype=self.runner.dtype))
@@ -315,8 +325,9 @@ class CudaStepRunner:
                          self.runner.kv_cache, mm)
         if not step.sample_rows:
             return h.new_empty((0, 0), dtype=torch.float32)
-        rows = torch.tensor(step.sample_rows, dtype=torch.long).to(dev, non_blocking=True)
-        return self.decoder.logits(h[rows], self.model).float()
+        if rows is None:
+            h = h[long_tensor(step.sample_rows).to(dev, non_blocking=True)]
+        return self.decoder.logits(h, self.model).float()
 
 
 class _Ahead:

@@ -5,8 +5,9 @@ untouched.
 Decoder: q/k/v and gate/up weights are concatenated once (the module's own weights become views
 of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
-split-K kernel; prefill: varlen causal kernel), o_proj, fused RMSNorm, one gate_up GEMM,
-SiLU-and-mul, down_proj. No host sync inside: the caller passes host bounds (`max_seqlen_q`,
+split-K kernel; prefill: varlen causal kernel, FlashAttention-2 where no chunk has a cached
+prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill step's last
+layer runs attention and the MLP on the sampled rows alone. No host sync inside: the caller passes host bounds (`max_seqlen_q`,
 `max_context_len`), so a decode step can be captured in a CUDA graph.
 
 Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
@@ -34,6 +35,12 @@ class GpuAttnMeta:
     max_seqlen_q: int
     max_context_len: int
     decode: bool                    # one query per row: the split-K decode kernel
+    fresh: bool = False             # prefill with nothing cached before any chunk: flash varlen
+    # prefill: the rows [R] (long) whose hidden states the step needs (the sampled ones) and
+    # their sequences [R]; the last layer runs attention and the MLP on those rows alone (its
+    # KV is still written for every token). None: every row.
+    sample_rows: torch.Tensor | None = None
+    sample_seqs: torch.Tensor | None = None
 
 
 def _fuse_rows(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,13 +140,30 @@ class FastDecoder:
             # GEMV's epilogue it was slower: bench/RESULTS.md)
             kernels.rotary_write_kv(qkv[:, :qk].view(T, Hq + Hkv, D), Hq, v, cos, sin, cache,
                                     meta.slot_mapping)
-            if meta.decode:
+            if i == self.num_layers - 1 and meta.sample_rows is not None and not meta.decode:
+                # the last layer's outputs are read at the sampled rows only: their queries
+                # attend over the cache (this chunk's keys were just written), one row each
+                rows, seqs = meta.sample_rows, meta.sample_seqs
+                T = rows.shape[0]
+                residual = residual[rows]
+                if T == 0:
+                    h = residual
+                    break
+                o = kernels.paged_decode_attention(q[rows], cache, meta.block_tables[seqs],
+                                                   meta.context_lens[seqs], self.scale,
+                                                   max_context_len=meta.max_context_len)
+            elif meta.decode:
                 o = kernels.paged_decode_attention(q, cache, meta.block_tables, meta.context_lens,
                                                    self.scale, max_context_len=meta.max_context_len)
             else:
-                o = kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
-                                                    meta.block_tables, meta.context_lens,
-                                                    self.scale, max_seqlen_q=meta.max_seqlen_q)
+                o = None
+                if meta.fresh:
+                    o = kernels.fresh_prefill_attention(q, k, v, meta.cu_seqlens_q,
+                                                        meta.max_seqlen_q, self.scale)
+                if o is None:
+                    o = kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
+                                                        meta.block_tables, meta.context_lens,
+                                                        self.scale, max_seqlen_q=meta.max_seqlen_q)
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
@@ -153,6 +177,8 @@ class FastDecoder:
 
     def end(self, state: dict) -> torch.Tensor:
         dec = self.dec
+        if state["h"].shape[0] == 0:                  # a prefill step that samples no row
+            return state["h"]
         if state["residual"] is None:
             return kernels.rms_norm(state["h"], dec.norm.weight, dec.norm.eps)
         h, _ = kernels.rms_norm(state["h"], dec.norm.weight, dec.norm.eps, state["residual"])

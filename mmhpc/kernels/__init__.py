@@ -5,6 +5,9 @@ the shapes suit it), else the reference. Signatures and shapes: see `paged_atten
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from mmhpc.kernels import reference
@@ -16,7 +19,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 HAS_TRITON = _triton is not None
 
-__all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention", "write_kv",
+__all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention",
+           "fresh_prefill_attention", "write_kv",
            "rotary_write_kv", "rms_norm", "silu_and_mul", "linear", "linear_silu_and_mul",
            "reference"]
 
@@ -38,6 +42,32 @@ def paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables,
     impl = _triton if _on_gpu(q, q.shape[-1]) else reference
     return impl.paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables,
                                         context_lens, scale, max_seqlen_q=max_seqlen_q, out=out)
+
+
+def fresh_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, scale):
+    """Causal attention of chunks that are their sequences' whole context (nothing cached
+    before them): q [T, Hq, D], k/v [T, Hkv, D] (rows may be strided views of a fused qkv),
+    cu_seqlens_q [B+1] int32 -> [T, Hq, D]. On CUDA in 16-bit floats: FlashAttention-2's
+    varlen kernel through torch (about twice the Triton kernel's rate, bench/RESULTS.md);
+    None elsewhere or when torch lacks it (the caller runs `paged_prefill_attention`)."""
+    global _flash_error
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256) or _flash_error \
+            or os.environ.get("MMHPC_PREFILL_FLASH", "1") == "0":
+        return None
+    try:
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q, 0.0, True, False,
+            scale=scale)[0]
+    except (RuntimeError, AttributeError, TypeError) as e:   # e.g. a torch built without flash
+        _flash_error = str(e).splitlines()[0]
+        logging.getLogger(__name__).warning(
+            "FlashAttention varlen unavailable (%s): fresh prefill chunks take the Triton "
+            "kernel", _flash_error)
+        return None
+
+
+_flash_error: str | None = None
 
 
 def write_kv(k, v, kv_cache_layer, slot_mapping):
