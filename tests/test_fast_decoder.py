@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmhpc.engine.cuda_graphs import graph_pieces
-from mmhpc.engine.gpu_forward import FastDecoder, GpuAttnMeta
+from mmhpc.engine.gpu_forward import FastDecoder, FreshChunks, GpuAttnMeta
 from mmhpc.kernels import reference
 from mmhpc.models import load_model
 from mmhpc.models.layers import AttentionMetadata, kv_cache_shape
@@ -130,3 +130,66 @@ def test_prefill_last_layer_on_sampled_rows(family, tiny_llava, tiny_qwen2_vl):
     assert torch.equal(cache, full_cache)
     none, cache = run(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
     assert none.shape[0] == 0 and torch.equal(cache, full_cache)
+
+
+def test_fresh_chunks():
+    """The trailing chunks with nothing cached before them, as FlashAttention takes them."""
+    assert FreshChunks.of([0, 1, 2, 5], [7, 9, 3], "cpu").row == 2     # 2 decode rows, 1 new
+    f = FreshChunks.of([0, 1, 4, 9, 11], [7, 8, 5, 2], "cpu")
+    assert (f.seq, f.row, f.cu_seqlens.tolist(), f.max_seqlen, f.head_max_seqlen) == \
+        (2, 4, [0, 5, 7], 5, 3)
+    f = FreshChunks.of([0, 5, 7], [5, 2], "cpu")
+    assert (f.seq, f.row, f.head_max_seqlen) == (0, 0, 0)
+    assert FreshChunks.of([0, 1, 2], [5, 2], "cpu") is None          # the last has a prefix
+
+
+def test_prefill_split_fresh_tail(monkeypatch, tiny_llava):
+    """A step of decode rows, a continued chunk and new prompts: the new prompts' attention by
+    the fresh-chunk path (here a float64 reference standing in for FlashAttention), the rest by
+    the paged kernel, merged in row order: the same hidden states as the paged kernel alone."""
+    from mmhpc import kernels
+    calls = []
+
+    def fresh(q, k, v, cu, max_q, scale):          # causal attention within each chunk
+        calls.append(len(q))
+        out = torch.empty_like(q)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            n = b - a
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1).double(), k[a:b].transpose(0, 1).double(),
+                v[a:b].transpose(0, 1).double(), attn_mask=mask, scale=scale, enable_gqa=True
+            ).transpose(0, 1).to(q.dtype)
+        return out
+
+    model = load_model(tiny_llava, torch.float32, "cpu")
+    fast = FastDecoder(model.language_model)
+    g = torch.Generator().manual_seed(3)
+    vocab = model.text_config.vocab_size
+    chunks = [(1, 6), (1, 9), (4, 3), (7, 0), (2, 0)]     # (chunk, cached before it)
+    tables = [list(range(4 * i, 4 * i + 4)) for i in range(len(chunks))]
+    base = torch.randn(kv_cache_shape(model.text_config, 4 * len(chunks), BLOCK), generator=g)
+    ids = torch.randint(3, vocab - 8, (sum(c for c, _ in chunks),), generator=g)
+    pos = torch.cat([torch.arange(p, p + c) for c, p in chunks])
+    slots = [tables[i][t // BLOCK] * BLOCK + t % BLOCK
+             for i, (c, p) in enumerate(chunks) for t in range(p, p + c)]
+    qs = [0]
+    for c, _ in chunks:
+        qs.append(qs[-1] + c)
+    lens = [c + p for c, p in chunks]
+
+    def run(fresh_chunks):
+        cache = base.clone() * 0.1
+        meta = GpuAttnMeta(torch.tensor(slots), torch.tensor(tables, dtype=torch.int32),
+                           torch.tensor(lens, dtype=torch.int32),
+                           torch.tensor(qs, dtype=torch.int32), 7, max(lens), decode=False,
+                           fresh=fresh_chunks)
+        with torch.inference_mode():
+            return fast(ids, pos, meta, cache), cache
+
+    want, want_cache = run(None)
+    monkeypatch.setattr(kernels, "fresh_prefill_attention", fresh)
+    got, cache = run(FreshChunks.of(qs, lens, "cpu"))
+    assert calls and set(calls) == {9}                  # the two new prompts, every layer
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)   # later layers' KV

@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from mmhpc.engine.gpu_forward import FastDecoder, GpuAttnMeta
+from mmhpc.engine.gpu_forward import FastDecoder, FreshChunks, GpuAttnMeta
 from mmhpc.engine.model_runner import long_tensor
 
 
@@ -303,7 +303,7 @@ class CudaStepRunner:
         qs = step.query_start
         max_q = max(qs[i + 1] - qs[i] for i in range(B))
         tables = torch.from_numpy(self._fill_tables(step.block_tables, step.context_lens, B).copy())
-        fresh = all(qs[i + 1] - qs[i] == n for i, n in enumerate(step.context_lens))
+        fresh = FreshChunks.of(qs, step.context_lens, dev)
         rows = seqs = None
         if self.prune_last:
             # sample rows are the last rows of their chunks: the sequence of each, by its end

@@ -5,8 +5,8 @@ untouched.
 Decoder: q/k/v and gate/up weights are concatenated once (the module's own weights become views
 of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
-split-K kernel; prefill: varlen causal kernel, FlashAttention-2 where no chunk has a cached
-prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill step's last
+split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks
+with no cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill step's last
 layer runs attention and the MLP on the sampled rows alone. No host sync inside: the caller passes host bounds (`max_seqlen_q`,
 `max_context_len`), so a decode step can be captured in a CUDA graph.
 
@@ -35,12 +35,38 @@ class GpuAttnMeta:
     max_seqlen_q: int
     max_context_len: int
     decode: bool                    # one query per row: the split-K decode kernel
-    fresh: bool = False             # prefill with nothing cached before any chunk: flash varlen
+    fresh: "FreshChunks | None" = None   # prefill: the trailing chunks FlashAttention takes
     # prefill: the rows [R] (long) whose hidden states the step needs (the sampled ones) and
     # their sequences [R]; the last layer runs attention and the MLP on those rows alone (its
     # KV is still written for every token). None: every row.
     sample_rows: torch.Tensor | None = None
     sample_seqs: torch.Tensor | None = None
+
+
+@dataclass
+class FreshChunks:
+    """A prefill step's trailing chunks with nothing cached before them (new prompts, after the
+    decode rows and continued chunks the scheduler puts first): FlashAttention-2 varlen runs
+    these, the paged kernel the rows before them."""
+    seq: int                        # the first such sequence
+    row: int                        # its first row
+    cu_seqlens: torch.Tensor        # [B - seq + 1] int32, from 0
+    max_seqlen: int
+    head_max_seqlen: int            # longest chunk before `seq` (0: none)
+
+    @staticmethod
+    def of(query_start: list[int], context_lens: list[int], device) -> "FreshChunks | None":
+        B = len(context_lens)
+        s0 = B
+        while s0 > 0 and query_start[s0] - query_start[s0 - 1] == context_lens[s0 - 1]:
+            s0 -= 1
+        if s0 == B:
+            return None
+        r0 = query_start[s0]
+        lens = [query_start[i + 1] - query_start[i] for i in range(B)]
+        cu = torch.tensor([q - r0 for q in query_start[s0:]], dtype=torch.int32)
+        return FreshChunks(s0, r0, cu.to(device, non_blocking=True), max(lens[s0:]),
+                           max(lens[:s0], default=0))
 
 
 def _fuse_rows(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,14 +182,7 @@ class FastDecoder:
                 o = kernels.paged_decode_attention(q, cache, meta.block_tables, meta.context_lens,
                                                    self.scale, max_context_len=meta.max_context_len)
             else:
-                o = None
-                if meta.fresh:
-                    o = kernels.fresh_prefill_attention(q, k, v, meta.cu_seqlens_q,
-                                                        meta.max_seqlen_q, self.scale)
-                if o is None:
-                    o = kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
-                                                        meta.block_tables, meta.context_lens,
-                                                        self.scale, max_seqlen_q=meta.max_seqlen_q)
+                o = self._prefill_attention(q, k, v, meta, cache)
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
@@ -174,6 +193,26 @@ class FastDecoder:
             h = self._proj(a, layer.mlp.down_proj)
         state["h"], state["residual"] = h, residual
         return state
+
+    def _prefill_attention(self, q, k, v, meta: GpuAttnMeta, cache) -> torch.Tensor:
+        fr = meta.fresh
+        if fr is not None:
+            r0, s0 = fr.row, fr.seq
+            tail = kernels.fresh_prefill_attention(q[r0:], k[r0:], v[r0:], fr.cu_seqlens,
+                                                   fr.max_seqlen, self.scale)
+            if tail is not None:
+                if r0 == 0:
+                    return tail
+                o = q.new_empty(q.shape)
+                o[r0:] = tail
+                kernels.paged_prefill_attention(
+                    q[:r0], k[:r0], v[:r0], meta.cu_seqlens_q[:s0 + 1], cache,
+                    meta.block_tables[:s0], meta.context_lens[:s0], self.scale,
+                    max_seqlen_q=fr.head_max_seqlen, out=o[:r0])
+                return o
+        return kernels.paged_prefill_attention(q, k, v, meta.cu_seqlens_q, cache,
+                                               meta.block_tables, meta.context_lens, self.scale,
+                                               max_seqlen_q=meta.max_seqlen_q)
 
     def end(self, state: dict) -> torch.Tensor:
         dec = self.dec
