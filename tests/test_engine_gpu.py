@@ -25,3 +25,17 @@ def test_fast_path_equals_plain_torch(family):
     assert len(plain) == sum(20 + 7 * i for i in range(6))
     assert no_ahead == plain and ahead == plain and cublas == plain
     assert hits > 10 and misses > 0          # predictions both used and dropped
+
+
+@gpu
+@needs_gpu
+def test_prefill_flash_tail_bf16():
+    """bf16 on CUDA: a mixed prefill step with the new prompts on FlashAttention varlen (and
+    the last layer pruned) matches the Triton paged kernel alone within bf16 tolerance."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from mmhpc import kernels
+    from test_fast_decoder import check_split_fresh_tail
+    calls = check_split_fresh_tail("cuda", torch.bfloat16, tol=5e-2)
+    assert kernels._flash_error is None and calls and set(calls) == {9}

@@ -143,15 +143,64 @@ def test_fresh_chunks():
     assert FreshChunks.of([0, 1, 2], [5, 2], "cpu") is None          # the last has a prefix
 
 
-def test_prefill_split_fresh_tail(monkeypatch, tiny_llava):
-    """A step of decode rows, a continued chunk and new prompts: the new prompts' attention by
-    the fresh-chunk path (here a float64 reference standing in for FlashAttention), the rest by
-    the paged kernel, merged in row order: the same hidden states as the paged kernel alone."""
+def check_split_fresh_tail(device, dtype, fresh_attention=None, tol=1e-5) -> list[int]:
+    """A step of decode rows, a continued chunk and new prompts, through FastDecoder with the
+    new prompts' attention on the fresh-chunk path (`fresh_attention` stands in for
+    FlashAttention where given) and the rest on the paged kernel, merged in row order: the
+    same hidden states and KV as the paged kernel alone, and the sampled rows' states with the
+    last layer pruned. Returns the row counts the stand-in saw. Shared with the GPU tier."""
     from mmhpc import kernels
-    calls = []
+    from mmhpc.tools.tiny import tiny_checkpoint
+    calls: list[int] = []
+    real = kernels.fresh_prefill_attention
 
-    def fresh(q, k, v, cu, max_q, scale):          # causal attention within each chunk
+    def counted(q, *args):
         calls.append(len(q))
+        return (fresh_attention or real)(q, *args)
+
+    model = load_model(tiny_checkpoint("llava"), dtype, device)
+    fast = FastDecoder(model.language_model)
+    g = torch.Generator().manual_seed(3)
+    vocab = model.text_config.vocab_size
+    chunks = [(1, 6), (1, 9), (4, 3), (7, 0), (2, 0)]     # (chunk, cached before it)
+    tables = [list(range(4 * i, 4 * i + 4)) for i in range(len(chunks))]
+    base = torch.randn(kv_cache_shape(model.text_config, 4 * len(chunks), BLOCK), generator=g)
+    base = (base * 0.1).to(device=device, dtype=dtype)
+    ids = torch.randint(3, vocab - 8, (sum(c for c, _ in chunks),), generator=g).to(device)
+    pos = torch.cat([torch.arange(p, p + c) for c, p in chunks]).to(device)
+    slots = [tables[i][t // BLOCK] * BLOCK + t % BLOCK
+             for i, (c, p) in enumerate(chunks) for t in range(p, p + c)]
+    qs = [0]
+    for c, _ in chunks:
+        qs.append(qs[-1] + c)
+    lens = [c + p for c, p in chunks]
+    last = torch.tensor(qs[1:], device=device) - 1
+
+    def run(fresh, rows=None):
+        cache = base.clone()
+        i32 = dict(dtype=torch.int32, device=device)
+        meta = GpuAttnMeta(torch.tensor(slots, device=device), torch.tensor(tables, **i32),
+                           torch.tensor(lens, **i32), torch.tensor(qs, **i32), 7, max(lens),
+                           decode=False, fresh=fresh, sample_rows=rows,
+                           sample_seqs=None if rows is None else torch.arange(5, device=device))
+        with torch.inference_mode():
+            return fast(ids, pos, meta, cache), cache
+
+    want, want_cache = run(None)
+    kernels.fresh_prefill_attention = counted
+    try:
+        got, cache = run(FreshChunks.of(qs, lens, device))
+        pruned, _ = run(FreshChunks.of(qs, lens, device), last)
+    finally:
+        kernels.fresh_prefill_attention = real
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache, want_cache, rtol=tol, atol=tol)   # later layers' KV
+    torch.testing.assert_close(pruned, want[last], rtol=tol, atol=tol)
+    return calls
+
+
+def test_prefill_split_fresh_tail():
+    def fresh(q, k, v, cu, max_q, scale):          # causal attention within each chunk
         out = torch.empty_like(q)
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
             n = b - a
@@ -162,34 +211,5 @@ def test_prefill_split_fresh_tail(monkeypatch, tiny_llava):
             ).transpose(0, 1).to(q.dtype)
         return out
 
-    model = load_model(tiny_llava, torch.float32, "cpu")
-    fast = FastDecoder(model.language_model)
-    g = torch.Generator().manual_seed(3)
-    vocab = model.text_config.vocab_size
-    chunks = [(1, 6), (1, 9), (4, 3), (7, 0), (2, 0)]     # (chunk, cached before it)
-    tables = [list(range(4 * i, 4 * i + 4)) for i in range(len(chunks))]
-    base = torch.randn(kv_cache_shape(model.text_config, 4 * len(chunks), BLOCK), generator=g)
-    ids = torch.randint(3, vocab - 8, (sum(c for c, _ in chunks),), generator=g)
-    pos = torch.cat([torch.arange(p, p + c) for c, p in chunks])
-    slots = [tables[i][t // BLOCK] * BLOCK + t % BLOCK
-             for i, (c, p) in enumerate(chunks) for t in range(p, p + c)]
-    qs = [0]
-    for c, _ in chunks:
-        qs.append(qs[-1] + c)
-    lens = [c + p for c, p in chunks]
-
-    def run(fresh_chunks):
-        cache = base.clone() * 0.1
-        meta = GpuAttnMeta(torch.tensor(slots), torch.tensor(tables, dtype=torch.int32),
-                           torch.tensor(lens, dtype=torch.int32),
-                           torch.tensor(qs, dtype=torch.int32), 7, max(lens), decode=False,
-                           fresh=fresh_chunks)
-        with torch.inference_mode():
-            return fast(ids, pos, meta, cache), cache
-
-    want, want_cache = run(None)
-    monkeypatch.setattr(kernels, "fresh_prefill_attention", fresh)
-    got, cache = run(FreshChunks.of(qs, lens, "cpu"))
+    calls = check_split_fresh_tail("cpu", torch.float32, fresh)
     assert calls and set(calls) == {9}                  # the two new prompts, every layer
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)   # later layers' KV
