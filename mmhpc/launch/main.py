@@ -64,9 +64,20 @@ def exit_fast(rc: int) -> None:
     model and NIXL loaded, finalization's garbage collection over millions of objects takes
     seconds per rank, far longer with several ranks on a busy node: a job that had drained on
     scancel was then SIGKILLed at Slurm's KillWait. Freezing the heap first leaves that
-    collection nothing to walk; the rest of the exit (atexit, MPI_Finalize) runs as before."""
+    collection nothing to walk. A rank that ran MPI then finalizes it and leaves with
+    `os._exit`: the C++ destructors that ran at exit could abort a rank that had stopped
+    cleanly ("terminate called without an active exception" from a thread still joinable;
+    one aggregated TP=2 stop in ten on a loaded 2-core machine)."""
     import gc
     gc.freeze()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        import logging
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi.Finalize()
+        os._exit(int(rc or 0))
     sys.exit(rc)
 
 
