@@ -210,7 +210,11 @@ def test_fresh_prefill_attention_flash():
                               device="cuda")
             out = kernels.fresh_prefill_attention(q, k, v, cu, max(lens), d ** -0.5)
             assert out is not None, kernels._flash_error
-            kv, tables = _paged(lens, hkv, d, dtype, "cuda")    # never read: no prefix
+            kv, tables = _paged(lens, hkv, d, dtype, "cuda")    # the reference reads k/v here
+            slots = torch.cat([tables[b, torch.arange(n, device="cuda") // BLOCK_SIZE] * BLOCK_SIZE
+                               + torch.arange(n, device="cuda") % BLOCK_SIZE
+                               for b, n in enumerate(lens)])
+            reference.write_kv(k, v, kv, slots)
             ref = reference.paged_prefill_attention(
                 q.double(), k.double(), v.double(), cu, kv.double(), tables,
                 torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5)
