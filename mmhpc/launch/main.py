@@ -64,14 +64,18 @@ def exit_fast(rc: int) -> None:
     model and NIXL loaded, finalization's garbage collection over millions of objects takes
     seconds per rank, far longer with several ranks on a busy node: a job that had drained on
     scancel was then SIGKILLed at Slurm's KillWait. Freezing the heap first leaves that
-    collection nothing to walk. A rank that ran MPI then finalizes it and leaves with
-    `os._exit`: the C++ destructors that ran at exit could abort a rank that had stopped
-    cleanly ("terminate called without an active exception" from a thread still joinable;
-    one aggregated TP=2 stop in ten on a loaded 2-core machine)."""
+    collection nothing to walk. A rank that made a torch.distributed process group (a TP
+    rank) then finalizes MPI and leaves with `os._exit`: the C++ destructors that ran at exit
+    could abort it after a clean stop ("terminate called without an active exception";
+    one aggregated TP=2 stop in ten on a loaded 2-core machine). Other ranks exit as before:
+    with every rank leaving that way, E/P/D teardowns of the slow tier hung past 20 s in two
+    runs of three (none in three without; a frontend's last ZeroMQ messages cut, likely)."""
     import gc
     gc.freeze()
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    group = sys.modules.get("mmhpc.distributed.group")
+    if group is not None and group.made_process_group and mpi is not None \
+            and mpi.Is_initialized() and not mpi.Is_finalized():
         import logging
         logging.shutdown()
         sys.stdout.flush()
