@@ -85,9 +85,6 @@ def set_tp(tp: TPGroup) -> TPGroup:
     return prev
 
 
-made_process_group = False          # this process created a torch.distributed group
-
-
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -114,8 +111,6 @@ def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: s
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    global made_process_group
-    made_process_group = True                   # launch.main.exit_fast: leave by os._exit
     dist.init_process_group(backend, init_method=addr, world_size=tp, rank=rank_in_instance,
                             timeout=IDLE_TIMEOUT)
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" \

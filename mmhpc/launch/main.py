@@ -59,23 +59,23 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return opts, overrides
 
 
+_exit_hard = False          # exit_fast: finalize MPI and os._exit (aggregated TP ranks)
+
+
 def exit_fast(rc: int) -> None:
     """Exit with `rc`, without the interpreter's slow teardown. With torch, transformers, a
     model and NIXL loaded, finalization's garbage collection over millions of objects takes
     seconds per rank, far longer with several ranks on a busy node: a job that had drained on
     scancel was then SIGKILLed at Slurm's KillWait. Freezing the heap first leaves that
-    collection nothing to walk. A rank that made a torch.distributed process group (a TP
-    rank) then finalizes MPI and leaves with `os._exit`: the C++ destructors that ran at exit
-    could abort it after a clean stop ("terminate called without an active exception";
-    one aggregated TP=2 stop in ten on a loaded 2-core machine). Other ranks exit as before:
-    with every rank leaving that way, E/P/D teardowns of the slow tier hung past 20 s in two
-    runs of three (none in three without; a frontend's last ZeroMQ messages cut, likely)."""
+    collection nothing to walk. A rank of an aggregated TP > 1 instance then finalizes MPI
+    and leaves with `os._exit`: the C++ destructors that ran at exit aborted such a rank after
+    a clean stop ("terminate called without an active exception"; one stop in ten on a
+    loaded 2-core machine, none in 50 after). Other ranks exit as before: leaving that way,
+    E/P/D ranks (TP or not) hung their teardowns past the tests' 20-30 s."""
     import gc
     gc.freeze()
     mpi = sys.modules.get("mpi4py.MPI")
-    group = sys.modules.get("mmhpc.distributed.group")
-    if group is not None and group.made_process_group and mpi is not None \
-            and mpi.Is_initialized() and not mpi.Is_finalized():
+    if _exit_hard and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         import logging
         logging.shutdown()
         sys.stdout.flush()
@@ -198,6 +198,8 @@ def _serve_aggregated(config, comm, job, info) -> int:
         return _fail(f"aggregated serving is not available: {e}")
     from mmhpc.distributed.group import destroy_tp_group
     tp = start_tp(comm, info, job.host_addr)
+    global _exit_hard
+    _exit_hard = tp.size > 1
     if not tp.is_leader:
         follow(config)
         destroy_tp_group()      # gloo's threads joined now, not torn down at interpreter exit
