@@ -5,10 +5,11 @@ untouched.
 Decoder: q/k/v and gate/up weights are concatenated once (the module's own weights become views
 of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
-split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks
-with no cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill step's last
-layer runs attention and the MLP on the sampled rows alone. No host sync inside: the caller passes host bounds (`max_seqlen_q`,
-`max_context_len`), so a decode step can be captured in a CUDA graph.
+split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks with no
+cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill
+step's last layer runs attention and the MLP on the sampled rows alone. No host sync inside:
+the caller passes host bounds (`max_seqlen_q`, `max_context_len`), so a decode step can be
+captured in a CUDA graph.
 
 Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
 and quick-GELU, the attention residual add fused into the second LayerNorm (which also

@@ -44,6 +44,9 @@ def paged_prefill_attention(q, k, v, cu_seqlens_q, kv_cache_layer, block_tables,
                                         context_lens, scale, max_seqlen_q=max_seqlen_q, out=out)
 
 
+_flash_error: str | None = None     # why torch's FlashAttention failed once: not tried again
+
+
 def fresh_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, scale):
     """Causal attention of chunks that are their sequences' whole context (nothing cached
     before them): q [T, Hq, D], k/v [T, Hkv, D] (rows may be strided views of a fused qkv),
@@ -65,9 +68,6 @@ def fresh_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, scale):
             "FlashAttention varlen unavailable (%s): fresh prefill chunks take the Triton "
             "kernel", _flash_error)
         return None
-
-
-_flash_error: str | None = None
 
 
 def write_kv(k, v, kv_cache_layer, slot_mapping):
