@@ -20,9 +20,11 @@ BIN = Path(sys.executable).parent
 
 class Deployment:
     def __init__(self, num_ranks: int, overrides: list[str], log: Path,
-                 startup_s: float = 240.0, mpirun_args: tuple[str, ...] = ()) -> None:
+                 startup_s: float = 240.0, mpirun_args: tuple[str, ...] = (),
+                 rank_wrapper: tuple[str, ...] = ()) -> None:
         self.num_ranks = num_ranks
         self.mpirun_args = list(mpirun_args)
+        self.rank_wrapper = list(rank_wrapper)
         self.overrides = ["server.port=0", "server.host=127.0.0.1", *overrides]
         self.log_path = log
         self.startup_s = startup_s
@@ -32,8 +34,8 @@ class Deployment:
     def start(self) -> "Deployment":
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.pop("MMHPC_URL_FILE", None)
-        cmd = [str(BIN / "mpirun"), *self.mpirun_args, "-n", str(self.num_ranks), str(BIN / "python"), "-m",
-               "mmhpc", *self.overrides]
+        cmd = [str(BIN / "mpirun"), *self.mpirun_args, "-n", str(self.num_ranks),
+               *self.rank_wrapper, str(BIN / "python"), "-m", "mmhpc", *self.overrides]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mpi_helpers import Deployment
+from mpi_helpers import ROOT, Deployment
 
 OVERRIDES = ["model=tiny_llava", "deployment=e_p_d", "server.request_timeout_s=3",
              "timeouts.heartbeat_s=0.5", "timeouts.dead_rank_s=3"]
@@ -20,10 +20,14 @@ OVERRIDES = ["model=tiny_llava", "deployment=e_p_d", "server.request_timeout_s=3
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    # MPICH's mpiexec kills every rank itself as soon as one dies (before mmhpc can name it);
-    # -disable-auto-cleanup leaves that to mmhpc's frontend (one line, then MPI_Abort).
+    # MPICH's mpiexec kills every rank itself as soon as one dies (before mmhpc can name it).
+    # -disable-auto-cleanup leaves that to mmhpc's frontend (one line, then MPI_Abort), but only
+    # for a rank that exits: one that a signal killed still makes the launcher SIGKILL the rest
+    # the moment it reaps it (1 run in 10 here, before the frontend printed its line).
+    # bin/mmhpc-rank, as the README says, turns that death into an exit status.
     dep = Deployment(4, OVERRIDES, tmp_path_factory.mktemp("failure") / "job.log",
-                     mpirun_args=("-disable-auto-cleanup",)).start()
+                     mpirun_args=("-disable-auto-cleanup",),
+                     rank_wrapper=(str(ROOT / "bin" / "mmhpc-rank"),)).start()
     yield dep
     dep.stop()
 
