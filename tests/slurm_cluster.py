@@ -55,10 +55,24 @@ def ensure_installed() -> None:
     raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed:\n{r.stderr[-2000:]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range. A port the kernel hands out (bind to
+    0) is one it may hand out again: a job's own ZeroMQ and NIXL sockets took one such port
+    before its HTTP server bound it ("address already in use", 1 run in ~10 of the slow tier)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 2048)
+    for _ in range(200):
+        port = random.randrange(low // 2, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in [{low // 2}, {low})")
 
 
 @dataclass
@@ -93,7 +107,7 @@ class SlurmCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_port = free_port(), free_port()
         # Fresh job ids per cluster: MPICH names its shared-memory segment after the PMI job
         # id, so a segment leaked by an earlier cluster's job 1 would break this one's job 1.
         first_job_id = random.randint(1000, 60_000_000)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, SlurmUnavailable, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -80,12 +80,6 @@ def _wait_state(job_id: str, states, timeout_s: float) -> str:
     while (s := _job_state(job_id)) not in states and time.monotonic() < deadline:
         time.sleep(0.5)
     return s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MESSAGES = [{"role": "user", "content": "Hello, what shape is it?"}]
@@ -230,7 +224,7 @@ def _leftovers(pattern: str, timeout_s: float = 10) -> list[str]:
 @pytest.mark.slurm
 @pytest.mark.parametrize("deployment, ranks", SBATCH_CASES)
 def test_sbatch_serve_answers_and_scancel_ends(slurm_cluster, tmp_path, deployment, ranks):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MMHPC_SRUN_MPI=MPI, OMP_NUM_THREADS="1")
     r = _run(["sbatch", "--parsable", f"--output={tmp_path}/mmhpc-%j.log", f"--chdir={ROOT}",
               "--nodes=1", f"--ntasks-per-node={ranks}", "--gpus-per-node=0",
@@ -277,7 +271,7 @@ def test_submitit_serve_answers_and_cancel_ends(slurm_cluster, tmp_path, deploym
     from mmhpc.launch.submit import SubmitOptions, submit
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    port = _free_port()
+    port = free_port()
     opts = SubmitOptions(folder=str(tmp_path / "logs"), tasks_per_node=ranks, srun_mpi=MPI,
                          cpus_per_task=1, timeout_min=10, ready_timeout_s=240)
     job, url = submit(_serve_overrides(deployment, port), opts)
