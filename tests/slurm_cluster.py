@@ -58,7 +58,7 @@ def ensure_installed() -> None:
 def free_port() -> int:
     """A free TCP port below the kernel's ephemeral range. A port the kernel hands out (bind to
     0) is one it may hand out again: a job's own ZeroMQ and NIXL sockets took one such port
-    before its HTTP server bound it ("address already in use", 1 run in ~10 of the slow tier)."""
+    before its HTTP server bound it ("address already in use" in a slow-tier run)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
