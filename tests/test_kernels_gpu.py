@@ -66,6 +66,13 @@ def _paged(lens, num_kv_heads, head_dim, dtype, device, spare=7):
     return kv, tables
 
 
+def _slot_mapping(tables, chunks):
+    """int64 cache slots of each chunk's new tokens: chunks are (new tokens, cached prefix)."""
+    slots = [int(tables[b, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE
+             for b, (c, p) in enumerate(chunks) for pos in range(p, p + c)]
+    return torch.tensor(slots, dtype=torch.int64, device=tables.device)
+
+
 def check_decode(impl, device, dtype, batch, num_heads, num_kv_heads, head_dim, lens,
                  num_splits=None) -> float:
     lens = (lens * batch)[:batch]
@@ -90,13 +97,10 @@ def check_prefill(impl, device, dtype, num_heads, num_kv_heads, head_dim, chunks
     q = torch.randn(num_tokens, num_heads, head_dim, device=device).to(dtype)
     kv_rows = torch.randn(num_tokens, 2, num_kv_heads, head_dim, device=device).to(dtype)
     k, v = kv_rows[:, 0], kv_rows[:, 1]         # strided rows, as the views of a fused qkv
-    slots, cu = [], [0]
-    for b, (c, p) in enumerate(chunks):
-        for pos in range(p, p + c):
-            slots.append(int(tables[b, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE)
+    cu = [0]
+    for c, _ in chunks:
         cu.append(cu[-1] + c)
-    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-    impl.write_kv(k, v, kv, slot_mapping)
+    impl.write_kv(k, v, kv, _slot_mapping(tables, chunks))
     cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
@@ -211,10 +215,7 @@ def test_fresh_prefill_attention_flash():
             out = kernels.fresh_prefill_attention(q, k, v, cu, max(lens), d ** -0.5)
             assert out is not None, kernels._flash_error
             kv, tables = _paged(lens, hkv, d, dtype, "cuda")    # the reference reads k/v here
-            slots = torch.cat([tables[b, torch.arange(n, device="cuda") // BLOCK_SIZE] * BLOCK_SIZE
-                               + torch.arange(n, device="cuda") % BLOCK_SIZE
-                               for b, n in enumerate(lens)])
-            reference.write_kv(k, v, kv, slots)
+            reference.write_kv(k, v, kv, _slot_mapping(tables, [(n, 0) for n in lens]))
             ref = reference.paged_prefill_attention(
                 q.double(), k.double(), v.double(), cu, kv.double(), tables,
                 torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5)
