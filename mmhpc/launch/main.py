@@ -115,6 +115,53 @@ def resolve_model_path(config) -> None:
         config.model.path = str(tiny_checkpoint(config.model.path.split(":", 1)[1]))
 
 
+def node_lines(per_rank: list[tuple[int, str, str, str]]) -> str:
+    """One line per node: its name, ranks and the address it chose (and why)."""
+    nodes: dict[int, list] = {}
+    for rank, (index, name, addr, via) in enumerate(per_rank):
+        nodes.setdefault(index, [name, addr, via, []])[3].append(rank)
+    return "\n".join(f"mmhpc: node {i} {name}: ranks {_span(ranks)} at {addr} ({via})"
+                     for i, (name, addr, via, ranks) in sorted(nodes.items()))
+
+
+def _span(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else \
+        f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) \
+        else ",".join(map(str, ranks))
+
+
+def _dry_run(config, world_size: int | None) -> str:
+    """The layout table and this node's address for cluster.interface; under a launcher of
+    several ranks (mpirun, srun), the launcher's world and every node's address choice."""
+    from mmhpc.launch.address import AddressError, node_address
+    from mmhpc.launch.env import JobEnv, job_address
+    env = JobEnv.from_environ(host_addr="-")
+    if env.world_size > 1 and world_size is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        job = JobEnv.from_mpi(comm, host_addr="-")          # collective: where ranks run
+        try:
+            got = (job.node_index, job.node_name,
+                   *job_address(os.environ, config.cluster.host_addr or None,
+                                config.cluster.interface, job.num_nodes, job.node_name))
+        except AddressError as e:
+            got = (job.node_index, job.node_name, "-", str(e))
+        per_rank = comm.allgather(got)
+        if comm.rank:
+            return ""
+        cl = config.cluster
+        layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
+                             gpus_per_node=cl.gpus_per_node, **model_heads(config.model.path))
+        return layout.table() + node_lines(per_rank) + "\n"
+    table = dry_run_layout(config, world_size).table()
+    try:
+        here = str(node_address(config.cluster.interface, single_node=config.cluster.nodes == 1
+                                and not config.cluster.interface))
+    except AddressError as e:
+        here = f"none: {e}"
+    return table + f"address of this node ({env.node_name}): {here}\n"
+
+
 def dry_run_layout(config, world_size: int | None) -> Layout:
     cl = config.cluster
     ws = world_size or cl.world_size or config.deployment.num_ranks
@@ -141,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = to_config(dcfg)
         if opts["dry_run"]:
-            print(dry_run_layout(config, opts["world_size"]).table(), end="")
+            print(_dry_run(config, opts["world_size"]), end="")
             return 0
     except (ConfigError, LayoutError) as e:
         return _fail(str(e))
@@ -153,9 +200,15 @@ def _run(config) -> int:
 
     from mmhpc.launch.env import JobEnv
     comm = MPI.COMM_WORLD
-    job = JobEnv.from_mpi(comm, host_addr=config.cluster.host_addr or None)
     err = None
     try:
+        job = JobEnv.from_mpi(comm, host_addr=config.cluster.host_addr or None,
+                              interface=config.cluster.interface)
+    except ValueError as e:            # AddressError: no address on cluster.interface
+        job, err = None, str(e)
+    try:
+        if job is None:
+            raise LayoutError(err)
         layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
                              gpus_per_node=config.cluster.gpus_per_node,
                              **model_heads(config.model.path))
@@ -168,9 +221,13 @@ def _run(config) -> int:
                               f"srun --distribution=block or mpirun --map-by core")
     except (LayoutError, ValueError) as e:
         err = str(e)
-    errors = comm.allgather(err)
-    if any(errors):
-        return _fail(next(e for e in errors if e), comm.rank)
+    gathered = comm.allgather((err, job and (job.node_index, job.node_name, job.host_addr,
+                                             job.host_via)))
+    errors = [e for e, _ in gathered if e]
+    if errors:
+        return _fail(errors[0], comm.rank)
+    if comm.rank == 0:
+        print(node_lines([n for _, n in gathered]), flush=True)
 
     try:
         if layout.instances("aggregated") == [list(range(comm.size))]:   # one agg instance, any tp
