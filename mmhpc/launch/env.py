@@ -60,6 +60,7 @@ class JobEnv:
     node_name: str = "localhost"
     host_addr: str = "127.0.0.1"      # what other ranks and clients connect to
     host_via: str = "one node"        # how host_addr was chosen (mmhpc.launch.address)
+    host_ifname: str = ""             # the interface that holds host_addr, when known
     launcher: str = "singleton"
     visible_gpus: tuple[str, ...] = ()   # CUDA_VISIBLE_DEVICES (or SLURM_STEP_GPUS)
 
@@ -85,10 +86,10 @@ class JobEnv:
         gpus = env.get("CUDA_VISIBLE_DEVICES")
         gpus = gpus if gpus is not None else vals.get("gpus", "")
         visible = tuple(g for g in str(gpus).split(",") if g.strip())
-        addr, via = job_address(env, host_addr, interface, nn, node)
+        addr, via, ifname = job_address(env, host_addr, interface, nn, node)
         return cls(rank=rank, world_size=ws, local_rank=local, ranks_per_node=rpn,
                    num_nodes=nn, node_index=node_index, node_name=node, host_addr=addr,
-                   host_via=via, launcher=launcher, visible_gpus=visible)
+                   host_via=via, host_ifname=ifname, launcher=launcher, visible_gpus=visible)
 
     @classmethod
     def from_mpi(cls, comm: Any, environ: Mapping[str, str] | None = None,
@@ -108,10 +109,10 @@ class JobEnv:
         # Nodes may run different rank counts; the layout needs the largest.
         rpn = comm.allreduce(rpn, op=MPI.MAX)
         env = os.environ if environ is None else environ
-        addr, via = job_address(env, host_addr, interface, num_nodes, base.node_name)
+        addr, via, ifname = job_address(env, host_addr, interface, num_nodes, base.node_name)
         return replace(base, rank=comm.rank, world_size=comm.size, local_rank=local,
                        ranks_per_node=rpn, num_nodes=num_nodes, node_index=node_index,
-                       host_addr=addr, host_via=via,
+                       host_addr=addr, host_via=via, host_ifname=ifname,
                        launcher="mpi" if base.launcher == "singleton" and comm.size > 1
                        else base.launcher)
 
@@ -172,11 +173,25 @@ def parse_tasks_per_node(s: str) -> list[int]:
 
 
 def job_address(env: Mapping[str, str], host_addr: str | None, interface: str, num_nodes: int,
-             node: str) -> tuple[str, str]:
+                node: str) -> tuple[str, str, str]:
+    """(address, how it was chosen, its interface name or "")."""
     if host_addr:
-        return host_addr, "cluster.host_addr"
+        return host_addr, "cluster.host_addr", ""
     if env.get("MMHPC_HOST_ADDR"):
-        return env["MMHPC_HOST_ADDR"], "MMHPC_HOST_ADDR"
+        return env["MMHPC_HOST_ADDR"], "MMHPC_HOST_ADDR", ""
     from mmhpc.launch.address import node_address
     got = node_address(interface, node, single_node=num_nodes == 1)
-    return got.addr, f"{got.interface}, {got.how}" if got.interface else got.how
+    return got.addr, f"{got.interface}, {got.how}" if got.interface else got.how, got.interface
+
+
+def use_interface(job: "JobEnv", environ=os.environ) -> dict[str, str]:
+    """On several nodes (or a chosen interface), point gloo's and NCCL's sockets at the
+    interface that holds this node's address, where the user set nothing; returns what was set.
+    (gloo otherwise binds the address the hostname resolves to, which may be none.)"""
+    if not job.host_ifname or (job.num_nodes == 1 and job.host_ifname == "lo"):
+        return {}
+    set_ = {}
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if key not in environ:
+            environ[key] = set_[key] = job.host_ifname
+    return set_

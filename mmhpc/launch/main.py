@@ -144,7 +144,7 @@ def _dry_run(config, world_size: int | None) -> str:
         try:
             got = (job.node_index, job.node_name,
                    *job_address(os.environ, config.cluster.host_addr or None,
-                                config.cluster.interface, job.num_nodes, job.node_name))
+                                config.cluster.interface, job.num_nodes, job.node_name)[:2])
         except AddressError as e:
             got = (job.node_index, job.node_name, "-", str(e))
         per_rank = comm.allgather(got)
@@ -211,6 +211,8 @@ def _run(config) -> int:
     try:
         if job is None:
             raise LayoutError(err)
+        from mmhpc.launch.env import use_interface
+        use_interface(job)
         layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
                              gpus_per_node=config.cluster.gpus_per_node,
                              **model_heads(config.model.path))
