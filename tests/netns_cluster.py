@@ -109,10 +109,12 @@ class NetnsCluster:
         return subprocess.run(self.command(i, argv), capture_output=True, text=True, **kw)
 
     def mpiexec(self, args: list[str], mpiexec: str, **popen) -> subprocess.Popen:
-        """hydra started on node 0, its proxies on every node through tests/netns_ssh."""
-        hosts = ",".join(self.addr(i) for i in range(self.num_nodes))
+        """hydra started on node 0, its proxies on every node through tests/netns_ssh (hosts:
+        the nodes' addresses unless `args` name them, by address or `nodeI`)."""
+        hosts = [] if "-hosts" in args else \
+            ["-hosts", ",".join(self.addr(i) for i in range(self.num_nodes))]
         argv = [mpiexec, "-localhost", self.addr(0), "-launcher", "ssh", "-launcher-exec",
-                str(SSH), "-hosts", hosts, *args]
+                str(SSH), *hosts, *args]
         env = dict(popen.pop("env", os.environ), **self.env())
         return subprocess.Popen(self.command(0, argv), env=env, **popen)
 

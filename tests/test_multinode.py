@@ -5,9 +5,10 @@ nodes there is only their 10.213.N.0/24 network: 127.0.0.1 on one node is not th
 each node's ranks have their own PID and IPC namespaces (no shared-memory path for UCX), so
 ZeroMQ, NIXL/UCX and gloo traffic across nodes goes over those addresses or fails.
 
-- E/P/D on 2 nodes x 2 ranks (frontend, encode | prefill, decode: the image embeddings cross
-  nodes by NIXL): greedy text over HTTP equals the offline engine's (itself HF-oracle tested);
-  SIGTERM to mpiexec drains every node, exit 0, nothing left in either namespace.
+- the README's two-host line: E/P/D on 2 nodes x 2 ranks (frontend, encode | prefill, decode:
+  the image embeddings cross nodes by NIXL), `cluster.interface=eth0`: greedy text over HTTP
+  equals the offline engine's (itself HF-oracle tested); SIGTERM to mpiexec drains every node,
+  exit 0, nothing left in either namespace.
 - one aggregated TP=2 instance spanning the two nodes (gloo over the node addresses): the same.
 - a node's death (every process in its namespace SIGKILLed) ends the job non-zero with ONE line
   naming a rank of that node and the node.
@@ -52,15 +53,19 @@ def image():
 class Job:
     """`mpiexec` on node 0 of the cluster; its log, its ready URL (node 0's address)."""
 
-    def __init__(self, cluster: NetnsCluster, tmp: Path, args: list[str], overrides: list[str]):
+    def __init__(self, cluster: NetnsCluster, tmp: Path, args: list[str], overrides: list[str],
+                 command: list[str] | None = None):
+        """`mpiexec ARGS python -m mmhpc (tiny model, any port) OVERRIDES`, or `command` (what
+        follows `mpiexec`) as it is."""
         self.cluster, self.log_path = cluster, tmp / "job.log"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("MMHPC_URL_FILE", None)
         self._log = open(self.log_path, "w")
+        command = command or [*args, sys.executable, "-m", "mmhpc", "model=tiny_llava",
+                              "server.port=0", f"cluster.interface={cluster.cidr}", *overrides]
         self.proc = cluster.mpiexec(
-            [*args, sys.executable, "-m", "mmhpc", "model=tiny_llava", "server.port=0",
-             f"cluster.interface={cluster.cidr}", *overrides],
+            command,
             str(BIN / "mpiexec"), env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.url = ""
@@ -105,12 +110,20 @@ class Job:
         self._log.close()
 
 
-def expected(image) -> str:
+def expected(image, model: str | None = None) -> str:
     from mmhpc import LLM, SamplingParams
     from mmhpc.tools.tiny import tiny_checkpoint
     parts = [{"type": "text", "text": QUESTION}, {"type": "image", "image": image}]
-    return LLM(str(tiny_checkpoint("llava")), dtype="float32").generate(
+    return LLM(model or str(tiny_checkpoint("llava")), dtype="float32").generate(
         [{"role": "user", "content": parts}], SamplingParams(max_tokens=8))[0].text
+
+
+def readme_line(start: str) -> list[str]:
+    """The README's command that starts with `start`, as argv (`python` is this interpreter)."""
+    import shlex
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.startswith(start))
+    return [sys.executable if w == "python" else w for w in shlex.split(line.split(" #")[0])]
 
 
 def node_lines(job: Job, cluster: NetnsCluster) -> list[str]:
@@ -128,16 +141,20 @@ def _drains(job: Job, cluster: NetnsCluster) -> None:
         assert not cluster.pids(i), (i, cluster.pids(i))
 
 
-def test_epd_on_two_nodes_answers_and_sigterm_drains(cluster, tmp_path, image):
-    job = Job(cluster, tmp_path, ["-n", "4", "-ppn", "2"], ["deployment=e_p_d"])
+def test_readme_epd_on_two_nodes_answers_and_sigterm_drains(cluster, tmp_path, image):
+    # README "Several nodes", as written: default model, port 8000, cluster.interface=eth0
+    argv = readme_line("mpiexec -hosts node0,node1 ")
+    job = Job(cluster, tmp_path, [], [], command=argv[1:])
     try:
         ready = job.wait_ready()
         assert ready.endswith("(e_p_d: 1 frontend + 1 encode + 1 prefill×tp1 + 1 decode×tp1, "
                               "4 ranks on 2 nodes)"), ready
+        assert job.url.endswith(":8000")
         assert node_lines(job, cluster) == [
             f"mmhpc: node {i} node{i}: ranks {2 * i}-{2 * i + 1} at {cluster.addr(i)} "
-            f"(eth0, cluster.interface={cluster.cidr})" for i in range(2)], job.log()[-3000:]
-        assert job.ask(image) == expected(image)
+            f"(eth0, cluster.interface=eth0)" for i in range(2)], job.log()[-3000:]
+        from mmhpc.config import DEFAULT_MODEL
+        assert job.ask(image) == expected(image, str(ROOT / DEFAULT_MODEL))
         _drains(job, cluster)
     finally:
         job.stop()
