@@ -128,21 +128,16 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
     loaded: set[str] = set()
     progress = _Progress(_label, _bytes_to_read(path, files, rules, params, tp_size)) \
         if _label else None
-    for fname in files:
-        with safe_open(str(path / fname), framework="pt") as f:
-            for key in f.keys():
-                name = map_name(key, rules, params)
-                if name is None:
-                    continue
-                param = params[name]
-                tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
-                if progress:
-                    progress.add(tensor.numel() * tensor.element_size())
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(tensor.to(param.dtype))
-                loaded.add(name)
+    for key, slice_, name in _mapped_slices(path, files, rules, params):
+        param = params[name]
+        tensor = _read(slice_, param, tp_rank, tp_size)
+        if progress:
+            progress.add(tensor.numel() * tensor.element_size())
+        if tensor.shape != param.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))
+        loaded.add(name)
     if progress:
         progress.finish()
     if tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -154,23 +149,28 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
                          f"{' ...' if len(missing) > 8 else ''}")
 
 
-def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
-                   tp_size: int) -> int:
-    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
-    total = 0
+def _mapped_slices(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict):
+    """(checkpoint key, its safetensors slice, the parameter name) of every mapped tensor."""
     for fname in files:
         with safe_open(str(path / fname), framework="pt") as f:
             for key in f.keys():
                 name = map_name(key, rules, params)
-                if name is None:
-                    continue
-                sl, param = f.get_slice(key), params[name]
-                numel = 1
-                for n in sl.get_shape():
-                    numel *= n
-                split = getattr(param, "tp_shard", None) is not None or \
-                    (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
-                total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
+                if name is not None:
+                    yield key, f.get_slice(key), name
+
+
+def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
+                   tp_size: int) -> int:
+    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
+    total = 0
+    for _, sl, name in _mapped_slices(path, files, rules, params):
+        param = params[name]
+        numel = 1
+        for n in sl.get_shape():
+            numel *= n
+        split = getattr(param, "tp_shard", None) is not None or \
+            (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
+        total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
     return total
 
 
