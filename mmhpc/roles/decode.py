@@ -9,7 +9,9 @@
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
    of a follower's, and prefill reuses freed blocks at once.
 AbortRequest, an expired deadline or a failed READ frees the reserved blocks (and tells
-prefill with ReleaseKV so its blocks go too). A READ still in flight then (an abort
+prefill with ReleaseKV so its blocks go too). An abort can overtake the KVReady (the frontend
+and prefill send them): it is remembered (the last MAX_ABORTED ids), and the late KVReady is
+answered with ReleaseKV alone. A READ still in flight then (an abort
 mid-transfer, a timeout) keeps its blocks held until it is over (or another
 timeouts.kv_transfer_s passed): releasing a NIXL request does not promise that the bytes stop
 landing, and the blocks would already belong to someone else.
@@ -31,6 +33,7 @@ from mmhpc.roles.kv_transfer import KVGeometry
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
+MAX_ABORTED = 4096
 
 
 @dataclass
@@ -38,6 +41,8 @@ class _Pull:
     msg: KVReady
     handle: list                   # one NIXL READ per prefill TP rank
     deadline: float
+    num_blocks: int = 0
+    started: float = 0.0           # perf_counter() at the READ's start
 
 
 @dataclass
@@ -60,13 +65,24 @@ class DecodeWorker(Worker):
         self.pulls: dict[str, _Pull] = {}
         self.active: dict[str, KVReady] = {}           # decoding in the engine
         self.draining: list[_Drain] = []                # dropped pulls, READs maybe in flight
+        self.aborted: dict[str, None] = {}             # recent aborts (KVReady may follow)
         self.num_kv_bytes = 0
+        self.num_kv_blocks = 0
+        self.num_kv_pulls = 0
+        self.kv_pull_s = 0.0
+        self.num_aborted = 0
 
     def handle(self, src: int, msg) -> None:
         if isinstance(msg, KVReady):
-            self.waiting.append(msg)
+            if msg.request_id in self.aborted:
+                self.send(msg.prefill_rank, ReleaseKV(msg.request_id, self.rank))
+            else:
+                self.waiting.append(msg)
         elif isinstance(msg, AbortRequest):
-            self._drop(msg.request_id)
+            self.num_aborted += self._drop(msg.request_id) is not None
+            self.aborted[msg.request_id] = None
+            if len(self.aborted) > MAX_ABORTED:
+                self.aborted.pop(next(iter(self.aborted)))
         elif not isinstance(msg, Shutdown):
             log.warning("decode rank %d: unexpected %s", self.rank, type(msg).__name__)
 
@@ -85,7 +101,11 @@ class DecodeWorker(Worker):
             self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
                           num_pulling=len(self.pulls), num_draining=len(self.draining),
-                          num_kv_bytes=self.num_kv_bytes)
+                          num_active=len(self.active), num_kv_bytes=self.num_kv_bytes,
+                          num_kv_blocks=self.num_kv_blocks, num_kv_pulls=self.num_kv_pulls,
+                          kv_pull_s=self.kv_pull_s, kv_block_bytes=self.kv_block_bytes,
+                          num_aborted=self.num_aborted, step_s=self.step_s,
+                          num_steps=self.num_steps, num_step_errors=self.num_step_errors)
 
     # ------------------------------------------------------------------------ KV pull
     def _reserve(self) -> None:
@@ -114,8 +134,7 @@ class DecodeWorker(Worker):
             except Exception as e:  # noqa: BLE001
                 self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
                 continue
-            self.num_kv_bytes += n * self.geometry.block_bytes * self.geometry.num_layers * 2
-            self.pulls[rid] = _Pull(msg, handle, deadline)
+            self.pulls[rid] = _Pull(msg, handle, deadline, n, time.perf_counter())
 
     def _poll_pulls(self) -> None:
         now = time.time()
@@ -143,6 +162,10 @@ class DecodeWorker(Worker):
             return
         for p in done_pulls:
             rid = p.msg.request_id
+            self.num_kv_pulls += 1
+            self.num_kv_blocks += p.num_blocks
+            self.num_kv_bytes += p.num_blocks * self.kv_block_bytes
+            self.kv_pull_s += time.perf_counter() - p.started
             self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
             self.engine.activate_request(rid)
             self.active[rid] = p.msg
@@ -156,7 +179,11 @@ class DecodeWorker(Worker):
             if now > msg.deadline:
                 self._fail(msg, "decode deadline passed", timeout=True)
 
-    # ------------------------------------------------------------------------ decode
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block holds on this rank: k and v of every layer."""
+        return self.geometry.block_bytes * self.geometry.num_layers * 2
+
     # ------------------------------------------------------------------------ cleanup
     def _drop(self, rid: str) -> KVReady | None:
         """Free the request's blocks here; returns its KVReady if it was ours."""

@@ -53,6 +53,15 @@ class EngineClient(abc.ABC):
     def healthy(self) -> bool:
         """False when the engine is dead or wedged."""
 
+    def unavailable(self) -> Optional[str]:
+        """Why no request can be served any more (a dead engine), else None: new requests
+        get 503 with this line."""
+        return None
+
+    def unhealthy_reason(self) -> str:
+        """Why `healthy()` is False (for /health), "" if it is not."""
+        return ""
+
     @abc.abstractmethod
     def stats(self) -> dict:
         """num_running, num_waiting, num_free_blocks, num_total_blocks (and anything else)."""
@@ -138,6 +147,11 @@ class LocalEngineClient(EngineClient):
             return False
         started = self._step_started
         return started is None or time.monotonic() - started < self.wedge_timeout_s
+
+    def unavailable(self) -> Optional[str]:
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread is dead"
+        return None
 
     def stats(self) -> dict:
         return dict(self._stats)
