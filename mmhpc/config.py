@@ -199,6 +199,7 @@ class TimeoutConfig:
     heartbeat_s: float = 2.0
     dead_rank_s: float = 10.0
     engine_stall_s: float = 120.0      # a rank whose engine loop is stuck this long is dead
+    collective_s: float = 600.0        # a TP/EP collective stuck this long raises
     startup_s: float = 600.0           # model load + the start-up exchange
 
     def __post_init__(self) -> None:

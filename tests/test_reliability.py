@@ -8,6 +8,7 @@ the ranks; a generation cut mid-character flushes the held-back bytes as HF's de
 The same cases under real mpirun, with HF-equal neighbours, are in test_faults.py (slow)."""
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -233,3 +234,35 @@ def _bytes_to_unicode() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_requests_after_the_engine_died_get_a_clean_503(tiny_llava):
+    """The engine's thread dies (a failure injected into its loop): /health and every new
+    request answer 503 with an OpenAI error body, no unhandled error."""
+    from imgserver import http
+    from mmhpc.server.app import ServerThread
+    cfg = Config.from_dict({"model": {"path": str(tiny_llava), "max_model_len": 256},
+                            "cache": {"num_blocks": 64},
+                            "server": {"host": "127.0.0.1", "port": 0}})
+    srv = ServerThread(cfg)
+    url = srv.start()
+    try:
+        client = srv.client
+
+        def broken():
+            raise RuntimeError("injected: the engine loop died")
+        client.engine.has_unfinished_requests = broken
+        client._cmds.put(("abort", "nobody"))           # wake the idle engine thread
+        client._thread.join(10)
+        assert not client._thread.is_alive()
+        for _ in range(3):
+            status, body = http("POST", url + "/v1/completions",
+                                {"model": tiny_llava.name, "prompt": "hi", "max_tokens": 2})[:2]
+            err = json.loads(body)["error"]
+            assert status == 503 and err["code"] == "unavailable", body
+            assert "engine thread is dead" in err["message"]
+        status, body = http("GET", url + "/health")[:2]
+        assert status == 503 and b"engine thread is dead" in body
+    finally:
+        srv.stop()

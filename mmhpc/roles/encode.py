@@ -151,6 +151,7 @@ class EncodeWorker(Worker):
                           encode_s=self.encode_s, queue_s=self.queue_s,
                           num_pool_waits=self.num_pool_waits, num_aborted=self.num_aborted,
                           num_published_rows=self.num_published_rows,
+                          num_pinned_items=sum(bool(e.pins) for e in self.cache.values()),
                           row_bytes=self.pool.row_bytes)
 
     # ------------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ class PrefillWorker(Worker):
                           num_embedding_bytes=self.num_embedding_bytes,
                           embedding_read_s=self.embedding_read_s, num_aborted=self.num_aborted,
                           num_unlanded=len(self.unlanded),
-                          num_free_rows=self.landing.num_free_rows if self.landing else 0)
+                          num_free_rows=self.landing.num_free_rows if self.landing else 0,
+                          num_total_rows=self.landing.num_rows if self.landing else 0)
 
     def _poll_reads(self) -> None:
         """Finished READs hand their rows over; a READ past its deadline fails its request at

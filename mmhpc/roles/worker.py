@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from mmhpc.distributed.group import get_tp
 from mmhpc.messages.common import Heartbeat, Shutdown
 from mmhpc.messages.to_frontend import TokenStream
 from mmhpc.transport.zmq_io import PeerUnavailable
@@ -159,6 +160,7 @@ class Worker:
                 except queue.Empty:
                     item = None
             self.tick()
+            get_tp().keep_alive()           # TP leader, idle: the followers' collective lives
 
     # -- I/O thread
     def _io(self) -> None:

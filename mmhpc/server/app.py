@@ -91,7 +91,7 @@ class Frontend:
         except APIError as e:
             status["code"] = e.status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):   # the client left
             status["code"] = 499
             self.metrics.aborted += 1
             raise
@@ -477,6 +477,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
                                  .body(), status=e.status)
     except asyncio.CancelledError:
         raise
+    except ConnectionError:             # the client left before its answer: nobody to tell
+        return web.Response(status=499)
     except Exception as e:  # noqa: BLE001 - one request's bug must not take the server down
         log.exception("unhandled error in %s", request.path)
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}",

@@ -19,11 +19,13 @@ import threading
 import time
 from typing import AsyncIterator, Optional, Sequence
 
+from mmhpc.distributed.group import get_tp
 from mmhpc.engine.block_manager import INLINE_HASH_TOKENS
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.engine.sequence import MMItem, SamplingParams
 
 log = logging.getLogger(__name__)
+IDLE_WAKE_S = 5.0
 
 
 class EngineClient(abc.ABC):
@@ -210,11 +212,13 @@ class LocalEngineClient(EngineClient):
     def _run(self) -> None:
         while not self._stopping:
             outputs: list[RequestOutput] = []
-            try:   # block only while the engine is idle
+            try:   # block only while the engine is idle (a TP leader wakes to keep its
+                # followers' collective alive)
                 cmd = (self._cmds.get_nowait() if self.engine.has_unfinished_requests()
-                       else self._cmds.get())
+                       else self._cmds.get(timeout=IDLE_WAKE_S))
             except queue.Empty:
                 cmd = None
+                get_tp().keep_alive()
             while cmd is not None:
                 outputs += self._handle(cmd)
                 try:

@@ -61,6 +61,8 @@ RANK_SERIES = [
     ("num_cached_blocks", "mmhpc:kv_blocks_cached", "gauge", "free KV blocks holding a prefix"),
     ("num_retained", "mmhpc:kv_retained_requests", "gauge", "prefills waiting for decode's pull"),
     ("num_free_rows", "mmhpc:embedding_rows_free", "gauge", "free embedding pool rows"),
+    ("num_pinned_items", "mmhpc:embedding_items_pinned", "gauge",
+     "cached embeddings held for a request"),
     ("num_total_rows", "mmhpc:embedding_rows_total", "gauge", "embedding pool rows"),
     ("queue_s", "mmhpc:queue_seconds_total", "counter", "time requests waited at the stage"),
     ("num_batches", "mmhpc:encoder_batches_total", "counter", "vision encoder batches"),
@@ -152,7 +154,8 @@ class Metrics:
                         ("requests_aborted_total", self.aborted)):
             out += [f"# TYPE {p}{name} counter", f"{p}{name} {v}"]
         gauges = {"requests_in_flight": self.in_flight, "healthy": int(healthy)}
-        for k in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks"):
+        for k in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
+                  "num_frontend_requests", "num_frontend_stalls"):
             if isinstance(engine_stats.get(k), (int, float)):
                 gauges[k] = engine_stats[k]
         if "num_running" in gauges and "num_waiting" in gauges:
