@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import make_image
-from mpi_helpers import Deployment
+from mpi_helpers import running
 from test_epd import MAX_TOKENS, _chat, _data_url, _requests, expected
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,8 @@ OVERRIDES = ["model=tiny_llava", "deployment=e_p_d", f"cache.embedding_pool_rows
 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
-    d = Deployment(4, OVERRIDES, tmp_path_factory.mktemp("faults") / "job.log").start()
-    yield d
-    d.stop()
+    with running(4, OVERRIDES, tmp_path_factory, "faults") as d:
+        yield d
 
 
 def _client(d):
@@ -165,7 +164,8 @@ def test_images_beyond_the_pool_are_refused_alone(dep):
         return r.choices[0].finish_reason
     with ThreadPoolExecutor(6) as pool:                          # they wait for each other
         assert list(pool.map(many, range(6))) == ["length"] * 6
-    assert _metrics(dep)['mmhpc:embedding_pool_waits_total{role="encode",instance="0",rank="1"}'] > 0
+    waits = 'mmhpc:embedding_pool_waits_total{role="encode",instance="0",rank="1"}'
+    assert _metrics(dep)[waits] > 0
     neighbours_equal_hf(dep)
     quiet(dep)
 
@@ -262,10 +262,9 @@ def test_requests_after_a_death_get_503(dep):
 
 @pytest.fixture(scope="module")
 def small_kv(tmp_path_factory):
-    d = Deployment(4, ["model=tiny_llava", "deployment=e_p_d", "cache.num_blocks=32"],
-                   tmp_path_factory.mktemp("small_kv") / "job.log").start()
-    yield d
-    d.stop()
+    with running(4, ["model=tiny_llava", "deployment=e_p_d", "cache.num_blocks=32"],
+                 tmp_path_factory, "small_kv") as d:
+        yield d
 
 
 def test_decode_preemption_of_image_requests_fails_them_alone(small_kv):

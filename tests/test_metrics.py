@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import make_image
-from mpi_helpers import Deployment
+from mpi_helpers import running
 from test_epd import _data_url
 
 
@@ -56,10 +56,9 @@ def test_rank_series_are_labelled_by_role_instance_rank():
 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
-    d = Deployment(4, ["model=tiny_llava", "deployment=e_p_d", "timeouts.heartbeat_s=0.3"],
-                   tmp_path_factory.mktemp("metrics") / "job.log").start()
-    yield d
-    d.stop()
+    with running(4, ["model=tiny_llava", "deployment=e_p_d", "timeouts.heartbeat_s=0.3"],
+                 tmp_path_factory, "metrics") as d:
+        yield d
 
 
 @pytest.mark.slow

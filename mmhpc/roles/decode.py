@@ -66,11 +66,8 @@ class DecodeWorker(Worker):
         self.active: dict[str, KVReady] = {}           # decoding in the engine
         self.draining: list[_Drain] = []                # dropped pulls, READs maybe in flight
         self.aborted: dict[str, None] = {}             # recent aborts (KVReady may follow)
-        self.num_kv_bytes = 0
-        self.num_kv_blocks = 0
-        self.num_kv_pulls = 0
-        self.kv_pull_s = 0.0
-        self.num_aborted = 0
+        self.counts.update(dict.fromkeys(("num_kv_bytes", "num_kv_blocks", "num_kv_pulls",
+                                          "kv_pull_s", "num_aborted"), 0))
 
     def handle(self, src: int, msg) -> None:
         if isinstance(msg, KVReady):
@@ -79,7 +76,7 @@ class DecodeWorker(Worker):
             else:
                 self.waiting.append(msg)
         elif isinstance(msg, AbortRequest):
-            self.num_aborted += self._drop(msg.request_id) is not None
+            self.counts["num_aborted"] += self._drop(msg.request_id) is not None
             self.aborted[msg.request_id] = None
             if len(self.aborted) > MAX_ABORTED:
                 self.aborted.pop(next(iter(self.aborted)))
@@ -101,11 +98,8 @@ class DecodeWorker(Worker):
             self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
                           num_pulling=len(self.pulls), num_draining=len(self.draining),
-                          num_active=len(self.active), num_kv_bytes=self.num_kv_bytes,
-                          num_kv_blocks=self.num_kv_blocks, num_kv_pulls=self.num_kv_pulls,
-                          kv_pull_s=self.kv_pull_s, kv_block_bytes=self.kv_block_bytes,
-                          num_aborted=self.num_aborted, step_s=self.step_s,
-                          num_steps=self.num_steps, num_step_errors=self.num_step_errors)
+                          num_active=len(self.active), kv_block_bytes=self.kv_block_bytes,
+                          **self.counts)
 
     # ------------------------------------------------------------------------ KV pull
     def _reserve(self) -> None:
@@ -162,10 +156,10 @@ class DecodeWorker(Worker):
             return
         for p in done_pulls:
             rid = p.msg.request_id
-            self.num_kv_pulls += 1
-            self.num_kv_blocks += p.num_blocks
-            self.num_kv_bytes += p.num_blocks * self.kv_block_bytes
-            self.kv_pull_s += time.perf_counter() - p.started
+            self.counts["num_kv_pulls"] += 1
+            self.counts["num_kv_blocks"] += p.num_blocks
+            self.counts["num_kv_bytes"] += p.num_blocks * self.kv_block_bytes
+            self.counts["kv_pull_s"] += time.perf_counter() - p.started
             self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
             self.engine.activate_request(rid)
             self.active[rid] = p.msg

@@ -106,16 +106,9 @@ class EncodeWorker(Worker):
         self.arrived: dict[str, float] = {}                 # request id -> arrival
         self.blocked: deque[EncodeRequest] = deque()        # waiting for pool rows, in order
         self.unstored: dict[str, MMItem] = {}               # encoded, not in the pool yet
-        self.num_encoded = 0
-        self.num_loaded = 0                 # pre-computed embeddings files
-        self.num_cache_hits = 0
-        self.num_cache_queries = 0
-        self.num_batches = 0
-        self.encode_s = 0.0
-        self.queue_s = 0.0
-        self.num_pool_waits = 0
-        self.num_aborted = 0
-        self.num_published_rows = 0
+        self.counts.update(dict.fromkeys((         # num_loaded: pre-computed embeddings files
+            "num_encoded", "num_loaded", "num_cache_hits", "num_cache_queries", "num_batches",
+            "encode_s", "queue_s", "num_pool_waits", "num_aborted", "num_published_rows"), 0))
 
     def handle(self, src: int, msg) -> None:
         if isinstance(msg, EncodeRequest):
@@ -128,7 +121,7 @@ class EncodeWorker(Worker):
             n = len(self.pending) + len(self.blocked)
             self.pending = [r for r in self.pending if r.request_id != rid]
             self.blocked = deque(r for r in self.blocked if r.request_id != rid)
-            self.num_aborted += n > len(self.pending) + len(self.blocked)
+            self.counts["num_aborted"] += n > len(self.pending) + len(self.blocked)
             self.arrived.pop(rid, None)
             self._unpin(rid, None)
         elif not isinstance(msg, Shutdown):
@@ -145,12 +138,7 @@ class EncodeWorker(Worker):
             self._encode(batch)
         self.stats = dict(num_waiting=len(self.pending) + len(self.blocked),
                           num_cached_items=len(self.cache), num_free_rows=self.pool.num_free_rows,
-                          num_total_rows=self.pool.num_rows, num_encoded=self.num_encoded,
-                          num_loaded=self.num_loaded, num_cache_hits=self.num_cache_hits,
-                          num_cache_queries=self.num_cache_queries, num_batches=self.num_batches,
-                          encode_s=self.encode_s, queue_s=self.queue_s,
-                          num_pool_waits=self.num_pool_waits, num_aborted=self.num_aborted,
-                          num_published_rows=self.num_published_rows,
+                          num_total_rows=self.pool.num_rows, **self.counts,
                           num_pinned_items=sum(bool(e.pins) for e in self.cache.values()),
                           row_bytes=self.pool.row_bytes)
 
@@ -159,7 +147,7 @@ class EncodeWorker(Worker):
         now = time.time()
         live, todo = [], {}                 # todo: content_hash -> MMItem (one encode per hash)
         for req in batch:
-            self.queue_s += now - self.arrived.get(req.request_id, now)
+            self.counts["queue_s"] += now - self.arrived.get(req.request_id, now)
             if now > req.deadline:
                 self._fail(req, "encode deadline passed before the images were encoded", True)
                 continue
@@ -170,9 +158,9 @@ class EncodeWorker(Worker):
                                         f"pool has {self.pool.num_rows} (cache.embedding_pool_"
                                         f"rows)")
                 for it in req.items:
-                    self.num_cache_queries += 1
+                    self.counts["num_cache_queries"] += 1
                     if it.content_hash in self.cache or it.content_hash in self.unstored:
-                        self.num_cache_hits += 1
+                        self.counts["num_cache_hits"] += 1
                     elif it.content_hash not in todo:
                         todo[it.content_hash] = self._mm_item(it)
                 live.append(req)
@@ -190,10 +178,10 @@ class EncodeWorker(Worker):
                 for req in live:
                     self._fail(req, f"vision encoder failed: {type(e).__name__}: {e}")
                 return
-            self.encode_s += time.perf_counter() - t0
-            self.num_batches += 1
-            self.num_encoded += len(images)
-        self.num_loaded += len(todo) - len(images)
+            self.counts["encode_s"] += time.perf_counter() - t0
+            self.counts["num_batches"] += 1
+            self.counts["num_encoded"] += len(images)
+        self.counts["num_loaded"] += len(todo) - len(images)
         self.unstored.update(todo)
         for req in live:
             placed = False if self.blocked else self._place(req)
@@ -223,7 +211,7 @@ class EncodeWorker(Worker):
 
     def _wait(self, req: EncodeRequest) -> None:
         """The pool is full of pinned entries: wait, in arrival order, for rows."""
-        self.num_pool_waits += 1
+        self.counts["num_pool_waits"] += 1
         self.blocked.append(req)
 
     def _retry_blocked(self) -> None:
@@ -288,7 +276,7 @@ class EncodeWorker(Worker):
             self.cache.move_to_end(it.content_hash)
             e.pins[req.request_id] = lease
             view = self.pool.rows(e.start, e.num_rows)
-            self.num_published_rows += e.num_rows
+            self.counts["num_published_rows"] += e.num_rows
             self.send(req.prefill_rank, EmbeddingsReady(
                 req.request_id, it.content_hash, self.ctx.nixl.descs(view), e.num_rows,
                 self.hidden_size, self.dtype, self.rank, e.grid_thw,

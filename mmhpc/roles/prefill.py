@@ -70,16 +70,10 @@ class PrefillWorker(Worker):
         self.aborted: dict[str, None] = {}
         self.num_lease_expired = 0
         self.arrived: dict[str, float] = {}             # request id -> arrival (queue time)
-        self.num_prefills = 0
-        self.num_prefill_tokens = 0
-        self.num_cached_tokens = 0
-        self.num_handed_blocks = 0
-        self.prefill_s = 0.0
-        self.queue_s = 0.0
-        self.num_embedding_reads = 0
-        self.num_embedding_bytes = 0
-        self.embedding_read_s = 0.0
-        self.num_aborted = 0
+        self.counts.update(dict.fromkeys((
+            "num_prefills", "num_prefill_tokens", "num_cached_tokens", "num_handed_blocks",
+            "prefill_s", "queue_s", "num_embedding_reads", "num_embedding_bytes",
+            "embedding_read_s", "num_aborted"), 0))
 
     # ------------------------------------------------------------------------ messages
     def handle(self, src: int, msg) -> None:
@@ -91,7 +85,8 @@ class PrefillWorker(Worker):
             self.leases.pop(msg.request_id, None)
             self.engine.release_request(msg.request_id)
         elif isinstance(msg, AbortRequest):
-            self.num_aborted += msg.request_id in self.requests or msg.request_id in self.leases
+            self.counts["num_aborted"] += msg.request_id in self.requests \
+                or msg.request_id in self.leases
             self._drop(msg.request_id)
         elif not isinstance(msg, Shutdown):
             log.warning("prefill rank %d: unexpected %s", self.rank, type(msg).__name__)
@@ -155,13 +150,7 @@ class PrefillWorker(Worker):
             self._step()
         self.stats = dict(self.engine.stats(), num_pending=len(self.requests) - len(self.in_engine),
                           num_retained=len(self.leases), num_lease_expired=self.num_lease_expired,
-                          num_prefills=self.num_prefills, prefill_s=self.prefill_s,
-                          num_prefill_tokens=self.num_prefill_tokens,
-                          num_cached_tokens=self.num_cached_tokens,
-                          num_handed_blocks=self.num_handed_blocks, queue_s=self.queue_s,
-                          num_embedding_reads=self.num_embedding_reads,
-                          num_embedding_bytes=self.num_embedding_bytes,
-                          embedding_read_s=self.embedding_read_s, num_aborted=self.num_aborted,
+                          **self.counts,
                           num_unlanded=len(self.unlanded),
                           num_free_rows=self.landing.num_free_rows if self.landing else 0,
                           num_total_rows=self.landing.num_rows if self.landing else 0)
@@ -194,9 +183,9 @@ class PrefillWorker(Worker):
                 keep.append(r)
                 continue
             if done:
-                self.num_embedding_reads += 1
-                self.num_embedding_bytes += n * self.landing.row_bytes
-                self.embedding_read_s += time.perf_counter() - r.started
+                self.counts["num_embedding_reads"] += 1
+                self.counts["num_embedding_bytes"] += n * self.landing.row_bytes
+                self.counts["embedding_read_s"] += time.perf_counter() - r.started
             if done and r.request_id not in self.aborted:
                 self.embeds.setdefault(r.request_id, {})[r.msg.content_hash] = \
                     self.landing.rows(r.start, n).clone()
@@ -224,7 +213,7 @@ class PrefillWorker(Worker):
                 self._add(req, items)
 
     def _add(self, req: PrefillRequest, items: list[MMItem]) -> None:
-        self.queue_s += time.time() - self.arrived.pop(req.request_id, time.time())
+        self.counts["queue_s"] += time.time() - self.arrived.pop(req.request_id, time.time())
         try:
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
                                     prefill_only=True,
@@ -257,14 +246,14 @@ class PrefillWorker(Worker):
                 self._fail(rid, f"prefill engine error: {type(e).__name__}: {e}")
             return
         finally:
-            self.prefill_s += time.perf_counter() - t0
+            self.counts["prefill_s"] += time.perf_counter() - t0
         for out in outputs:
             req = self.requests.get(out.request_id)
             if req is None:
                 continue
-            self.num_prefills += 1
-            self.num_prefill_tokens += out.num_prompt_tokens
-            self.num_cached_tokens += out.num_cached_tokens
+            self.counts["num_prefills"] += 1
+            self.counts["num_prefill_tokens"] += out.num_prompt_tokens
+            self.counts["num_cached_tokens"] += out.num_cached_tokens
             self.send(req.frontend_rank, TokenStream.of(out, "prefill"))
             self._forget(out.request_id)
             if not out.finished:
@@ -278,7 +267,7 @@ class PrefillWorker(Worker):
             return
         lease = time.time() + self.timeouts.kv_lease_s
         self.leases[rid] = lease
-        self.num_handed_blocks += len(blocks)
+        self.counts["num_handed_blocks"] += len(blocks)
         self.send(req.decode_rank, KVReady(
             rid, req.prompt_token_ids, first_token, req.params, blocks,
             len(req.prompt_token_ids), [p.agent for p in self.tp_pools], self.tp_pools, self.rank,

@@ -3,7 +3,8 @@ aggregated) ranks over ZeroMQ. Tensors move over NIXL between workers, never thr
 
 A request's control flow:
     generate → place (mmhpc.roles.placement) → [EncodeRequest → encode] + PrefillRequest →
-    prefill ← TokenStream(first token, prefill) ← TokenStream(..., decode) ← RequestFailed(any)
+    prefill ← TokenStream(first token, prefill) ← TokenStream(..., decode)
+            ← RequestFailed(any stage; `status` 413 / 429: refused, an APIError)
 Leaving early, a deadline or a failure sends AbortRequest to every rank of the request.
 Messages carrying images are encoded off the event loop (a 16-image request is hundreds of
 MB of pixels), then sent from it. Rank deaths (mmhpc.roles.liveness) fail every in-flight
@@ -68,7 +69,8 @@ class RemoteEngineClient(EngineClient):
         self.tokenizer = processor.tokenizer
         layout = ctx.layout
         self.roles = {r.rank: r.role for r in layout.ranks}
-        self.workers = [r.rank for r in layout.ranks if r.role != "frontend" and r.rank != self.rank]
+        self.workers = [r.rank for r in layout.ranks
+                        if r.role != "frontend" and r.rank != self.rank]
         self.placement = Placement(self.config, layout, self._refresh_local)
         self.placement.rank_stats = {r: {} for r in self.workers}
         if local is not None:

@@ -48,9 +48,9 @@ class Worker:
         self.stats: dict[str, Any] = {}
         self.loop_at = time.monotonic()     # the engine loop's last turn (the I/O thread reports)
         self._streamed: set[str] = set()     # requests with an output from this rank's engine
-        self.num_step_errors = 0
-        self.step_s = 0.0                    # engine.step() time, summed
-        self.num_steps = 0
+        # stage counters, sent with every Heartbeat (mmhpc.server.metrics.RANK_SERIES)
+        self.counts: dict[str, float] = dict.fromkeys(("num_step_errors", "step_s",
+                                                       "num_steps"), 0)
         self._route = None              # beside the frontend: its router instead of the outbox
 
     # -- loop side
@@ -82,7 +82,7 @@ class Worker:
         try:
             outputs = engine.step()
         except Exception as e:  # noqa: BLE001 - fail the request(s) that broke it, keep the rank
-            self.num_step_errors += 1
+            self.counts["num_step_errors"] += 1
             victims = suspects(e, requests, self._streamed)
             log.exception("%s rank %d: step failed; failing %s", stage, self.rank, victims)
             for rid in victims:
@@ -90,8 +90,8 @@ class Worker:
                 self._fail(requests[rid], f"{error}: {type(e).__name__}: {e}")
             return
         finally:
-            self.step_s += time.perf_counter() - t0
-            self.num_steps += 1
+            self.counts["step_s"] += time.perf_counter() - t0
+            self.counts["num_steps"] += 1
         for out in outputs:
             msg = requests.get(out.request_id)
             if msg is None:
