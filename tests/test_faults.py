@@ -306,3 +306,15 @@ def test_decode_preemption_of_image_requests_fails_them_alone(small_kv):
     stats = quiet(small_kv)
     print("preemptions:", {r: s.get("num_preemptions") for r, s in stats.items()},
           "failed alone:", sum(isinstance(g, Exception) for g in got))
+
+
+def test_idle_tp_followers_outlive_the_collective_timeout(tmp_path_factory):
+    """TP collectives time out (timeouts.collective_s; it was 7 days): an idle leader keeps
+    its followers' broadcast alive, so after idling for twice the timeout the instance still
+    serves HF-equal text; without the keepalive the follower's wait raises and the job dies."""
+    with running(2, ["model=tiny_llava", "deployment.aggregated.tp=2",
+                     "timeouts.collective_s=20"], tmp_path_factory, "tp_idle") as d:
+        neighbours_equal_hf(d)
+        time.sleep(45)
+        neighbours_equal_hf(d)
+        assert "Timeout" not in d.log() and "timed out" not in d.log(), d.log()[-3000:]

@@ -215,7 +215,7 @@ class LocalEngineClient(EngineClient):
             try:   # block only while the engine is idle (a TP leader wakes to keep its
                 # followers' collective alive)
                 cmd = (self._cmds.get_nowait() if self.engine.has_unfinished_requests()
-                       else self._cmds.get(timeout=IDLE_WAKE_S))
+                       else self._cmds.get(timeout=min(IDLE_WAKE_S, get_tp().timeout_s / 8)))
             except queue.Empty:
                 cmd = None
                 get_tp().keep_alive()
