@@ -39,6 +39,7 @@ class Liveness:
         self.closing = False
         self.num_frontend_stalls = 0
         self.frontend_stalled_s = 0.0
+        self.max_frontend_stall_s = 0.0
 
     def start(self, mailbox) -> list[asyncio.Task]:
         now = time.monotonic()
@@ -94,6 +95,7 @@ class Liveness:
         """The frontend's loop was `late_s` late: nobody could be heard meanwhile."""
         self.num_frontend_stalls += 1
         self.frontend_stalled_s += late_s
+        self.max_frontend_stall_s = max(self.max_frontend_stall_s, late_s)
         for r in self.last_seen:
             self.last_seen[r] += late_s
 

@@ -202,6 +202,7 @@ class RemoteEngineClient(EngineClient):
         out["ranks"] = {r: dict(s, role=self.roles[r]) for r, s in self.rank_stats.items()}
         out["num_frontend_requests"] = len(self.requests)
         out["num_frontend_stalls"] = self.liveness.num_frontend_stalls
+        out["frontend_stall_max_s"] = round(self.liveness.max_frontend_stall_s, 3)
         return out
 
     # ---------------------------------------------------------------- helpers

@@ -32,6 +32,7 @@ from mmhpc.server.protocol import APIError
 
 log = logging.getLogger(__name__)
 FRONTEND = web.AppKey("mmhpc_frontend", object)
+INLINE_JSON_BYTES = 1 << 16
 
 
 def served_model_name(config: Config) -> str:
@@ -104,7 +105,10 @@ class Frontend:
             self.metrics.request_done(endpoint, status["code"], time.monotonic() - t0)
 
     async def _body(self, request: web.Request) -> dict:
-        return P.parse_json(await request.read())
+        raw = await request.read()
+        if len(raw) > INLINE_JSON_BYTES:    # images inline: MBs of JSON, parsed off the loop
+            return await self.media.run(P.parse_json, raw)
+        return P.parse_json(raw)
 
     def _deadline(self) -> float:
         return time.time() + self.config.server.request_timeout_s

@@ -159,9 +159,8 @@ class MediaLoader:
         return list(await asyncio.gather(*(self.load(u, p) for u, p in refs)))
 
     async def load(self, url: str, param: Optional[str] = None) -> MediaItem:
-        if url.startswith("data:"):
-            mime, data = self._data_url(url, param)
-            return await self.run(decode_image, data, self.cfg.max_image_pixels, param)
+        if url.startswith("data:"):         # base64 of MBs: validated and decoded off the loop
+            return await self.run(self._data_image, url, param)
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme in ("http", "https"):
@@ -194,6 +193,9 @@ class MediaLoader:
         return await self.run(decode_image, data, self.cfg.max_image_pixels, param)
 
     # -- data: URLs
+    def _data_image(self, url: str, param: Optional[str]) -> Image.Image:
+        return decode_image(self._data_url(url, param)[1], self.cfg.max_image_pixels, param)
+
     def _data_url(self, url: str, param: Optional[str]) -> tuple[str, bytes]:
         head, sep, payload = url[5:].partition(",")
         if not sep:

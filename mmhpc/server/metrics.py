@@ -155,7 +155,7 @@ class Metrics:
             out += [f"# TYPE {p}{name} counter", f"{p}{name} {v}"]
         gauges = {"requests_in_flight": self.in_flight, "healthy": int(healthy)}
         for k in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
-                  "num_frontend_requests", "num_frontend_stalls"):
+                  "num_frontend_requests", "num_frontend_stalls", "frontend_stall_max_s"):
             if isinstance(engine_stats.get(k), (int, float)):
                 gauges[k] = engine_stats[k]
         if "num_running" in gauges and "num_waiting" in gauges:
