@@ -10,6 +10,8 @@ import torch
 FAMILIES = {
     "llava": "mmhpc.models.llava:LlavaForCausalLM",
     "qwen2_vl": "mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
+    "llava_next": "mmhpc.models.llava_next:LlavaNextForCausalLM",
+    "qwen2_5_vl": "mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
 }
 
 

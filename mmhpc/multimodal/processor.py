@@ -15,7 +15,8 @@ from typing import Any
 
 from mmhpc.engine.sequence import MMItem
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llava_next", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")          # patch grids, merged tokens, M-RoPE
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -176,7 +177,7 @@ class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
-    `grid_thw` for Qwen2-VL) or a tensor of pre-computed embeddings `[n, hidden]` (then
+    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT) or a tensor of pre-computed embeddings `[n, hidden]` (then
     `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
     or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
     entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
@@ -193,13 +194,15 @@ class InputProcessor:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.image_processor = AutoImageProcessor.from_pretrained(self.path)
         proc_cfg = _read_json(self.path / "processor_config.json")
-        if self.family == "llava":
+        if self.family not in QWEN_FAMILIES:
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
             self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
             self.feature_strategy = proc_cfg.get(
                 "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
             self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
+            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT
+            self.tile_size = config["vision_config"].get("image_size")
         else:
             self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
             self.image_token_id = config.get("image_token_id")
@@ -234,6 +237,11 @@ class InputProcessor:
 
     # ---------------------------------------------------------------- images
     def num_image_tokens(self, width: int, height: int) -> int:
+        if self.family == "llava_next":
+            from mmhpc.models.llava_next import num_image_tokens
+            n = num_image_tokens(height, width, self.grid_pinpoints, self.tile_size,
+                                 self.patch_size, self.num_additional_tokens)
+            return n - 1 if self.feature_strategy == "default" else n
         if self.family == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
@@ -256,6 +264,12 @@ class InputProcessor:
     def _image_item(self, image) -> MMItem:
         out = preprocess_image(self.image_processor, image, self.family)
         pixel_values = out["pixel_values"]
+        if self.family == "llava_next":
+            # pixel_values: [1, num_tiles, 3, S, S] (base view first)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=self.num_image_tokens(image.width, image.height),
+                          pixel_values=pixel_values[0],
+                          image_size=(image.height, image.width))
         if self.family == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
@@ -278,7 +292,7 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
-        if self.family == "qwen2_vl":
+        if self.family in QWEN_FAMILIES:
             m = self.merge_size
             grid = grid or (1, m, n * m)
             if grid[0] * grid[1] * grid[2] // m**2 != n:
@@ -299,7 +313,7 @@ class InputProcessor:
     def _counted_item(self, image) -> MMItem:
         """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""
         grid = None
-        if self.family == "qwen2_vl":
+        if self.family in QWEN_FAMILIES:
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
         return MMItem(content_hash=image_hash(image), offset=-1,

@@ -1,13 +1,15 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llava_next|qwen2_5_vl --out DIR [--layers N
+...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
-Token ids (both families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
+Token ids (all families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
+(llava, llava_next: 3 = `<image>`; qwen2_vl, qwen2_5_vl: see QWEN2_VL_SPECIALS,
+`<|image_pad|>` = 6).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llava_next", "qwen2_5_vl")
 BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
@@ -29,7 +31,19 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     # qwen2_vl: image_size is the longest side budget: max_pixels = image_size**2.
     "qwen2_vl": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
                      vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0),
+    # llava_next: image_size is the tower's (a tile's) side; pinpoints are 1x2, 2x1, 2x2, 3x1
+    # and 1x3 tiles (llava-v1.6's, in tiles); mistral=1: a Mistral language model.
+    "llava_next": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=2, vision_hidden=32, image_size=32, patch_size=8, vocab=640,
+                       seed=0, mistral=0),
+    # qwen2_5_vl: windows of `window` px (2 x 2 merged tokens at 56), full attention in every
+    # second block, as Qwen2.5-VL-7B's 7, 15, 23, 31 of 32.
+    "qwen2_5_vl": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=4, vision_hidden=32, image_size=112, patch_size=14,
+                       vocab=640, seed=0, window=56),
 }
+_LLAVA_LIKE = ("llava", "llava_next")            # `<image>` tokenizer, llava-1.5 chat template
+LLAVA_NEXT_TILES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
@@ -86,9 +100,9 @@ def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
                          "heads must divide hidden and kv_heads must divide heads")
     if s["vision_hidden"] % 16:
         raise ValueError("vision_hidden must be a multiple of 16 (vision heads of 16 dims)")
-    if family == "llava" and s["image_size"] % s["patch_size"]:
-        raise ValueError("llava: patch_size must divide image_size")
-    if family == "qwen2_vl" and (s["hidden"] // s["heads"]) % 4:
+    if family in _LLAVA_LIKE and s["image_size"] % s["patch_size"]:
+        raise ValueError(f"{family}: patch_size must divide image_size")
+    if family not in _LLAVA_LIKE and (s["hidden"] // s["heads"]) % 4:
         raise ValueError("qwen2_vl: head_dim must be a multiple of 4 (M-RoPE sections)")
     return out
 
@@ -100,14 +114,14 @@ def _train_tokenizer(family: str, vocab: int):
 
     from mmhpc.tools.corpus import corpus_lines
 
-    specials = LLAVA_SPECIALS if family == "llava" else QWEN2_VL_SPECIALS
+    specials = LLAVA_SPECIALS if family in _LLAVA_LIKE else QWEN2_VL_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_lines(), trainer)
-    if family == "llava":   # Llama-style: every encoded text starts with <s>
+    if family in _LLAVA_LIKE:   # Llama-style: every encoded text starts with <s>
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
         kw = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -124,18 +138,29 @@ def _train_tokenizer(family: str, vocab: int):
 
 
 # ------------------------------------------------------------------------------- models
-def _llava(s: dict[str, int], vocab_size: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_and_llama(s: dict[str, int], vocab_size: int):
+    """The CLIP tower and Llama (or, with s["mistral"], Mistral) configs of the LLaVA families."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
 
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
         num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
         image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_hidden"])
-    text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    kw = dict(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+              num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+              num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if s.get("mistral"):            # llava-v1.6-mistral: no sliding window, rope_theta 1e6
+        text = MistralConfig(sliding_window=None, rope_theta=1e6, **kw)
+    else:
+        text = LlamaConfig(**kw)
+    return vision, text
+
+
+def _llava(s: dict[str, int], vocab_size: int):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _clip_and_llama(s, vocab_size)
     num_tokens = (s["image_size"] // s["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=3, image_seq_length=num_tokens,
@@ -145,6 +170,23 @@ def _llava(s: dict[str, int], vocab_size: int):
     return LlavaForConditionalGeneration(config)
 
 
+def _llava_next(s: dict[str, int], vocab_size: int):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision, text = _clip_and_llama(s, vocab_size)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=3,
+        image_grid_pinpoints=_pinpoints(s), projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return LlavaNextForConditionalGeneration(config)
+
+
+def _pinpoints(s: dict[str, int]) -> list[list[int]]:
+    return [[h * s["image_size"], w * s["image_size"]] for h, w in LLAVA_NEXT_TILES]
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2       # Qwen2-VL: [16, 24, 24] for head_dim 128
     t = half // 4
@@ -152,26 +194,51 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _qwen2_vl(s: dict[str, int], vocab_size: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict:
     head_dim = s["hidden"] // s["heads"]
-    text = dict(
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="qwen2_vl_text")
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type=model_type)
+
+
+_QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
+                    vision_end_token_id=5, tie_word_embeddings=False)
+
+
+def _qwen2_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_vl_text")
     vision = dict(
         depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
         num_heads=s["vision_hidden"] // 16, mlp_ratio=2, patch_size=s["patch_size"],
         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
-        vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     return Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen2_5_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_5_vl_text")
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        out_hidden_size=s["hidden"], patch_size=s["patch_size"], spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, window_size=s["window"], hidden_act="silu",
+        fullatt_block_indexes=list(range(1, s["vision_layers"], 2)))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "llava_next": _llava_next,
+             "qwen2_5_vl": _qwen2_5_vl}
 
 
 def _init_weights(model, seed: int) -> None:
@@ -186,9 +253,9 @@ def _init_weights(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1:
+            if p.dim() == 1 and "image_newline" not in name:
                 continue                     # norms keep 1 / biases keep 0 from HF's init
-            if "embed_tokens" in name:
+            if "embed_tokens" in name or "image_newline" in name:
                 std = 1.0
             elif "lm_head" in name:
                 std = 2.0 / p.shape[1] ** 0.5
@@ -201,7 +268,7 @@ def _init_weights(model, seed: int) -> None:
 
 # ---------------------------------------------------------------------- processor files
 def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> None:
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE if family in _LLAVA_LIKE else QWEN2_VL_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     common = dict(do_convert_rgb=True, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
@@ -215,17 +282,27 @@ def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> Non
                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
                          image_token="<image>")
         files = {"preprocessor_config.json": image}
+    elif family == "llava_next":
+        size = s["image_size"]
+        image = dict(image_processor_type="LlavaNextImageProcessor",
+                     processor_class="LlavaNextProcessor", size={"shortest_edge": size},
+                     crop_size={"height": size, "width": size}, do_center_crop=True, do_pad=True,
+                     image_grid_pinpoints=_pinpoints(s), **common)
+        processor = dict(processor_class="LlavaNextProcessor", patch_size=s["patch_size"],
+                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                         image_token="<image>")
+        files = {"preprocessor_config.json": image}
     else:
+        name = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"
         unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
         min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
         vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                       size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                       min_pixels=min_pixels, max_pixels=max_pixels, **common)
-        image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
-                     **vision)
-        video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
+        image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=name, **vision)
+        video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=name,
                      do_sample_frames=False, **vision)
-        processor = dict(processor_class="Qwen2VLProcessor")
+        processor = dict(processor_class=name)
         files = {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
     files["processor_config.json"] = processor
     for name, d in files.items():
@@ -258,9 +335,9 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     tokenizer = _train_tokenizer(family, s["vocab"])
     vocab_size = len(tokenizer)
     torch.manual_seed(s["seed"])
-    model = (_llava if family == "llava" else _qwen2_vl)(s, vocab_size).float().eval()
+    model = _BUILDERS[family](s, vocab_size).float().eval()
     _init_weights(model, s["seed"])
-    if family == "llava":
+    if family in _LLAVA_LIKE:
         gen = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     else:   # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
         gen = dict(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
@@ -311,19 +388,21 @@ def tiny_checkpoint(family: str, **sizes: Any) -> Path:
 def hf_processor(path: str | os.PathLike):
     """HF's own processor for a checkpoint (the oracle's input side).
 
-    `AutoProcessor` needs torchvision for Qwen2-VL (its video processor); where torchvision is
-    missing, an image-only Qwen2VLProcessor (video_processor=None) stands in.
+    `AutoProcessor` needs torchvision for Qwen2-VL / Qwen2.5-VL (their video processor); where
+    torchvision is missing, an image-only processor (video_processor=None) stands in.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
-        if json.loads((Path(path) / "config.json").read_text())["model_type"] != "qwen2_vl":
+        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
+    base = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen2VLProcessor
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None
@@ -339,10 +418,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmhpc.tools.tiny", description=__doc__.split("\n")[0])
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("--out", required=True)
-    for name in DEFAULT_SIZES["llava"]:
+    for name in dict.fromkeys(k for sizes in DEFAULT_SIZES.values() for k in sizes):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                       help="default: llava %d, qwen2_vl %d" % (DEFAULT_SIZES["llava"][name],
-                                                               DEFAULT_SIZES["qwen2_vl"][name]))
+                       help="default: " + ", ".join(f"{f} {d[name]}" for f, d in
+                                                     DEFAULT_SIZES.items() if name in d))
     args = vars(p.parse_args(argv))
     family, out = args.pop("family"), args.pop("out")
     path = build_tiny(family, out, **{k: v for k, v in args.items() if v is not None})
