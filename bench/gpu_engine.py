@@ -150,16 +150,22 @@ def build_engine(path, max_num_seqs=256, **kw):
     from mmhpc.bench.offline import _StubProcessor
     from mmhpc.config import Config
     from mmhpc.engine.engine import LLMEngine
-    cfg = Config.from_dict({"model": {"path": path, "random_weights": True, "dtype": "bfloat16",
+    cfg = Config.from_dict({"model": {"path": path, "random_weights": True,
+                                      "dtype": kw.get("dtype", "bfloat16"),
                                       "max_model_len": kw.get("max_model_len", 4096)},
                             "scheduler": {"max_num_seqs": max_num_seqs,
                                           "max_num_batched_tokens": kw.get("tokens", 8192)},
                             "cache": kw.get("cache", {})})
     t = time.perf_counter()
     eng = LLMEngine(cfg, processor=_StubProcessor([2]))
-    torch.cuda.synchronize()
+    _sync()
     print(f"engine {path}: built + graphs captured in {time.perf_counter() - t:.1f} s", flush=True)
     return eng
+
+
+def _sync():
+    if torch.cuda.is_available():                   # CPU smoke runs (bench/dense_vlm_gpu.py)
+        torch.cuda.synchronize()
 
 
 def _phase_timers(eng, acc: dict):
@@ -204,10 +210,11 @@ def _phase_timers(eng, acc: dict):
 def _decode_steps(eng, rid, prompt_len, steps, acc=None) -> float:
     """Median wall ms of `engine.step()` over `steps` decode steps of one request."""
     from mmhpc.engine.sequence import SamplingParams
-    ids = [1] + torch.randint(100, 20000, (prompt_len - 1,)).tolist()
+    vocab = eng.runner.model.text_config.vocab_size
+    ids = [1] + torch.randint(min(100, vocab // 2), min(20000, vocab), (prompt_len - 1,)).tolist()
     eng.add_request(rid, ids, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
     eng.step()                                          # prefill
-    torch.cuda.synchronize()
+    _sync()
     restore = _phase_timers(eng, acc) if acc is not None else None
     ts = []
     while eng.has_unfinished_requests():
