@@ -6,13 +6,12 @@ Each deployment starts once per module; cases are data."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 
 import pytest
 
 from mpi_helpers import Deployment
-from test_tp import HF, MPIRUN, _image, _png_url, chat_tokens
+from test_tp import HF, MPIRUN, _image, _png_url, assert_oracle_over_http
 
 REQUESTS = [("tell me a story about the sea", []),
             ("what is in the picture?", [(70, 50, 1)]),
@@ -58,19 +57,7 @@ def _messages(text: str, images: list) -> list[dict]:
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 def test_oracle_over_http(deployment):
     dep, path, hf = deployment
-    results: dict[int, list[str]] = {}
-
-    def one(i: int) -> None:
-        text, sizes = REQUESTS[i]
-        results[i] = chat_tokens(dep.url, path.name, text, [_image(*s) for s in sizes])
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(REQUESTS))]
-    for t in threads:                            # concurrent: batched across the requests
-        t.start()
-    expected = {i: hf.expected(text, [_image(*s) for s in sizes])
-                for i, (text, sizes) in enumerate(REQUESTS)}
-    for t in threads:
-        t.join(180)
-    assert results == expected
+    assert_oracle_over_http(dep.url, path.name, hf, REQUESTS)
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
