@@ -173,6 +173,16 @@ def vision(eng, family: str, r: dict) -> None:
     del hf
 
 
+def engine_check(family: str, r: dict) -> None:
+    """The whole engine on the tiny checkpoint in float32: the CUDA fast path (graphs, decode
+    ahead, fused ViT) gives the plain-torch path's greedy tokens (itself == HF, tests/)."""
+    from mmhpc.bench.offline import tiny_engine_tokens
+    want, _ = tiny_engine_tokens(family, {"MMHPC_FAST_PATH": "0", "MMHPC_DECODE_AHEAD": "0"})
+    got, _ = tiny_engine_tokens(family, {"MMHPC_FAST_PATH": "1", "MMHPC_DECODE_AHEAD": "1"})
+    r["tiny_fast_vs_torch_tokens_equal"] = f"{sum(a == b for a, b in zip(want, got))}/{len(want)}"
+    print(family, "tiny engine, fast vs torch:", r["tiny_fast_vs_torch_tokens_equal"], flush=True)
+
+
 def decode(eng, family: str, r: dict) -> None:
     ctx = FAMILIES[family][2]
     model = eng.runner.model
@@ -207,6 +217,7 @@ def main() -> None:
         r = R.setdefault(family, {"model": arch if DEV == "cuda" else "tiny:" + tiny})
         try:
             if DEV == "cuda":
+                engine_check(tiny, r)
                 eng = ge.build_engine(arch, 8, max_model_len=8192, cache={"num_blocks": 2048})
             else:
                 from mmhpc.tools.tiny import tiny_checkpoint
