@@ -70,10 +70,8 @@ def hf_vision(model, family: str):
     embeddings [num_tokens, hidden]."""
     cfg = model.config
     if family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
-        with torch.device(DEV):
-            hf = m.Qwen2_5_VisionTransformerPretrainedModel._from_config(
-                cfg.vision_config, dtype=DTYPE).eval()
+        with torch.device(DEV):                         # HF's class, a fresh instance
+            hf = type(model.visual)._from_config(cfg.vision_config, dtype=DTYPE).eval()
         hf.load_state_dict(model.visual.state_dict())
 
         def run(it):

@@ -1,8 +1,8 @@
-"""LLaVA-NeXT and Qwen2.5-VL over HTTP under real `mpirun`, in agg, EP/D and E/P/D: greedy
-tokens equal HF `generate` for text, one image, and two images of different sizes and aspects
-(LLaVA-NeXT: different tile grids and unpadding; Qwen2.5-VL: full and partial windows), sent
-concurrently; the frontend's counts (`usage.prompt_tokens`, `/tokenize`) equal HF's processor.
-Each deployment starts once per module; cases are data."""
+"""LLaVA-NeXT and Qwen2.5-VL over HTTP under real `mpirun`, in agg, EP/D and E/P/D (and tp=2
+in the slow tier): greedy tokens equal HF `generate` for text, one image, and two images of
+different sizes and aspects (LLaVA-NeXT: different tile grids and unpadding; Qwen2.5-VL: full
+and partial windows), sent concurrently; the frontend's counts (`usage.prompt_tokens`,
+`/tokenize`) equal HF's processor. Each deployment starts once per module; cases are data."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,10 @@ CASES = [pytest.param(tuple(case), id=case[0], marks=marks) for *case, marks in 
     ("agg-qwen2_5_vl", "qwen2_5_vl", {}, 1, ["deployment=agg"], _SLOW),
     ("e_p_d-qwen2_5_vl", "qwen2_5_vl", {}, 4, ["deployment=e_p_d"], _SLOW),
     ("e_p_d-llava_next_mistral", "llava_next", {"mistral": 1}, 4, ["deployment=e_p_d"], _SLOW),
+    ("agg_tp2-qwen2_5_vl-kv1", "qwen2_5_vl", {"kv_heads": 1}, 2,
+     ["deployment=agg", "deployment.aggregated.tp=2"], _SLOW),
+    ("e_p1_d2-llava_next", "llava_next", {}, 5, ["deployment=e_p_d", "deployment.decode.tp=2"],
+     _SLOW),
 ]]
 
 

@@ -174,6 +174,8 @@ def test_dense_vlm_matches_hf_forward(case):
             got = _run(ours, ids, pos, (_mm_rows(items), emb), [c for c in chunks if c],
                        block_size=16)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        warm = ours.warm_up_items(300, 3)                   # the GPU runner's start-up batch
+        assert [e.shape[0] for e in ours.encode(warm)] == [it.num_tokens for it in warm]
 
 
 def test_qwen2_5_vl_mrope_positions_match_hf():

@@ -10,7 +10,10 @@ __all__ = ["WEIGHT_RULES", "Qwen2_5_VLForCausalLM"]
 
 def _vision_cls():
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
-    return m.Qwen2_5_VisionTransformerPretrainedModel
+    for name in ("Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionModel"):
+        if hasattr(m, name):
+            return getattr(m, name)
+    raise ImportError("no Qwen2.5-VL vision transformer in this transformers version")
 
 
 class Qwen2_5_VLForCausalLM(Qwen2VLForCausalLM):
