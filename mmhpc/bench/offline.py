@@ -50,16 +50,17 @@ class ImageItems:
         from transformers import AutoImageProcessor
         self.proc = AutoImageProcessor.from_pretrained(str(model_dir))
         self.cfg = hf_config
-        self.family = hf_config.model_type
+        from mmhpc.models.registry import get_family
+        self.kind = get_family(hf_config.model_type).processor
         self.image_token_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
 
     def __call__(self, image):
         from mmhpc.engine.sequence import MMItem
         from mmhpc.multimodal.processor import image_hash, preprocess_image
-        out = preprocess_image(self.proc, image, self.family)
+        out = preprocess_image(self.proc, image, self.kind)
         pv = out["pixel_values"]
         h = image_hash(image)                   # as the server's processor: the decoded RGB
-        if self.family == "llava":
+        if self.kind == "llava":
             from mmhpc.models.llava import image_tokens
             return MMItem(h, 0, image_tokens(self.cfg, pv.shape[-2], pv.shape[-1]), None, pv)
         from mmhpc.models.qwen2_vl import image_tokens

@@ -95,8 +95,11 @@ def model_heads(path: str) -> dict[str, int]:
     """num_heads / num_kv_heads of the text model from config.json, when the file is there
     (`tiny:<family>`: the builder's default sizes, before anything is built)."""
     if path.startswith("tiny:"):
-        from mmhpc.tools.tiny import DEFAULT_SIZES
-        sizes = DEFAULT_SIZES.get(path.split(":", 1)[1], {})
+        from mmhpc.tools.tiny import default_sizes
+        try:
+            sizes = default_sizes(path.split(":", 1)[1])
+        except ValueError:
+            sizes = {}
         return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"]} if sizes else {}
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmhpc.engine.sequence import MMItem
-
-FAMILIES = ("llava", "qwen2_vl")
+from mmhpc.models.registry import get_family
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -163,10 +162,10 @@ def _torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def preprocess_image(image_processor, image, family: str) -> dict:
+def preprocess_image(image_processor, image, kind: str) -> dict:
     """The processor's outputs for one image (pixel_values, and image_grid_thw for Qwen2-VL),
-    through `fast_pixel_values` where it applies."""
-    fast = fast_pixel_values(image_processor, image) if family == "llava" else None
+    through `fast_pixel_values` where it applies. kind: the family's `processor` kind."""
+    fast = fast_pixel_values(image_processor, image) if kind == "llava" else None
     if fast is not None:
         return {"pixel_values": fast}
     return image_processor(images=[image], return_tensors="pt")
@@ -188,12 +187,14 @@ class InputProcessor:
         self.path = Path(model_path)
         config = _read_json(self.path / "config.json")
         self.family: str = config.get("model_type", "")
-        if self.family not in FAMILIES:
-            raise ValueError(f"{self.path}: model_type {self.family!r} is not one of {FAMILIES}")
+        try:
+            self.kind: str = get_family(self.family).processor   # registry.PROCESSOR_KINDS
+        except ValueError as e:
+            raise ValueError(f"{self.path}: {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.image_processor = AutoImageProcessor.from_pretrained(self.path)
         proc_cfg = _read_json(self.path / "processor_config.json")
-        if self.family == "llava":
+        if self.kind == "llava":
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
             self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
@@ -234,7 +235,7 @@ class InputProcessor:
 
     # ---------------------------------------------------------------- images
     def num_image_tokens(self, width: int, height: int) -> int:
-        if self.family == "llava":
+        if self.kind == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
             h = _get(crop, "height") or _get(size, "height") or _get(size, "shortest_edge")
@@ -254,9 +255,9 @@ class InputProcessor:
         return h // self.patch_size, w // self.patch_size
 
     def _image_item(self, image) -> MMItem:
-        out = preprocess_image(self.image_processor, image, self.family)
+        out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
-        if self.family == "llava":
+        if self.kind == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
             n = (h // self.patch_size) * (w // self.patch_size) + self.num_additional_tokens
@@ -278,7 +279,7 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
-        if self.family == "qwen2_vl":
+        if self.kind == "qwen2_vl":
             m = self.merge_size
             grid = grid or (1, m, n * m)
             if grid[0] * grid[1] * grid[2] // m**2 != n:
@@ -299,7 +300,7 @@ class InputProcessor:
     def _counted_item(self, image) -> MMItem:
         """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""
         grid = None
-        if self.family == "qwen2_vl":
+        if self.kind == "qwen2_vl":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
         return MMItem(content_hash=image_hash(image), offset=-1,

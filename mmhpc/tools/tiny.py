@@ -17,19 +17,38 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-FAMILIES = ("llava", "qwen2_vl")
 BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
-DEFAULT_SIZES: dict[str, dict[str, int]] = {
-    "llava": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
-                  vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0),
-    # qwen2_vl: image_size is the longest side budget: max_pixels = image_size**2.
-    "qwen2_vl": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
-                     vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0),
-}
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build one family's tiny checkpoint; registered as `Family.tiny`
+    (mmhpc/models/registry.py). The size keys are the CLI's flags."""
+
+    sizes: dict[str, int]               # defaults; every key may be overridden
+    specials: list[str]                 # the tokenizer's special tokens, ids 0, 1, ...
+    chat_template: str
+    tokenizer: Callable[[Any], dict]    # (tokenizers.Tokenizer) -> PreTrainedTokenizerFast kwargs
+    model: Callable[[dict, int], Any]   # (sizes, vocab_size) -> an HF model, random init
+    processor_files: Callable[[dict], dict[str, dict]]   # sizes -> {file name: json}
+    eos_token_id: int | list[int]       # generation_config.json's
+    check: Callable[[dict], None] = lambda s: None      # family-specific size rules
+
+
+def family_builder(family: str) -> TinyFamily:
+    from mmhpc.models.registry import get_family, tiny_families
+    if family not in tiny_families():
+        raise ValueError(f"unknown family {family!r}; expected one of {tiny_families()}")
+    return get_family(family).tiny_builder()
+
+
+def default_sizes(family: str) -> dict[str, int]:
+    return dict(family_builder(family).sizes)
+
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
@@ -73,9 +92,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 
 def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    out = dict(DEFAULT_SIZES[family])
+    builder = family_builder(family)
+    out = dict(builder.sizes)
     unknown = set(sizes) - set(out)
     if unknown:
         raise ValueError(f"unknown sizes {sorted(unknown)}; expected {sorted(out)}")
@@ -86,41 +104,46 @@ def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
                          "heads must divide hidden and kv_heads must divide heads")
     if s["vision_hidden"] % 16:
         raise ValueError("vision_hidden must be a multiple of 16 (vision heads of 16 dims)")
-    if family == "llava" and s["image_size"] % s["patch_size"]:
-        raise ValueError("llava: patch_size must divide image_size")
-    if family == "qwen2_vl" and (s["hidden"] // s["heads"]) % 4:
-        raise ValueError("qwen2_vl: head_dim must be a multiple of 4 (M-RoPE sections)")
+    builder.check(s)
     return out
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def _train_tokenizer(family: str, vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _train_tokenizer(builder: TinyFamily, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from mmhpc.tools.corpus import corpus_lines
 
-    specials = LLAVA_SPECIALS if family == "llava" else QWEN2_VL_SPECIALS
+    specials = builder.specials
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_lines(), trainer)
-    if family == "llava":   # Llama-style: every encoded text starts with <s>
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-        kw = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                  extra_special_tokens={"image_token": "<image>"})
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        kw = dict(pad_token="<|endoftext|>", bos_token="<|bos|>", eos_token="<|im_end|>",
-                  extra_special_tokens={"image_token": "<|image_pad|>",
-                                        "video_token": "<|video_pad|>"})
+    kw = builder.tokenizer(tok)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **kw)
     for i, t in enumerate(specials):
         assert tokenizer.convert_tokens_to_ids(t) == i, (t, i)
     return tokenizer
+
+
+def _llama_tokenizer(tok) -> dict:
+    from tokenizers import processors
+    # Llama-style: every encoded text starts with <s>
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                extra_special_tokens={"image_token": "<image>"})
+
+
+def _qwen_tokenizer(tok) -> dict:
+    from tokenizers import processors
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return dict(pad_token="<|endoftext|>", bos_token="<|bos|>", eos_token="<|im_end|>",
+                extra_special_tokens={"image_token": "<|image_pad|>",
+                                      "video_token": "<|video_pad|>"})
 
 
 # ------------------------------------------------------------------------------- models
@@ -200,35 +223,42 @@ def _init_weights(model, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------- processor files
-def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> None:
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN2_VL_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
+def _image_common() -> dict[str, Any]:
+    """CLIP's normalisation and the usual rescale / resize switches."""
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    common = dict(do_convert_rgb=True, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
-                  do_normalize=True, image_mean=mean, image_std=std, resample=3)
-    if family == "llava":
-        size = s["image_size"]
-        image = dict(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor",
-                     size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                     do_center_crop=True, **common)
-        processor = dict(processor_class="LlavaProcessor", patch_size=s["patch_size"],
-                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                         image_token="<image>")
-        files = {"preprocessor_config.json": image}
-    else:
-        unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
-        min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
-        vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
-                      size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                      min_pixels=min_pixels, max_pixels=max_pixels, **common)
-        image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
-                     **vision)
-        video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
-                     do_sample_frames=False, **vision)
-        processor = dict(processor_class="Qwen2VLProcessor")
-        files = {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
-    files["processor_config.json"] = processor
-    for name, d in files.items():
+    return dict(do_convert_rgb=True, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
+                do_normalize=True, image_mean=mean, image_std=std, resample=3)
+
+
+def _llava_files(s: dict[str, int]) -> dict[str, dict]:
+    size = s["image_size"]
+    image = dict(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor",
+                 size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                 do_center_crop=True, **_image_common())
+    processor = dict(processor_class="LlavaProcessor", patch_size=s["patch_size"],
+                     vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                     image_token="<image>")
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
+def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
+    unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
+    min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
+    vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
+                  size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                  min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
+    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
+                 **vision)
+    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
+                 do_sample_frames=False, **vision)
+    return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
+            "processor_config.json": dict(processor_class="Qwen2VLProcessor")}
+
+
+def _save_processor(builder: TinyFamily, s: dict[str, int], tokenizer, out: Path) -> None:
+    tokenizer.chat_template = builder.chat_template
+    tokenizer.save_pretrained(out)
+    for name, d in builder.processor_files(s).items():
         (out / name).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.jinja").write_text(tokenizer.chat_template)
 
@@ -253,20 +283,18 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     from transformers import GenerationConfig
 
     s = _sizes(family, sizes)
+    builder = family_builder(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(family, s["vocab"])
+    tokenizer = _train_tokenizer(builder, s["vocab"])
     vocab_size = len(tokenizer)
     torch.manual_seed(s["seed"])
-    model = (_llava if family == "llava" else _qwen2_vl)(s, vocab_size).float().eval()
+    model = builder.model(s, vocab_size).float().eval()
     _init_weights(model, s["seed"])
-    if family == "llava":
-        gen = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    else:   # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
-        gen = dict(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
-    model.generation_config = GenerationConfig(do_sample=False, **gen)
+    model.generation_config = GenerationConfig(
+        do_sample=False, bos_token_id=1, eos_token_id=builder.eos_token_id, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
-    _save_processor(family, s, tokenizer, out)
+    _save_processor(builder, s, tokenizer, out)
     _portable_configs(out)
     (out / "tiny_sizes.json").write_text(json.dumps({"family": family, **s}, indent=2) + "\n")
     return out
@@ -335,14 +363,44 @@ def hf_processor(path: str | os.PathLike):
                                      chat_template=tokenizer.chat_template)
 
 
+# ------------------------------------------------------------------------------ families
+def _llava_check(s: dict[str, int]) -> None:
+    if s["image_size"] % s["patch_size"]:
+        raise ValueError("llava: patch_size must divide image_size")
+
+
+def _qwen2_vl_check(s: dict[str, int]) -> None:
+    if (s["hidden"] // s["heads"]) % 4:
+        raise ValueError("qwen2_vl: head_dim must be a multiple of 4 (M-RoPE sections)")
+
+
+LLAVA = TinyFamily(
+    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0),
+    specials=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE, tokenizer=_llama_tokenizer,
+    model=_llava, processor_files=_llava_files, eos_token_id=2, check=_llava_check)
+
+QWEN2_VL = TinyFamily(
+    # image_size is the longest side budget: max_pixels = image_size**2.
+    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0),
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
+    model=_qwen2_vl, processor_files=_qwen2_vl_files,
+    eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
+    check=_qwen2_vl_check)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from mmhpc.models.registry import tiny_families
+    families = tiny_families()
     p = argparse.ArgumentParser(prog="python -m mmhpc.tools.tiny", description=__doc__.split("\n")[0])
-    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--family", required=True, choices=families)
     p.add_argument("--out", required=True)
-    for name in DEFAULT_SIZES["llava"]:
+    defaults = {f: default_sizes(f) for f in families}
+    for name in dict.fromkeys(k for d in defaults.values() for k in d):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                       help="default: llava %d, qwen2_vl %d" % (DEFAULT_SIZES["llava"][name],
-                                                               DEFAULT_SIZES["qwen2_vl"][name]))
+                       help="default: " + ", ".join(f"{f} {d[name]}" for f, d in defaults.items()
+                                                     if name in d))
     args = vars(p.parse_args(argv))
     family, out = args.pop("family"), args.pop("out")
     path = build_tiny(family, out, **{k: v for k, v in args.items() if v is not None})
