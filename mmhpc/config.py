@@ -153,7 +153,6 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0             # 0: CPU
-    frontend_port: int = 8000
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
 
@@ -162,9 +161,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        for k in ("frontend_port", "zmq_port_base"):
-            if not 0 <= getattr(self, k) < 65536:
-                raise ValueError(f"cluster.{k} must be in [0, 65535], got {getattr(self, k)}")
+        if not 0 <= self.zmq_port_base < 65536:
+            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], got {self.zmq_port_base}")
 
     @property
     def world_size(self) -> int | None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mmhpc.bench.inputs import ImageItems, build_prompt
+
 
 def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
     from transformers import AutoModelForImageTextToText
@@ -28,7 +30,6 @@ def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
 
 
 def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype):
-    from mmhpc.bench.offline import build_prompt
     ids, pixels, grids = [], [], []
     for r in batch:
         its = items_of(r)
@@ -46,7 +47,6 @@ def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype):
 
 def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: list[int],
            max_requests: int | None, dtype_name: str = "auto") -> dict:
-    from mmhpc.bench.offline import ImageItems
     from mmhpc.models import resolve_dtype
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(dtype_name, device)

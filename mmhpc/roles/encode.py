@@ -11,7 +11,6 @@ evicted least-recently-used when the pool is full.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import OrderedDict
@@ -43,8 +42,6 @@ def decode_image(item: ImageItem):
     from PIL import Image
     if item.format == "rgb":
         return Image.frombytes("RGB", (item.width, item.height), item.data)
-    if item.format == "encoded":
-        return Image.open(io.BytesIO(item.data)).convert("RGB")
     raise ValueError(f"image format {item.format!r} is not supported by the encode role")
 
 

@@ -46,10 +46,6 @@ class EngineClient(abc.ABC):
         and frees its resources."""
 
     @abc.abstractmethod
-    async def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if unknown or finished)."""
-
-    @abc.abstractmethod
     def healthy(self) -> bool:
         """False when the engine is dead or wedged."""
 
@@ -127,9 +123,6 @@ class LocalEngineClient(EngineClient):
             self._queues.pop(request_id, None)
             if not finished:
                 self._cmds.put(("abort", request_id))
-
-    async def abort(self, request_id: str) -> None:
-        self._cmds.put(("abort", request_id))
 
     def healthy(self) -> bool:
         if self._thread is None or not self._thread.is_alive():

@@ -2,7 +2,7 @@
 
 Protocol: register every pool a peer may read (KV cache, embedding buffer) BEFORE taking
 `metadata()`; memory registered later is unknown to peers that loaded the earlier metadata
-(re-publish with `metadata()` + AgentMetadata, then peers call `add_peer` again). A transfer
+(re-publish `metadata()`, then peers call `add_peer` again). A transfer
 is posted by `read`/`write` and completed by `wait(handle, timeout)` (raises TimeoutError and
 releases the request, never waits forever) or polled with `done(handle)`. The remote side
 learns completion through the `notif` bytes (`get_notifs()`).
