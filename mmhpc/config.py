@@ -189,8 +189,19 @@ class TimeoutConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine serves the roles (mmhpc.engine.interface, docs/ENGINE.md)."""
+    backend: str = "native"            # native | transformers (HF model; agg, tp=1 only)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("native", "transformers"):
+            raise ValueError(f"engine.backend must be native|transformers, got {self.backend!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -198,6 +209,14 @@ class Config:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine.backend == "transformers":
+            d = self.deployment
+            if d.name != "agg" or d.aggregated.tp != 1:
+                raise ValueError("engine.backend=transformers serves deployment=agg with "
+                                 "deployment.aggregated.tp=1 only (it implements the "
+                                 "aggregated engine, not prefill/decode/encode, and no TP)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

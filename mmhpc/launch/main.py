@@ -5,7 +5,8 @@ every rank, never a hang):
 1. compose the config (Hydra compose API; no chdir), `--cfg job` prints it, `--dry-run`
    prints the layout table: neither imports torch nor MPI;
 2. MPI (mpi4py; a singleton works), JobEnv, the layout, validated before any model loads;
-3. one rank, aggregated: `mmhpc.server.app.serve(config, LocalEngineClient(LLMEngine))`;
+3. one aggregated instance: `mmhpc.server.app.serve(config, LocalEngineClient(engine))`, the
+   engine from `engine.interface.make_engine` (LLMEngine, or the transformers backend);
 4. otherwise each rank binds its mailbox, makes its NIXL agent, runs `mmhpc.roles.<role>.setup`
    (optional: load the model, register pools), then ONE allgather of (ZeroMQ address, NIXL
    metadata, error), loads the peers' metadata, barrier, and `mmhpc.roles.<role>.run(ctx)`.
@@ -193,7 +194,7 @@ def _serve_aggregated(config, comm, job, info) -> int:
     import asyncio
     try:
         resolve_model_path(config)
-        from mmhpc.engine.engine import LLMEngine
+        from mmhpc.engine.interface import make_engine
         from mmhpc.engine.tp_worker import follow, start_tp, stop_followers
         from mmhpc.server.app import serve
         from mmhpc.server.engine_client import LocalEngineClient
@@ -207,7 +208,7 @@ def _serve_aggregated(config, comm, job, info) -> int:
         follow(config)
         destroy_tp_group()      # gloo's threads joined now, not torn down at interpreter exit
         return 0
-    engine = LLMEngine(config, device=tp.device)   # a failure here: _run aborts the job
+    engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts the job
     try:
         from mmhpc.launch.url_file import write_url_file
         asyncio.run(serve(config, LocalEngineClient(engine), engine.processor,

@@ -1,5 +1,5 @@
-"""What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an LLMEngine in
-its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
+"""What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an engine (an
+`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
 
 Protocol of the engine thread (the only thread that touches the engine):
     loop: drain commands (add / abort / stop; block while idle) → step() → outputs to the
@@ -98,14 +98,12 @@ class LocalEngineClient(EngineClient):
         ids, items = list(prompt_token_ids), list(mm_items)
         # the prefix-cache hashes made here, not in the engine thread's next schedule (it
         # waits on the GPU meanwhile); a long prompt off the event loop
-        hashes = None
-        if self.engine.scheduler.block_manager.enable_prefix_caching:
-            try:
-                hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
-                          if len(ids) > INLINE_HASH_TOKENS
-                          else self.engine.prompt_block_hashes(ids, items))
-            except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
-                hashes = None
+        try:        # None: the engine caches no prefixes
+            hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
+                      if len(ids) > INLINE_HASH_TOKENS
+                      else self.engine.prompt_block_hashes(ids, items))
+        except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
+            hashes = None
         self._cmds.put(("add", request_id, ids, params, items, hashes))
         finished = False
         try:
