@@ -79,19 +79,35 @@ class MediaConfig:
     max_images_per_request: int = 16
 
 
+AUTO = "auto"
+
+
 @dataclass
 class GroupConfig:
-    instances: int = 1
+    instances: Any = 1                 # an int, or "auto": the ranks the other groups leave
     tp: int = 1
     ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.instances < 0 or self.tp < 1 or self.ep < 1:
+        if isinstance(self.instances, str) and self.instances != AUTO:
+            try:
+                self.instances = int(self.instances)
+            except ValueError:
+                raise ValueError(f"instances must be an integer or 'auto', "
+                                 f"got {self.instances!r}") from None
+        if isinstance(self.instances, bool) or not (self.auto or isinstance(self.instances, int)):
+            raise ValueError(f"instances must be an integer or 'auto', got {self.instances!r}")
+        if (not self.auto and self.instances < 0) or self.tp < 1 or self.ep < 1:
             raise ValueError(f"bad group sizes: instances={self.instances} tp={self.tp} ep={self.ep}")
 
     @property
+    def auto(self) -> bool:
+        return self.instances == AUTO
+
+    @property
     def num_ranks(self) -> int:
-        return self.instances * self.tp
+        """Ranks of its instances (`auto`: at least one instance's)."""
+        return (1 if self.auto else self.instances) * self.tp
 
 
 DEPLOYMENT_GROUPS = {   # deployment name -> the groups it uses, in rank order
@@ -110,7 +126,9 @@ class DeploymentConfig:
     encode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     prefill: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
-    frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
+    # rank 0 runs the frontend beside its worker; None (auto, see Config): on GPU clusters yes
+    # (the frontend never takes a GPU of its own), on CPU alone
+    frontend_shares_rank: Optional[bool] = True
     allow_cross_node_instances: bool = False
     # Routing (mmhpc.roles.router): a request whose prompt prefix (or images) an instance
     # holds counts as this many queued requests fewer there; 0: least loaded only.
@@ -124,12 +142,15 @@ class DeploymentConfig:
                              f"got {self.name!r}")
         used = DEPLOYMENT_GROUPS[self.name]
         for g in ("aggregated", "encode", "prefill", "decode"):
-            n = getattr(self, g).instances
-            if g in used and n < 1:
+            gc = getattr(self, g)
+            if g in used and not gc.auto and gc.instances < 1:
                 raise ValueError(f"deployment {self.name} needs deployment.{g}.instances >= 1")
-            if g not in used and n:
+            if g not in used and (gc.auto or gc.instances):
                 raise ValueError(f"deployment {self.name} does not use {g}: "
                                  f"set deployment.{g}.instances=0")
+        auto = [g for g in used if getattr(self, g).auto]
+        if len(auto) > 1:
+            raise ValueError(f"only one group may have instances=auto, got {', '.join(auto)}")
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -144,8 +165,27 @@ class DeploymentConfig:
 
     @property
     def num_ranks(self) -> int:
-        """Ranks the deployment needs: workers, plus rank 0 alone if it does not share."""
+        """Ranks the deployment needs (at least, with an `auto` group): workers, plus rank 0
+        alone if it does not share."""
         return self.num_worker_ranks + (0 if self.frontend_shares_rank else 1)
+
+    @property
+    def auto_group(self) -> str | None:
+        return next((g for g in self.groups if self.group(g).auto), None)
+
+    def fill(self, world_size: int) -> "DeploymentConfig":
+        """A copy whose `auto` group takes the ranks the others leave (itself if none is
+        auto). Raises ValueError (one line) when not one instance of it fits."""
+        g = self.auto_group
+        if g is None:
+            return self
+        gc = self.group(g)
+        left = world_size - (self.num_ranks - gc.tp)
+        if left < gc.tp or left % gc.tp:
+            raise ValueError(f"deployment.{g}.instances=auto: {world_size} ranks leave {left} "
+                             f"for {g} instances of tp={gc.tp}: run with "
+                             f"-n {self.num_ranks - gc.tp + gc.tp * max(1, -(-left // gc.tp))}")
+        return dataclasses.replace(self, **{g: dataclasses.replace(gc, instances=left // gc.tp)})
 
 
 @dataclass
@@ -217,6 +257,9 @@ class Config:
                 raise ValueError("engine.backend=transformers serves deployment=agg with "
                                  "deployment.aggregated.tp=1 only (it implements the "
                                  "aggregated engine, not prefill/decode/encode, and no TP)")
+        if self.deployment.frontend_shares_rank is None:   # auto
+            self.deployment.frontend_shares_rank = (self.deployment.name == "agg"
+                                                    or self.cluster.gpus_per_node > 0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

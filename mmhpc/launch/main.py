@@ -164,6 +164,7 @@ def _run(config) -> int:
                              gpus_per_node=config.cluster.gpus_per_node,
                              **model_heads(config.model.path))
         info = layout[comm.rank]
+        config.deployment = layout.deployment_config     # `auto` instances filled in
         if (info.node, info.local_rank) != (job.node_index, job.local_rank):
             raise LayoutError(f"rank {comm.rank} runs on node {job.node_index} as local rank "
                               f"{job.local_rank}, the layout expects blocks of "
