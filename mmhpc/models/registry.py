@@ -13,8 +13,10 @@ from typing import Any
 
 # InputProcessor's ways of turning one image into placeholders (multimodal/processor.py):
 #   "llava":    a fixed-size image (CLIP crop), num_tokens from the patch grid;
-#   "qwen2_vl": a dynamic grid (smart_resize), num_tokens = t*h*w / merge**2, grid_thw kept.
-PROCESSOR_KINDS = ("llava", "qwen2_vl")
+#   "qwen2_vl": a dynamic grid (smart_resize), num_tokens = t*h*w / merge**2, grid_thw kept;
+#   "hf":       Hugging Face's own processor (AutoProcessor) expands the prompt; each image's
+#               tokens are one run of the image token. Any VLM; pixels only (no embeddings).
+PROCESSOR_KINDS = ("llava", "qwen2_vl", "hf")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,13 @@ def get_family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
+def processor_kind(model_type: str) -> str:
+    """How InputProcessor handles `model_type`: its family's kind; "hf" for a model_type not
+    registered (engine.backend=transformers serves any VLM transformers loads)."""
+    family = FAMILIES.get(model_type)
+    return family.processor if family is not None else "hf"
+
+
 def tiny_families() -> list[str]:
     """model_types that `mmhpc.tools.tiny` can build."""
     return [name for name, f in FAMILIES.items() if f.tiny is not None]
@@ -78,3 +87,4 @@ register(Family("llava", model="mmhpc.models.llava:LlavaForCausalLM", processor=
                 tiny="mmhpc.tools.tiny:LLAVA"))
 register(Family("qwen2_vl", model="mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
                 processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_VL"))
+register(Family("gemma3", model=None, processor="hf", tiny="mmhpc.tools.tiny:GEMMA3"))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mmhpc.multimodal.processor import hf_processor  # noqa: F401  (the oracle's input side)
+
 BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
 
@@ -37,6 +39,7 @@ class TinyFamily:
     processor_files: Callable[[dict], dict[str, dict]]   # sizes -> {file name: json}
     eos_token_id: int | list[int]       # generation_config.json's
     check: Callable[[dict], None] = lambda s: None      # family-specific size rules
+    embed_scale: float = 1.0            # std of embed_tokens x sqrt(hidden) (Gemma scales them)
 
 
 def family_builder(family: str) -> TinyFamily:
@@ -90,6 +93,25 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+GEMMA3_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>",
+                   "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+
+# Gemma-3 style turns; an image part is <start_of_image>, which Gemma3Processor expands to
+# "\n\n<start_of_image>" + <image_soft_token> x mm_tokens_per_image + "<end_of_image>\n\n".
+GEMMA3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<start_of_turn>' }}{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
+    "{{ '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 
 def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
     builder = family_builder(family)
@@ -136,6 +158,16 @@ def _llama_tokenizer(tok) -> dict:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                 extra_special_tokens={"image_token": "<image>"})
+
+
+def _gemma3_tokenizer(tok) -> dict:
+    from tokenizers import processors
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+    return dict(pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                extra_special_tokens={"boi_token": "<start_of_image>",
+                                      "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"})
 
 
 def _qwen_tokenizer(tok) -> dict:
@@ -197,7 +229,32 @@ def _qwen2_vl(s: dict[str, int], vocab_size: int):
     return Qwen2VLForConditionalGeneration(config)
 
 
-def _init_weights(model, seed: int) -> None:
+def _gemma3_image_tokens(s: dict[str, int]) -> int:
+    side = s["image_size"] // s["patch_size"] // 2     # the projector pools 2 x 2 patches
+    return side * side
+
+
+def _gemma3(s: dict[str, int], vocab_size: int):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], head_dim=s["hidden"] // s["heads"],
+        max_position_embeddings=4096, sliding_window=8, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(
+        hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
+        image_size=s["image_size"], patch_size=s["patch_size"], model_type="siglip_vision_model")
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=_gemma3_image_tokens(s),
+        boi_token_index=3, eoi_token_index=4, image_token_index=5, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Gemma3ForConditionalGeneration(config)
+
+
+def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
     HF's default (std 0.02 everywhere) makes every layer a near no-op, so greedy output is a
@@ -212,7 +269,7 @@ def _init_weights(model, seed: int) -> None:
             if p.dim() == 1:
                 continue                     # norms keep 1 / biases keep 0 from HF's init
             if "embed_tokens" in name:
-                std = 1.0
+                std = embed_std
             elif "lm_head" in name:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
@@ -255,6 +312,16 @@ def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
             "processor_config.json": dict(processor_class="Qwen2VLProcessor")}
 
 
+def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
+    size = s["image_size"]
+    image = dict(image_processor_type="Gemma3ImageProcessor", processor_class="Gemma3Processor",
+                 size={"height": size, "width": size}, do_pan_and_scan=False,
+                 **{**_image_common(), "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                    "resample": 2})
+    processor = dict(processor_class="Gemma3Processor", image_seq_length=_gemma3_image_tokens(s))
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
 def _save_processor(builder: TinyFamily, s: dict[str, int], tokenizer, out: Path) -> None:
     tokenizer.chat_template = builder.chat_template
     tokenizer.save_pretrained(out)
@@ -277,6 +344,7 @@ def _portable_configs(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- builds
+
 def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     """Write a complete tiny checkpoint of `family` into `out` (created) and return its path."""
     import torch
@@ -290,7 +358,8 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     vocab_size = len(tokenizer)
     torch.manual_seed(s["seed"])
     model = builder.model(s, vocab_size).float().eval()
-    _init_weights(model, s["seed"])
+    _init_weights(model, s["seed"], builder.embed_scale / s["hidden"] ** 0.5
+                  if builder.embed_scale != 1.0 else 1.0)
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=1, eos_token_id=builder.eos_token_id, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
@@ -336,33 +405,6 @@ def tiny_checkpoint(family: str, **sizes: Any) -> Path:
     return final
 
 
-def hf_processor(path: str | os.PathLike):
-    """HF's own processor for a checkpoint (the oracle's input side).
-
-    `AutoProcessor` needs torchvision for Qwen2-VL (its video processor); where torchvision is
-    missing, an image-only Qwen2VLProcessor (video_processor=None) stands in.
-    """
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except ImportError:
-        if json.loads((Path(path) / "config.json").read_text())["model_type"] != "qwen2_vl":
-            raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return ImageOnlyQwen2VLProcessor(image_processor=AutoImageProcessor.from_pretrained(path),
-                                     tokenizer=tokenizer, video_processor=None,
-                                     chat_template=tokenizer.chat_template)
-
-
 # ------------------------------------------------------------------------------ families
 def _llava_check(s: dict[str, int]) -> None:
     if s["image_size"] % s["patch_size"]:
@@ -388,6 +430,20 @@ QWEN2_VL = TinyFamily(
     model=_qwen2_vl, processor_files=_qwen2_vl_files,
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
     check=_qwen2_vl_check)
+
+
+def _gemma3_check(s: dict[str, int]) -> None:
+    if s["image_size"] % (2 * s["patch_size"]):
+        raise ValueError("gemma3: 2 * patch_size must divide image_size (2 x 2 pooling)")
+
+
+GEMMA3 = TinyFamily(      # served by engine.backend=transformers only (no native model)
+    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0),
+    specials=GEMMA3_SPECIALS, chat_template=GEMMA3_CHAT_TEMPLATE, tokenizer=_gemma3_tokenizer,
+    model=_gemma3, processor_files=_gemma3_files,
+    eos_token_id=[2, 7],     # <eos> and <end_of_turn>, as Gemma-3-it's generation config
+    check=_gemma3_check, embed_scale=2.0)
 
 
 def main(argv: list[str] | None = None) -> None:
