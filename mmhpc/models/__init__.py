@@ -10,6 +10,8 @@ import torch
 FAMILIES = {
     "llava": "mmhpc.models.llava:LlavaForCausalLM",
     "qwen2_vl": "mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
+    "qwen3_vl": "mmhpc.models.qwen3_vl:Qwen3VLForCausalLM",
+    "qwen3_vl_moe": "mmhpc.models.qwen3_vl:Qwen3VLMoeForCausalLM",
 }
 
 

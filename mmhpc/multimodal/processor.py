@@ -15,7 +15,7 @@ from typing import Any
 
 from mmhpc.engine.sequence import MMItem
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")   # all but llava: Qwen grids
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -278,7 +278,7 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
-        if self.family == "qwen2_vl":
+        if self.family != "llava":
             m = self.merge_size
             grid = grid or (1, m, n * m)
             if grid[0] * grid[1] * grid[2] // m**2 != n:
@@ -299,7 +299,7 @@ class InputProcessor:
     def _counted_item(self, image) -> MMItem:
         """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""
         grid = None
-        if self.family == "qwen2_vl":
+        if self.family != "llava":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
         return MMItem(content_hash=image_hash(image), offset=-1,

@@ -1,13 +1,13 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|qwen3_vl|qwen3_vl_moe --out DIR [--layers N ...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
-Token ids (both families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
+Token ids (every family): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
+(llava: 3 = `<image>`; the Qwen families: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_FAMILIES = FAMILIES[1:]        # Qwen tokens, template, processor and M-RoPE
 BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
@@ -29,6 +30,12 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     # qwen2_vl: image_size is the longest side budget: max_pixels = image_size**2.
     "qwen2_vl": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
                      vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0),
+    # qwen3_vl(_moe): DeepStack from the first `vision_layers - 1` ViT layers (2 levels)
+    "qwen3_vl": dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=3,
+                     vision_hidden=32, image_size=128, patch_size=16, vocab=640, seed=0),
+    "qwen3_vl_moe": dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=48,
+                         vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
+                         vocab=640, seed=0, experts=8, top_k=2),
 }
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
@@ -88,8 +95,8 @@ def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
         raise ValueError("vision_hidden must be a multiple of 16 (vision heads of 16 dims)")
     if family == "llava" and s["image_size"] % s["patch_size"]:
         raise ValueError("llava: patch_size must divide image_size")
-    if family == "qwen2_vl" and (s["hidden"] // s["heads"]) % 4:
-        raise ValueError("qwen2_vl: head_dim must be a multiple of 4 (M-RoPE sections)")
+    if family in QWEN_FAMILIES and (s["hidden"] // s["heads"]) % 4:
+        raise ValueError(f"{family}: head_dim must be a multiple of 4 (M-RoPE sections)")
     return out
 
 
@@ -174,6 +181,34 @@ def _qwen2_vl(s: dict[str, int], vocab_size: int):
     return Qwen2VLForConditionalGeneration(config)
 
 
+def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
+    """Qwen3-VL (QK-norm, interleaved M-RoPE, DeepStack); `moe`: every layer's MLP sparse."""
+    import transformers as tf
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=head_dim,
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if moe:
+        text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                    moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+        num_heads=s["vision_hidden"] // 16, patch_size=s["patch_size"], spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, out_hidden_size=s["hidden"], num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(tf, name + "Config")(
+        text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
+        vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return getattr(tf, name + "ForConditionalGeneration")(config)
+
+
 def _init_weights(model, seed: int) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
@@ -194,6 +229,8 @@ def _init_weights(model, seed: int) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
+                std = 1.0 / p.shape[-1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -221,11 +258,12 @@ def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> Non
         vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                       size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                       min_pixels=min_pixels, max_pixels=max_pixels, **common)
-        image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
-                     **vision)
-        video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
-                     do_sample_frames=False, **vision)
-        processor = dict(processor_class="Qwen2VLProcessor")
+        kind = "Qwen2VL" if family == "qwen2_vl" else "Qwen3VL"
+        image = dict(image_processor_type="Qwen2VLImageProcessor",
+                     processor_class=f"{kind}Processor", **vision)
+        video = dict(video_processor_type=f"{kind}VideoProcessor",
+                     processor_class=f"{kind}Processor", do_sample_frames=False, **vision)
+        processor = dict(processor_class=f"{kind}Processor")
         files = {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
     files["processor_config.json"] = processor
     for name, d in files.items():
@@ -258,7 +296,9 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     tokenizer = _train_tokenizer(family, s["vocab"])
     vocab_size = len(tokenizer)
     torch.manual_seed(s["seed"])
-    model = (_llava if family == "llava" else _qwen2_vl)(s, vocab_size).float().eval()
+    build = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl,
+             "qwen3_vl_moe": lambda s, v: _qwen3_vl(s, v, moe=True)}[family]
+    model = build(s, vocab_size).float().eval()
     _init_weights(model, s["seed"])
     if family == "llava":
         gen = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -311,19 +351,22 @@ def tiny_checkpoint(family: str, **sizes: Any) -> Path:
 def hf_processor(path: str | os.PathLike):
     """HF's own processor for a checkpoint (the oracle's input side).
 
-    `AutoProcessor` needs torchvision for Qwen2-VL (its video processor); where torchvision is
-    missing, an image-only Qwen2VLProcessor (video_processor=None) stands in.
+    `AutoProcessor` needs torchvision for the Qwen families (their video processors); where
+    torchvision is missing, an image-only processor (video_processor=None) stands in.
     """
+    import transformers
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
-        if json.loads((Path(path) / "config.json").read_text())["model_type"] != "qwen2_vl":
+        family = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if family not in QWEN_FAMILIES:
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
+    base = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen3VLProcessor
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None
@@ -339,10 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmhpc.tools.tiny", description=__doc__.split("\n")[0])
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("--out", required=True)
-    for name in DEFAULT_SIZES["llava"]:
+    names = dict.fromkeys(n for sizes in DEFAULT_SIZES.values() for n in sizes)
+    for name in names:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                       help="default: llava %d, qwen2_vl %d" % (DEFAULT_SIZES["llava"][name],
-                                                               DEFAULT_SIZES["qwen2_vl"][name]))
+                       help="default: " + ", ".join(f"{f} {d[name]}" for f, d in
+                                                    DEFAULT_SIZES.items() if name in d))
     args = vars(p.parse_args(argv))
     family, out = args.pop("family"), args.pop("out")
     path = build_tiny(family, out, **{k: v for k, v in args.items() if v is not None})
