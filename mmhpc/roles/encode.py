@@ -22,7 +22,7 @@ from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem, ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import EmbeddingsReady
-from mmhpc.roles.embed_pool import EmbeddingPool
+from mmhpc.roles.embed_pool import EmbeddingPool, row_width
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def decode_image(item: ImageItem):
 
 
 def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
-                        max_tokens: int) -> MMItem:
-    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32, by the
+                        max_tokens: int, deepstack: int = 0) -> MMItem:
+    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32 (a
+    DeepStack model's: [n, (1 + deepstack) * hidden], media.load_embeddings), by the
     frontend's own rules: a local file re-checked against media.allowed_local_path and the
     size cap, loaded without pickle code, shape / dtype / hidden size checked, its grid (or the
     default) taken as the frontend did. The content hash must be the frontend's: a file that
@@ -63,7 +64,7 @@ def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
         raise ValueError(f"embeddings file is {len(item.data)} bytes; the limit is {cap}")
     else:
         data = item.data
-    emb = load_embeddings(data, item.path, hidden_size, max_tokens)
+    emb = load_embeddings(data, item.path, hidden_size, max_tokens, deepstack=deepstack)
     mm = processor.embedding_item(emb.processor_input())
     if mm.content_hash != item.content_hash:
         raise ValueError(f"embeddings file {item.path!r} changed since the frontend read it")
@@ -74,12 +75,13 @@ def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
     return mm
 
 
-def media_item(processor, item: ImageItem, config, hidden_size: int) -> MMItem:
+def media_item(processor, item: ImageItem, config, hidden_size: int,
+               deepstack: int = 0) -> MMItem:
     """An ImageItem → MMItem ready for the engine: an image preprocessed (pixel values, grid)
     or an embeddings file loaded (see load_embedding_item). Offset from the item."""
     if item.format in EMBEDDING_FORMATS:
         return load_embedding_item(processor, item, config.media, hidden_size,
-                                   config.model.max_model_len)
+                                   config.model.max_model_len, deepstack)
     mm = processor.image_item(decode_image(item))
     mm.offset = item.offset
     return mm
@@ -93,7 +95,9 @@ class EncodeWorker(Worker):
         self.processor = self.engine.processor
         runner = self.engine.runner
         self.hidden_size = runner.model.text_config.hidden_size
-        self.pool = EmbeddingPool(self.hidden_size, runner.dtype, device=ctx.device)
+        self.deepstack = getattr(runner.model, "deepstack_levels", 0)
+        self.row_width = row_width(runner.model)       # embeddings + DeepStack blocks
+        self.pool = EmbeddingPool(self.row_width, runner.dtype, device=ctx.device)
         self.pool_descs = ctx.nixl.register(self.pool.tensor)
         self.dtype = str(runner.dtype).removeprefix("torch.")
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -161,7 +165,8 @@ class EncodeWorker(Worker):
     def _mm_item(self, it: ImageItem) -> MMItem:
         if it.format in EMBEDDING_FORMATS:
             return load_embedding_item(self.processor, it, self.ctx.config.media,
-                                       self.hidden_size, self.ctx.config.model.max_model_len)
+                                       self.hidden_size, self.ctx.config.model.max_model_len,
+                                       self.deepstack)
         item = self.processor.image_item(decode_image(it))
         if item.num_tokens != it.num_tokens:
             raise ValueError(f"image has {item.num_tokens} tokens here, the frontend counted "
@@ -169,7 +174,7 @@ class EncodeWorker(Worker):
         return item
 
     def _store(self, content_hash: str, item: MMItem) -> None:
-        emb = item.embeddings                                     # [n, hidden]
+        emb = item.embeddings                                     # [n, row_width]
         start = self.pool.alloc(emb.shape[0])
         while start is None and self._evict_one():
             start = self.pool.alloc(emb.shape[0])
@@ -201,7 +206,7 @@ class EncodeWorker(Worker):
             view = self.pool.rows(e.start, e.num_rows)
             self.send(req.prefill_rank, EmbeddingsReady(
                 req.request_id, it.content_hash, self.ctx.nixl.descs(view), e.num_rows,
-                self.hidden_size, self.dtype, self.rank, e.grid_thw,
+                self.row_width, self.dtype, self.rank, e.grid_thw,
                 getattr(self.processor, "merge_size", 1)))
 
     def _unpin(self, request_id: str, hashes: list[str] | None) -> None:
