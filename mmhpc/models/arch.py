@@ -75,6 +75,7 @@ def _qwen3_vl(text: dict, moe: bool) -> dict:
             vision_end_token_id=151653, tie_word_embeddings=False,
             text_config=dict(
                 attention_bias=False, bos_token_id=151643, eos_token_id=151645, head_dim=128,
+                tie_word_embeddings=False,                # the text config's default ties
                 hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
                 vocab_size=151936, rope_theta=5000000, dtype="bfloat16",
                 rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20],

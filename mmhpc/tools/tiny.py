@@ -192,7 +192,7 @@ def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
                          "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     if moe:
         text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
                     moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
