@@ -25,7 +25,9 @@ def moe_forward(block, x: torch.Tensor) -> torch.Tensor:
     mine = (local >= 0) & (local < L)
     local = torch.where(mine, local, L)                   # another rank's: the tail, no group
     order = torch.argsort(local, stable=True)             # pairs grouped by expert
-    offs = torch.bincount(local, minlength=L + 1)[:L].cumsum(0).to(torch.int32)   # [L] ends
+    counts = torch.zeros(L + 1, dtype=torch.int32, device=x.device).index_add_(
+        0, local, torch.ones_like(local, dtype=torch.int32))    # (bincount syncs on CUDA)
+    offs = counts[:L].cumsum(0, dtype=torch.int32)                                  # [L] ends
     xs = x.index_select(0, order // k)                                                  # [Tk, H]
     gate_up = torch._grouped_mm(xs, block.experts.gate_up_proj.transpose(1, 2), offs=offs)
     y = torch._grouped_mm(kernels.silu_and_mul(gate_up), block.experts.down_proj.transpose(1, 2),
