@@ -119,18 +119,8 @@ def weight_bytes(model) -> dict:
 
 # ------------------------------------------------------------------------------ parts
 def ceilings(args) -> None:
-    from mmhpc.bench.cuda_timing import cuda_time
-    F = torch.nn.functional
-    n, k = 32768, 8192
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    i = [0]
-
-    def gemv():
-        i[0] = (i[0] + 1) % 3
-        F.linear(x, ws[i[0]])
-    gemv_tbps = n * k * 2 / min(cuda_time(gemv, 50) for _ in range(3)) / 1e9
-    free(ws)
+    from mmhpc.bench.cuda_timing import cuda_time, gemv_read_tbps
+    gemv_tbps = gemv_read_tbps()
     big = torch.randn(2 * 1024 ** 3, device="cuda", dtype=torch.bfloat16)
     sum_tbps = big.numel() * 2 / cuda_time(lambda: big.sum(), 10) / 1e9
     free(big)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from mmhpc.distributed.parallel import ParallelLMHead
-from mmhpc.models.layers import Decoder, cat_to_device
-from mmhpc.models.qwen2_vl import WEIGHT_RULES, Qwen2VLForCausalLM, image_tokens  # noqa: F401
+from mmhpc.models.layers import Decoder
+from mmhpc.models.qwen2_vl import WEIGHT_RULES, Qwen2VLForCausalLM  # noqa: F401
 
 
 def deepstack_levels(config) -> int:
@@ -22,7 +22,8 @@ def deepstack_levels(config) -> int:
 
 
 class Qwen3VLForCausalLM(Qwen2VLForCausalLM):
-    """Qwen2-VL's M-RoPE positions, warm-up images and forward; its own ViT and decoder."""
+    """Qwen2-VL's M-RoPE positions, encode (bundles), warm-up images and forward; its own
+    ViT and decoder."""
 
     def __init__(self, config, make_mlp=None):
         torch.nn.Module.__init__(self)
@@ -36,17 +37,6 @@ class Qwen3VLForCausalLM(Qwen2VLForCausalLM):
                                       o_bias=getattr(config.text_config, "attention_bias", False),
                                       qk_norm=True, make_mlp=make_mlp)
         self.lm_head = ParallelLMHead(config.text_config.hidden_size, config.text_config.vocab_size)
-
-    @torch.inference_mode()
-    def encode(self, mm_items) -> list[torch.Tensor]:
-        """All items' patches in one ViT call → per item `[n, (1 + L) * hidden]` bundles."""
-        dtype = next(self.visual.parameters()).dtype
-        device = self.lm_head.weight.device
-        pixels = cat_to_device([it.pixel_values for it in mm_items], device, dtype)
-        grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
-        out = self.visual(pixels, grid_thw=grid, return_dict=True)
-        bundle = torch.cat([out.pooler_output, *out.deepstack_features], dim=1)  # [N, (1+L)H]
-        return list(bundle.split([image_tokens(self.config, it.grid_thw) for it in mm_items]))
 
 
 class Qwen3VLMoeForCausalLM(Qwen3VLForCausalLM):
