@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mmhpc.bench.inputs import ImageItems, build_prompt
+
 
 def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
     from transformers import AutoModelForImageTextToText
@@ -33,9 +35,8 @@ def takes_token_types(model) -> bool:
     return "mm_token_type_ids" in inspect.signature(model.forward).parameters
 
 
-def hf_inputs(batch, items_of, image_token_id: int, family: str, device, dtype,
+def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype,
               token_types: bool = False):
-    from mmhpc.bench.offline import build_prompt
     ids, pixels, grids = [], [], []
     for r in batch:
         its = items_of(r)
@@ -46,7 +47,7 @@ def hf_inputs(batch, items_of, image_token_id: int, family: str, device, dtype,
               attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long, device=device))
     if pixels:
         kw["pixel_values"] = torch.cat(pixels).to(device=device, dtype=dtype)
-        if family != "llava":                        # the Qwen families: grids, token types
+        if kind == "qwen2_vl":
             kw["image_grid_thw"] = torch.tensor(grids, device=device)
             if token_types:
                 kw["mm_token_type_ids"] = (kw["input_ids"] == image_token_id).int()
@@ -55,7 +56,6 @@ def hf_inputs(batch, items_of, image_token_id: int, family: str, device, dtype,
 
 def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: list[int],
            max_requests: int | None, dtype_name: str = "auto") -> dict:
-    from mmhpc.bench.offline import ImageItems
     from mmhpc.models import resolve_dtype
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(dtype_name, device)
@@ -76,7 +76,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
     gen = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
     with torch.inference_mode():                   # warm-up: kernels, allocator
         model.generate(**hf_inputs(requests[:1], items_of, images.image_token_id,
-                                   images.family, device, dtype, types),
+                                   images.kind, device, dtype, types),
                        **{**gen, "max_new_tokens": 2,
                                                                      "min_new_tokens": 2})
     rows = []
@@ -90,7 +90,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
             with torch.inference_mode():
                 for i in range(0, len(todo), bs):          # preprocessing is inside the timing
                     kw = hf_inputs(todo[i:i + bs], items_of, images.image_token_id,
-                                   images.family, device, dtype, types)
+                                   images.kind, device, dtype, types)
                     res = model.generate(**kw, **gen)
                     num_out += (res.shape[1] - kw["input_ids"].shape[1]) * res.shape[0]
             sync()

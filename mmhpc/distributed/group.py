@@ -27,13 +27,15 @@ class TPGroup:
     cpu_group: Any = None             # gloo: step broadcasts
     device: str = "cpu"
     initialized: bool = field(default=False, repr=False)
+    ep: int = 1                       # expert-parallel groups (MoE layers; see models/moe.py)
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
     def __repr__(self) -> str:
-        return f"TPGroup(rank={self.rank}/{self.size}, device={self.device})"
+        ep = f", ep={self.ep}" if self.ep > 1 else ""
+        return f"TPGroup(rank={self.rank}/{self.size}{ep}, device={self.device})"
 
     # ---- collectives (no-ops at size 1) --------------------------------------------------
     def all_reduce(self, x):
@@ -51,6 +53,28 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def all_to_all(self, x, out_splits: list[int] | None = None,
+                   in_splits: list[int] | None = None):
+        """Rows of `x` [sum(in_splits), ...] to the ranks (in_splits[j] rows to rank j); returns
+        [sum(out_splits), ...] (out_splits[j] rows from rank j). No splits: equal shares."""
+        import torch
+        import torch.distributed as dist
+        rows = sum(out_splits) if out_splits is not None else x.shape[0]
+        out = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        return out
+
+    def all_gather_rows(self, x, total: int):
+        """Each rank's share x [<= ceil(total / size), ...] (rank order) -> [total, ...]."""
+        import torch
+        import torch.distributed as dist
+        share = -(-total // self.size)
+        if x.shape[0] < share:
+            x = torch.cat([x, x.new_zeros((share - x.shape[0],) + tuple(x.shape[1:]))])
+        out = x.new_empty((share * self.size,) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out[:total]
 
     def broadcast_object(self, obj: Any = None) -> Any:
         """The leader's `obj` on every rank (over the gloo cpu group)."""

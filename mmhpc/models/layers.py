@@ -280,11 +280,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, bias: bool = False):
+    """SwiGLU MLP, TP-split; `reduce=False` returns this rank's partial sum (see MoE)."""
+
+    def __init__(self, cfg, bias: bool = False, reduce: bool = True):
         super().__init__()
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias,
+                                           reduce=reduce)
         self.act = _act(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

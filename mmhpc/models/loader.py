@@ -3,7 +3,9 @@
 Each family lists prefix rewrites from checkpoint names (HF 5.x `model.language_model.…`,
 legacy `language_model.model.…`) to its own parameter names. Tensors are read through
 `safe_open(...).get_slice`, so a tensor-parallel rank reads only its shard: a parameter that
-carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one.
+carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one;
+one that carries `weight_loader(slice_) -> tensor` reads its own part (MoE experts: only
+this rank's experts).
 """
 from __future__ import annotations
 
@@ -50,9 +52,13 @@ def _read_shard(slice_, param: torch.Tensor, shard) -> torch.Tensor:
 
 def _read(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     global bytes_read
-    shard = getattr(param, "tp_shard", None)
-    tensor = _read_shard(slice_, param, shard) if shard is not None \
-        else _read_dim(slice_, param, tp_rank, tp_size)
+    shard, own = getattr(param, "tp_shard", None), getattr(param, "weight_loader", None)
+    if own is not None:                  # the parameter reads its own part (MoE experts)
+        tensor = own(slice_)
+    elif shard is not None:
+        tensor = _read_shard(slice_, param, shard)
+    else:
+        tensor = _read_dim(slice_, param, tp_rank, tp_size)
     bytes_read += tensor.numel() * tensor.element_size()
     return tensor
 

@@ -2,7 +2,7 @@
 
 Encode writes image embedding bundles here (peers READ them); prefill lands its READs here.
 The tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
-A row is `row_width(model)` wide: an image's DeepStack features ride in its embedding rows,
+A row is `row_width(engine)` wide: an image's DeepStack features ride in its embedding rows,
 so one registration and one READ move them all.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 DEFAULT_POOL_MB = 64
 
 
-def row_width(model) -> int:
-    """One image token's row of an embedding bundle: the hidden size, times 1 + the model's
+def row_width(engine) -> int:
+    """One image token's row of an embedding bundle: the hidden size, times 1 + the engine's
     DeepStack levels (Qwen3-VL's per-layer features travel in the same row)."""
-    return model.text_config.hidden_size * (1 + getattr(model, "deepstack_levels", 0))
+    return engine.hidden_size * (1 + engine.deepstack_levels)
 
 
 class EmbeddingPool:

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
+from mmhpc.multimodal.image_items import media_item
 from mmhpc.roles.embed_pool import EmbeddingPool, row_width
-from mmhpc.roles.encode import media_item
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,16 @@ class _Read:
 class PrefillWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "prefill", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
-        model = self.engine.runner.model
-        self.hidden_size = model.text_config.hidden_size
-        self.deepstack = getattr(model, "deepstack_levels", 0)
+        self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
-            runner = self.engine.runner
-            self.landing = EmbeddingPool(row_width(model), runner.dtype, device=ctx.device)
+            self.landing = EmbeddingPool(row_width(self.engine), self.engine.dtype,
+                                         device=ctx.device)
             ctx.nixl.register(self.landing.tensor)
         self.requests: dict[str, PrefillRequest] = {}    # waiting for embeddings or in engine
         self.deadlines: dict[str, float] = {}            # stage deadline per request
@@ -93,7 +92,8 @@ class PrefillWorker(Worker):
         if req.encode_rank < 0:
             try:
                 items = [media_item(self.processor, img, self.ctx.config, self.hidden_size,
-                                    self.deepstack) for img in req.images]
+                                    self.deepstack)
+                         for img in req.images]
             except Exception as e:  # noqa: BLE001
                 self._fail(rid, f"cannot prepare image: {type(e).__name__}: {e}")
                 return
@@ -159,7 +159,7 @@ class PrefillWorker(Worker):
                 if done or failed:
                     self.landing.free(r.start, n)
                 elif now > r.deadline:          # the grace is over too
-                    self.ctx.nixl._release(r.handle)
+                    self.ctx.nixl.release(r.handle)
                     self.landing.free(r.start, n)
                     log.warning("prefill rank %d: an embedding READ of %s still in flight after "
                                 "another %.0f s; its landing rows go back", self.rank,
