@@ -1,6 +1,6 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl|... --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|qwen3_vl|... --out DIR [--layers N ...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
@@ -246,6 +246,36 @@ def _qwen2_vl(s: dict[str, int], vocab_size: int):
     return Qwen2VLForConditionalGeneration(config)
 
 
+def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
+    """Qwen3-VL (QK-norm, interleaved M-RoPE, DeepStack from the first `vision_layers - 1` ViT
+    layers); `moe`: every layer's MLP sparse (`experts`, `top_k`)."""
+    import transformers as tf
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=head_dim,
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                    moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        patch_size=s["patch_size"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        out_hidden_size=s["hidden"], num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(tf, name + "Config")(
+        text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
+        vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return getattr(tf, name + "ForConditionalGeneration")(config)
+
+
 def _gemma3_image_tokens(s: dict[str, int]) -> int:
     side = s["image_size"] // s["patch_size"] // 2     # the projector pools 2 x 2 patches
     return side * side
@@ -291,6 +321,8 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
+                std = 1.0 / p.shape[-1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -446,6 +478,22 @@ QWEN2_VL = TinyFamily(
     specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
     model=_qwen2_vl, processor_files=_qwen2_vl_files,
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
+    check=_qwen2_vl_check)
+
+
+_QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
+                       vocab=640, seed=0)
+QWEN3_VL = TinyFamily(
+    sizes=_QWEN3_VL_SIZES, specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=_qwen3_vl,
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expert layout loads)
+    sizes={**_QWEN3_VL_SIZES, "intermediate": 48, "experts": 8, "top_k": 2},
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 
 
