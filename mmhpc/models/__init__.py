@@ -10,6 +10,7 @@ import torch
 FAMILIES = {
     "llava": "mmhpc.models.llava:LlavaForCausalLM",
     "qwen2_vl": "mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
+    "llama4": "mmhpc.models.llama4:Llama4ForCausalLM",
 }
 
 

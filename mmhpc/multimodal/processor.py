@@ -3,7 +3,8 @@
 Loads only the tokenizer and the image processor config of a Hugging Face checkpoint (no
 weights). The ids match HF's own processor (`AutoProcessor(text=..., images=...)`) token for
 token: each placeholder token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL) becomes
-`num_tokens` copies of itself, starting at `MMItem.offset`.
+`num_tokens` copies of itself, starting at `MMItem.offset`; Llama-4's `<|image|>` becomes the
+image's whole tiled span (mmhpc/multimodal/tiles.py), `grid_thw = (1, rows, cols)`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from mmhpc.engine.sequence import MMItem
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llama4")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -191,8 +192,19 @@ class InputProcessor:
         if self.family not in FAMILIES:
             raise ValueError(f"{self.path}: model_type {self.family!r} is not one of {FAMILIES}")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.image_processor = AutoImageProcessor.from_pretrained(self.path)
         proc_cfg = _read_json(self.path / "processor_config.json")
+        self.tiles = None
+        if self.family == "llama4":          # HF's processor needs torchvision: tiles.py
+            from mmhpc.multimodal import tiles
+            self.image_processor = None
+            self.tiles = tiles.TileConfig.from_files(
+                _read_json(self.path / "preprocessor_config.json"), proc_cfg)
+            self.image_token = "<|image|>"
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            self.span_tokens = {t: self.tokenizer.convert_tokens_to_ids(t) for t in tiles.SPECIAL}
+            self.eos_token_ids = self._eos_ids(config)
+            return
+        self.image_processor = AutoImageProcessor.from_pretrained(self.path)
         if self.family == "llava":
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
@@ -234,6 +246,10 @@ class InputProcessor:
 
     # ---------------------------------------------------------------- images
     def num_image_tokens(self, width: int, height: int) -> int:
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            return tiles.span_length(*tiles.tile_grid(height, width, self.tiles),
+                                     self.tiles.tokens_per_tile)
         if self.family == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
@@ -254,6 +270,12 @@ class InputProcessor:
         return h // self.patch_size, w // self.patch_size
 
     def _image_item(self, image) -> MMItem:
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=tiles.span_length(rows, cols, self.tiles.tokens_per_tile),
+                          grid_thw=(1, rows, cols), pixel_values=pixel_values)
         out = preprocess_image(self.image_processor, image, self.family)
         pixel_values = out["pixel_values"]
         if self.family == "llava":
@@ -278,6 +300,11 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = grid or (1, 1, 1)
+            if tiles.span_length(grid[1], grid[2], self.tiles.tokens_per_tile) != n:
+                raise ValueError(f"grid_thw {grid} (1, tile rows, tile cols) does not span {n} tokens")
         if self.family == "qwen2_vl":
             m = self.merge_size
             grid = grid or (1, m, n * m)
@@ -302,6 +329,9 @@ class InputProcessor:
         if self.family == "qwen2_vl":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
+        elif self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = (1, *tiles.tile_grid(image.height, image.width, self.tiles))
         return MMItem(content_hash=image_hash(image), offset=-1,
                       num_tokens=self.num_image_tokens(image.width, image.height), grid_thw=grid)
 
@@ -322,10 +352,18 @@ class InputProcessor:
         for pos, item in zip(positions, items):
             out += ids[start:pos]
             item.offset = len(out)
-            out += [self.image_token_id] * item.num_tokens
+            out += self.placeholder_ids(item)
             start = pos + 1
         out += ids[start:]
         return out, items
+
+    def placeholder_ids(self, item: MMItem) -> list[int]:
+        """The prompt tokens an item occupies (Llama-4: its tiled span)."""
+        if self.tiles is None:
+            return [self.image_token_id] * item.num_tokens
+        from mmhpc.multimodal import tiles
+        return tiles.span_ids(item.grid_thw[1], item.grid_thw[2], self.tiles.tokens_per_tile,
+                              self.span_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

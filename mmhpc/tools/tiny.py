@@ -1,13 +1,18 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llama4|llama4_scout --out DIR [--layers N ...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
 Token ids (both families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
+(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6; llama4: see
+LLAMA4_SPECIALS, `<|patch|>` = 8).
+
+llama4 is Maverick-like (MoE every `moe_step`=2 layers, dense between), llama4_scout is
+Scout-like (every layer MoE); both with 4 experts, a NoPE layer every 4th, attention chunks of
+16 tokens and temperature tuning from position 8 on, so short tests cross all of them.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "llama4", "llama4_scout")
 BUILD_VERSION = 2   # bump when the builder's output changes: cached builds are keyed on it
 
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
@@ -29,9 +34,18 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     # qwen2_vl: image_size is the longest side budget: max_pixels = image_size**2.
     "qwen2_vl": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
                      vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0),
+    # llama4: image_size is one tile's side; max_tiles tiles at most (+ a global view)
+    "llama4": dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+                   vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, experts=4,
+                   moe_step=2, chunk=16, max_tiles=4),
 }
+DEFAULT_SIZES["llama4_scout"] = dict(DEFAULT_SIZES["llama4"], moe_step=1)
+MODEL_TYPES = {"llama4_scout": "llama4"}     # tiny family -> config.json model_type
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
+LLAMA4_SPECIALS = ["<|finetune_right_pad|>", "<|begin_of_text|>", "<|eot|>", "<|header_start|>",
+                   "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                   "<|tile_x_separator|>", "<|tile_y_separator|>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
                      "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -72,6 +86,19 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+# Llama-4's own template, without tools: <|begin_of_text|> then one header + <|eot|> a message.
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] in ('image', 'image_url', 'input_image') %}<|image|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
 def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -88,6 +115,9 @@ def _sizes(family: str, sizes: dict[str, Any]) -> dict[str, int]:
         raise ValueError("vision_hidden must be a multiple of 16 (vision heads of 16 dims)")
     if family == "llava" and s["image_size"] % s["patch_size"]:
         raise ValueError("llava: patch_size must divide image_size")
+    if family.startswith("llama4") and (s["image_size"] % s["patch_size"] or
+                                        (s["image_size"] // s["patch_size"]) % 2):
+        raise ValueError("llama4: patch_size must divide image_size an even number of times")
     if family == "qwen2_vl" and (s["hidden"] // s["heads"]) % 4:
         raise ValueError("qwen2_vl: head_dim must be a multiple of 4 (M-RoPE sections)")
     return out
@@ -100,7 +130,7 @@ def _train_tokenizer(family: str, vocab: int):
 
     from mmhpc.tools.corpus import corpus_lines
 
-    specials = LLAVA_SPECIALS if family == "llava" else QWEN2_VL_SPECIALS
+    specials = {"llava": LLAVA_SPECIALS, "qwen2_vl": QWEN2_VL_SPECIALS}.get(family, LLAMA4_SPECIALS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -112,6 +142,10 @@ def _train_tokenizer(family: str, vocab: int):
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
         kw = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                   extra_special_tokens={"image_token": "<image>"})
+    elif family.startswith("llama4"):   # the chat template writes <|begin_of_text|>
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        kw = dict(pad_token="<|finetune_right_pad|>", bos_token="<|begin_of_text|>",
+                  eos_token="<|eot|>", extra_special_tokens={"image_token": "<|image|>"})
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         kw = dict(pad_token="<|endoftext|>", bos_token="<|bos|>", eos_token="<|im_end|>",
@@ -174,6 +208,35 @@ def _qwen2_vl(s: dict[str, int], vocab_size: int):
     return Qwen2VLForConditionalGeneration(config)
 
 
+def _llama4(s: dict[str, int], vocab_size: int):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 2,
+        intermediate_size_mlp=s["intermediate"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=head_dim,
+        num_local_experts=s["experts"], num_experts_per_tok=1,
+        interleave_moe_layer_step=s["moe_step"], attention_chunk_size=s["chunk"],
+        no_rope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=8, attn_scale=0.5, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="llama4_text")
+    vision = dict(
+        hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
+        image_size=s["image_size"], patch_size=s["patch_size"], vision_output_dim=s["hidden"],
+        projector_input_dim=s["hidden"], projector_output_dim=s["hidden"],
+        pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        model_type="llama4_vision_model")
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=5,
+                          eoi_token_index=6, image_token_index=8, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Llama4ForConditionalGeneration(config)
+
+
 def _init_weights(model, seed: int) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
@@ -194,6 +257,8 @@ def _init_weights(model, seed: int) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
+                std = 1.0 / p.shape[1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -201,7 +266,8 @@ def _init_weights(model, seed: int) -> None:
 
 # ---------------------------------------------------------------------- processor files
 def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> None:
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = {"llava": LLAVA_CHAT_TEMPLATE, "qwen2_vl": QWEN2_VL_CHAT_TEMPLATE
+                               }.get(family, LLAMA4_CHAT_TEMPLATE)
     tokenizer.save_pretrained(out)
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     common = dict(do_convert_rgb=True, do_resize=True, do_rescale=True, rescale_factor=1 / 255,
@@ -214,6 +280,14 @@ def _save_processor(family: str, s: dict[str, int], tokenizer, out: Path) -> Non
         processor = dict(processor_class="LlavaProcessor", patch_size=s["patch_size"],
                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
                          image_token="<image>")
+        files = {"preprocessor_config.json": image}
+    elif family.startswith("llama4"):
+        side = {"height": s["image_size"], "width": s["image_size"]}
+        image = dict(image_processor_type="Llama4ImageProcessor", processor_class="Llama4Processor",
+                     size=side, max_patches=s["max_tiles"], resize_to_max_canvas=False,
+                     **{**common, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 2})
+        processor = dict(processor_class="Llama4Processor", patch_size=s["patch_size"],
+                         pixel_shuffle_ratio=0.5)
         files = {"preprocessor_config.json": image}
     else:
         unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
@@ -258,9 +332,10 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     tokenizer = _train_tokenizer(family, s["vocab"])
     vocab_size = len(tokenizer)
     torch.manual_seed(s["seed"])
-    model = (_llava if family == "llava" else _qwen2_vl)(s, vocab_size).float().eval()
+    build = {"llava": _llava, "qwen2_vl": _qwen2_vl}.get(family, _llama4)
+    model = build(s, vocab_size).float().eval()
     _init_weights(model, s["seed"])
-    if family == "llava":
+    if family != "qwen2_vl":
         gen = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     else:   # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
         gen = dict(bos_token_id=1, eos_token_id=[2, 0], pad_token_id=0)
@@ -339,10 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmhpc.tools.tiny", description=__doc__.split("\n")[0])
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("--out", required=True)
-    for name in DEFAULT_SIZES["llava"]:
+    for name in dict.fromkeys(k for sizes in DEFAULT_SIZES.values() for k in sizes):
+        defaults = ", ".join(f"{f} {d[name]}" for f, d in DEFAULT_SIZES.items() if name in d)
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                       help="default: llava %d, qwen2_vl %d" % (DEFAULT_SIZES["llava"][name],
-                                                               DEFAULT_SIZES["qwen2_vl"][name]))
+                       help=f"default: {defaults}")
     args = vars(p.parse_args(argv))
     family, out = args.pop("family"), args.pop("out")
     path = build_tiny(family, out, **{k: v for k, v in args.items() if v is not None})
