@@ -48,6 +48,7 @@ class RankInfo:
     local_rank: int
     device: int                # CUDA device index; -1: CPU
     hosts_frontend: bool = False
+    ep: int = 1                # expert-parallel groups of the instance (MoE layers)
 
     @property
     def is_instance_leader(self) -> bool:
@@ -56,8 +57,9 @@ class RankInfo:
     def __repr__(self) -> str:
         role = f"{FRONTEND}+{self.role}" if self.hosts_frontend and self.role != FRONTEND \
             else self.role
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
         return (f"rank={self.rank}({self.world_size}) role={role} inst={self.instance} "
-                f"tp_rank={self.rank_in_instance}/{self.tp} node={self.node} "
+                f"tp_rank={self.rank_in_instance}/{self.tp}{ep} node={self.node} "
                 f"local={self.local_rank} dev={self.device if self.device >= 0 else 'cpu'}")
 
 
@@ -101,13 +103,17 @@ class Layout:
 
     def table(self) -> str:
         head = ("rank", "node", "local", "device", "role", "instance", "tp_rank")
+        with_ep = any(r.ep > 1 for r in self.ranks)       # "ep_group": experts' group/ep
+        head += ("ep_group",) if with_ep else ()
         rows = [head]
         for r in self.ranks:
             role = f"{FRONTEND}+{r.role}" if r.hosts_frontend and r.role != FRONTEND else r.role
             rows.append((str(r.rank), str(r.node), str(r.local_rank),
                          "cpu" if r.device < 0 else str(r.device), role,
                          "-" if r.instance < 0 else str(r.instance),
-                         "-" if r.instance < 0 else f"{r.rank_in_instance}/{r.tp}"))
+                         "-" if r.instance < 0 else f"{r.rank_in_instance}/{r.tp}")
+                        + ((f"{r.rank_in_instance // (r.tp // r.ep)}/{r.ep}" if r.ep > 1 else "-",)
+                           if with_ep else ()))
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         return (f"deployment={self.deployment} world_size={self.world_size} "
@@ -124,14 +130,16 @@ def describe(dep: DeploymentConfig) -> str:
     parts = [] if dep.frontend_shares_rank else ["1 frontend"]
     for g in dep.groups:
         gc = dep.group(g)
-        parts.append(f"{gc.instances} {g}" + (f"×tp{gc.tp}" if g in _TP_GROUPS or gc.tp > 1 else ""))
+        parts.append(f"{gc.instances} {g}" + (f"×tp{gc.tp}" if g in _TP_GROUPS or gc.tp > 1 else "")
+                     + (f"ep{gc.ep}" if gc.ep > 1 else ""))
     return " + ".join(parts)
 
 
 def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConfig, *,
                 gpus_per_node: int = 0, num_heads: int | None = None,
-                num_kv_heads: int | None = None) -> Layout:
-    """Every rank's role; raises LayoutError (one line) when the deployment cannot fit."""
+                num_kv_heads: int | None = None, num_experts: int | None = None) -> Layout:
+    """Every rank's role; raises LayoutError (one line) when the deployment cannot fit.
+    `num_experts`: the model's routed experts per MoE layer (0: a dense model)."""
     dep = deployment
     if world_size < 1 or ranks_per_node < 1:
         raise LayoutError(f"world size and ranks per node must be >= 1, got {world_size}, "
@@ -143,6 +151,7 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     # More ranks than GPUs on a node: ranks share GPUs round-robin (local rank % GPUs), e.g.
     # E/P/D's 4 ranks on one GPU; a TP instance still needs one GPU per rank (checked below).
     _check_heads(dep, num_heads, num_kv_heads)
+    _check_experts(dep, num_experts)
 
     need = dep.num_ranks
     if need != world_size:
@@ -162,7 +171,7 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
 
     num_nodes = world_size // ranks_per_node
     free = [ranks_per_node] * num_nodes          # free ranks left per node
-    slots: list[tuple[int, str, int, int, int]] = []   # (rank, role, inst, tp_rank, tp)
+    slots: list[tuple[int, str, int, int, int, int]] = []   # (rank, role, inst, tp_rank, tp, ep)
 
     def take(n: int, what: str) -> int:
         """First rank of n consecutive free ranks that don't straddle nodes."""
@@ -194,20 +203,20 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
 
     if not dep.frontend_shares_rank:
         take(1, FRONTEND)
-        slots.append((0, FRONTEND, -1, 0, 1))
+        slots.append((0, FRONTEND, -1, 0, 1, 1))
     for g in dep.groups:
         gc = dep.group(g)
         for inst in range(gc.instances):
             start = take(gc.tp, f"{g} instance {inst}")
-            slots += [(start + i, g, inst, i, gc.tp) for i in range(gc.tp)]
+            slots += [(start + i, g, inst, i, gc.tp, gc.ep) for i in range(gc.tp)]
 
     slots.sort()
     ranks = [RankInfo(rank=r, world_size=world_size, role=role, instance=inst,
                       rank_in_instance=tp_rank, tp=tp, node=r // ranks_per_node,
                       local_rank=r % ranks_per_node,
                       device=(r % ranks_per_node) % gpus_per_node if gpus_per_node else -1,
-                      hosts_frontend=(r == 0))
-             for r, role, inst, tp_rank, tp in slots]
+                      hosts_frontend=(r == 0), ep=ep)
+             for r, role, inst, tp_rank, tp, ep in slots]
     if gpus_per_node:
         per_instance: dict[tuple[str, int], list[RankInfo]] = {}
         for info in ranks:
@@ -222,6 +231,28 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     layout = Layout(world_size, ranks_per_node, dep.name, ranks)
     layout._validate()
     return layout
+
+
+def _check_experts(dep: DeploymentConfig, num_experts: int | None) -> None:
+    """ep (TensorRT-LLM's moe_expert_parallel_size) splits an instance's tp ranks into ep
+    groups of whole experts: it must divide tp and the experts; a dense model takes ep=1."""
+    for g in dep.groups:
+        gc = dep.group(g)
+        if gc.ep == 1:
+            continue
+        if g not in _TP_GROUPS:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep}: the {g} group runs no MoE layers, "
+                              f"use ep=1")
+        if gc.tp % gc.ep:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} does not divide deployment.{g}.tp="
+                              f"{gc.tp}: ep groups split the instance's tp ranks")
+        if num_experts == 0:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} needs a mixture-of-experts model; this "
+                              f"one is dense: use ep=1")
+        if num_experts and num_experts % gc.ep:
+            ok = [e for e in range(1, gc.tp + 1) if gc.tp % e == 0 and num_experts % e == 0]
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} does not divide the model's "
+                              f"{num_experts} experts: use ep in {ok}")
 
 
 def _check_heads(dep: DeploymentConfig, num_heads: int | None, num_kv_heads: int | None) -> None:

@@ -92,20 +92,27 @@ def _fail(msg: str, rank: int = 0) -> int:
 
 
 def model_heads(path: str) -> dict[str, int]:
-    """num_heads / num_kv_heads of the text model from config.json, when the file is there
-    (`tiny:<family>`: the builder's default sizes, before anything is built)."""
+    """num_heads / num_kv_heads / num_experts (0: dense) of the text model from config.json,
+    when the file is there (`tiny:<family>`: the builder's default sizes, before anything is
+    built; `arch:<name>`: the built-in config values)."""
     if path.startswith("tiny:"):
         from mmhpc.tools.tiny import DEFAULT_SIZES
         sizes = DEFAULT_SIZES.get(path.split(":", 1)[1], {})
-        return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"]} if sizes else {}
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"],
+                "num_experts": sizes.get("experts", 0)} if sizes else {}
+    if path.startswith("arch:"):
+        from mmhpc.models.arch import ARCHS
+        cfg = ARCHS.get(path.split(":", 1)[1], {}).get("config", {})
+    else:
+        try:
+            cfg = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
     text = cfg.get("text_config") or cfg
     heads = text.get("num_attention_heads") or cfg.get("num_attention_heads")
     kv = text.get("num_key_value_heads") or cfg.get("num_key_value_heads") or heads
-    return {"num_heads": heads, "num_kv_heads": kv} if heads else {}
+    experts = text.get("num_local_experts") or text.get("num_experts") or 0
+    return {"num_heads": heads, "num_kv_heads": kv, "num_experts": experts} if heads else {}
 
 
 def resolve_model_path(config) -> None:
