@@ -151,3 +151,17 @@ def test_unimplemented_moe_variant_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="text_config.scoring_func='softmax'"):
         load_model(tmp_path)
+
+
+def test_gpu_bench_smoke(capsys):
+    """bench/llama4_gpu.py on CPU: ours == HF logits (it asserts), timings and floors printed."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "llama4_gpu.py"
+    spec = importlib.util.spec_from_file_location("llama4_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--layers", "4", "--batches", "1,4"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["check"]["same_argmax"] and out["check"]["max_rel_err"] < 1e-4
+    assert out["batch_1"]["ours_ms"] > 0 and out["batch_4"]["floor_ms"] > out["batch_1"]["floor_ms"]

@@ -87,7 +87,8 @@ class Llama4Attention(Attention):
         chunked = cfg.layer_types[layer_idx] == "chunked_attention"
         self.chunk = cfg.attention_chunk_size if chunked else None
 
-    def forward(self, x, cos, sin, positions, meta: AttentionMetadata, layer_cache) -> torch.Tensor:
+    def qkv(self, x, cos, sin, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k, v [T, KVH, D]: rotary, QK norm and temperature applied."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
@@ -100,9 +101,13 @@ class Llama4Attention(Attention):
             floor_scale, attn_scale = self.temperature
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
             q = (q * scales[:, None, None]).to(q.dtype)                 # [T, H, D]
+        return q, k, v
+
+    def forward(self, x, cos, sin, positions, meta: AttentionMetadata, layer_cache) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin, positions)
         write_kv(layer_cache, k, v, meta)
         o = paged_attention(q, layer_cache, meta, self.scale, chunk=self.chunk)
-        return self.o_proj(o.reshape(T, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
 
 class Llama4DecoderLayer(nn.Module):
@@ -149,6 +154,8 @@ class Llama4Decoder(nn.Module):
 
 class Llama4ForCausalLM(nn.Module):
     uses_mrope = False
+    fast_path = False       # the engine's CUDA fast path (FastDecoder) is Llama/Qwen2-only:
+                            # plain torch on CUDA; bench/llama4_gpu.py times the graphed decode
 
     def __init__(self, config):
         super().__init__()
