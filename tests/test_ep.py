@@ -12,14 +12,15 @@ import pytest
 
 from mmhpc.config import DeploymentConfig, GroupConfig
 from mmhpc.launch.layout import LayoutError, make_layout
-from tests.test_llama4 import LONG, Llama4Oracle
+from tests.test_llama4 import LONG, VARIANTS, Llama4Oracle
 from tests.test_tp import MPIRUN, Deployment, _image, chat_tokens
 
 N = 6
 CASES = [("tell me a story about the sea", []), ("what is in the picture?", [(48, 32, 1)]),
          ("compare these two", [(32, 32, 2), (70, 40, 3)]), (LONG, [])]
 
-# (id, tiny family, ranks, overrides[, "slow"]): the slow tier has the disaggregated ones
+# (id, variant (test_llama4.VARIANTS), ranks, overrides[, "slow"]): the slow tier has the
+# disaggregated ones
 DEPLOYMENTS = [
     ("agg_tp1", "llama4", 1, [], "slow"),
     ("agg_tp2_ep2", "llama4", 2, ["deployment.aggregated.tp=2", "deployment.aggregated.ep=2"]),
@@ -39,8 +40,8 @@ PARAMS = [pytest.param(d, id=d[0], marks=[pytest.mark.slow] if d[4:] == ("slow",
 _ORACLES: dict[str, Llama4Oracle] = {}
 
 
-def expected(family: str, text: str, sizes) -> list[str]:
-    o = _ORACLES.setdefault(family, Llama4Oracle(family))
+def expected(variant: str, text: str, sizes) -> list[str]:
+    o = _ORACLES.setdefault(variant, Llama4Oracle(variant))
     ids, items = o.request(text, sizes)
     return [o.proc.tokenizer.decode([t]) for t in o.expected(ids, items)]
 
@@ -48,18 +49,18 @@ def expected(family: str, text: str, sizes) -> list[str]:
 @pytest.fixture(scope="module", params=PARAMS)
 def deployment(request):
     from mmhpc.tools.tiny import tiny_checkpoint
-    name, family, ranks, overrides, *_ = request.param
-    path = tiny_checkpoint(family)
+    name, variant, ranks, overrides, *_ = request.param
+    path = tiny_checkpoint("llama4", **VARIANTS[variant])
     dep = Deployment(ranks, [f"model.path={path}", "model.max_model_len=512",
                              "cache.num_blocks=128", "cache.block_size=4", *overrides])
-    yield dep, path, family
+    yield dep, path, variant
     rc = dep.stop()
     assert rc == 0 or (name.startswith("e") and rc in (15, 143, -15)), "".join(dep.lines[-40:])
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 def test_llama4_oracle_over_http(deployment):
-    dep, path, family = deployment
+    dep, path, variant = deployment
     results: dict[int, list[str]] = {}
 
     def one(i: int) -> None:
@@ -68,7 +69,7 @@ def test_llama4_oracle_over_http(deployment):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(CASES))]
     for t in threads:                 # concurrent: batched steps, tokens split over ep groups
         t.start()
-    want = {i: expected(family, text, sizes) for i, (text, sizes) in enumerate(CASES)}
+    want = {i: expected(variant, text, sizes) for i, (text, sizes) in enumerate(CASES)}
     for t in threads:
         t.join(300)
     assert results == want

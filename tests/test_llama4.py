@@ -44,14 +44,17 @@ def hf_llama4_generate_fix() -> None:
         MoeCausalLMOutputWithPast.image_outputs = None
 
 
+VARIANTS = {"llama4": {}, "llama4_scout": {"moe_step": 1}}   # Maverick-like, Scout-like
+
+
 class Llama4Oracle:
-    def __init__(self, family: str):
+    def __init__(self, variant: str):
         hf_llama4_generate_fix()
         from transformers import GenerationConfig, Llama4ForConditionalGeneration
 
         from mmhpc.multimodal.processor import InputProcessor
         from mmhpc.tools.tiny import tiny_checkpoint
-        self.path = tiny_checkpoint(family)
+        self.path = tiny_checkpoint("llama4", **VARIANTS[variant])
         self.proc = InputProcessor(self.path)
         self.hf = Llama4ForConditionalGeneration.from_pretrained(self.path, dtype=torch.float32).eval()
         self.gen = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -88,7 +91,7 @@ def run(engine: LLMEngine, requests: dict, n: int = N) -> dict[str, list[int]]:
     return got
 
 
-@pytest.fixture(scope="module", params=["llama4", "llama4_scout"])
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def oracle(request):
     return Llama4Oracle(request.param)
 

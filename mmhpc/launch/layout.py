@@ -75,6 +75,7 @@ class Layout:
     ranks_per_node: int
     deployment: str
     ranks: list[RankInfo] = field(default_factory=list)
+    deployment_config: DeploymentConfig | None = None   # `auto` instances filled in
 
     @property
     def num_nodes(self) -> int:
@@ -124,7 +125,19 @@ class Layout:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         return (f"deployment={self.deployment} world_size={self.world_size} "
                 f"nodes={self.num_nodes} ranks_per_node={self.ranks_per_node}\n"
-                + "\n".join(lines) + "\n")
+                + "\n".join(lines) + f"\n{self.frontend_placement()}\n")
+
+    def frontend_placement(self) -> str:
+        """One line: where the frontend runs and whether it holds a GPU."""
+        r0 = self.ranks[0]
+        if r0.role != FRONTEND:
+            dev = "its CPU" if r0.device < 0 else f"its GPU {r0.device}"
+            return (f"frontend: rank 0, in the process of {r0.role} instance {r0.instance} "
+                    f"(shares {dev}; no device of its own)")
+        gpus = {r.device for r in self.ranks if r.node == 0 and r.device >= 0}
+        idle = (f"; GPU 0 of node 0 is idle: set deployment.frontend_shares_rank=true to share "
+                f"a worker's rank" if gpus and 0 not in gpus else "")
+        return f"frontend: rank 0, a process of its own (no GPU){idle}"
 
     def __repr__(self) -> str:
         return (f"Layout({self.deployment}, world={self.world_size}, "
@@ -132,7 +145,7 @@ class Layout:
 
 
 def describe(dep: DeploymentConfig) -> str:
-    """'1 frontend + 1 encode + 1 prefill×tp1 + 1 decode×tp1'."""
+    """'1 frontend + 1 encode + 1 prefill×tp1 + auto decode×tp1'."""
     parts = [] if dep.frontend_shares_rank else ["1 frontend"]
     for g in dep.groups:
         gc = dep.group(g)
@@ -146,10 +159,14 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
                 num_kv_heads: int | None = None, num_experts: int | None = None,
                 params: tuple[int, int] = (0, 0), bytes_per_param: int = 2,
                 gpu_memory_gb: float = 0.0) -> Layout:
-    """Every rank's role; raises LayoutError (one line) when the deployment cannot fit.
+    """Every rank's role; raises LayoutError (one line) when the deployment cannot fit. A group
+    with `instances: auto` takes the ranks the others leave (`Layout.deployment_config`).
     `num_experts`: the model's routed experts per MoE layer (0: a dense model). `params`
     (text, vision) and `gpu_memory_gb` > 0: each instance's ranks must hold its weights."""
-    dep = deployment
+    try:
+        dep = deployment.fill(world_size)
+    except ValueError as e:
+        raise LayoutError(f"deployment {deployment.name} ({describe(deployment)}): {e}") from None
     if world_size < 1 or ranks_per_node < 1:
         raise LayoutError(f"world size and ranks per node must be >= 1, got {world_size}, "
                           f"{ranks_per_node}")
@@ -202,6 +219,10 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
             raise LayoutError(f"{what} (tp={n}) does not fit on one node without straddling "
                               f"({num_nodes} nodes × {ranks_per_node} ranks): make tp divide "
                               f"{ranks_per_node} or reorder instance sizes")
+        if shared and n <= ranks_per_node:
+            raise LayoutError(f"{what} (tp={n}) would put two TP ranks on one GPU "
+                              f"({gpus_per_node} GPUs per node, {ranks_per_node} ranks per node): "
+                              f"launch at most {gpus_per_node} ranks per node")
         if not dep.allow_cross_node_instances:
             raise LayoutError(f"{what} needs {n} ranks but a node has {unit}: lower tp "
                               f"or set deployment.allow_cross_node_instances=true")
@@ -228,7 +249,8 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     ranks = [RankInfo(rank=r, world_size=world_size, role=role, instance=inst,
                       rank_in_instance=tp_rank, tp=tp, node=r // ranks_per_node,
                       local_rank=r % ranks_per_node,
-                      device=(r % ranks_per_node) % gpus_per_node if gpus_per_node else -1,
+                      device=(r % ranks_per_node) % gpus_per_node
+                      if gpus_per_node and role != FRONTEND else -1,
                       hosts_frontend=(r == 0), ep=ep)
              for r, role, inst, tp_rank, tp, ep in slots]
     if gpus_per_node:
@@ -242,7 +264,7 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
                                   f"TP ranks on one GPU ({gpus_per_node} GPUs per node, "
                                   f"{ranks_per_node} ranks per node): launch at most "
                                   f"{gpus_per_node} ranks per node")
-    layout = Layout(world_size, ranks_per_node, dep.name, ranks)
+    layout = Layout(world_size, ranks_per_node, dep.name, ranks, dep)
     layout._validate()
     return layout
 

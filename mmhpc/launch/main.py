@@ -5,7 +5,8 @@ every rank, never a hang):
 1. compose the config (Hydra compose API; no chdir), `--cfg job` prints it, `--dry-run`
    prints the layout table: neither imports torch nor MPI;
 2. MPI (mpi4py; a singleton works), JobEnv, the layout, validated before any model loads;
-3. one rank, aggregated: `mmhpc.server.app.serve(config, LocalEngineClient(LLMEngine))`;
+3. one aggregated instance: `mmhpc.server.app.serve(config, LocalEngineClient(engine))`, the
+   engine from `engine.interface.make_engine` (LLMEngine, or the transformers backend);
 4. otherwise each rank binds its mailbox, makes its NIXL agent, runs `mmhpc.roles.<role>.setup`
    (optional: load the model, register pools), then ONE allgather of (ZeroMQ address, NIXL
    metadata, error), loads the peers' metadata, barrier, and `mmhpc.roles.<role>.run(ctx)`.
@@ -96,8 +97,11 @@ def model_heads(path: str) -> dict[str, int]:
     when the file is there (`tiny:<family>`: the builder's default sizes, before anything is
     built; `arch:<name>`: the built-in config values)."""
     if path.startswith("tiny:"):
-        from mmhpc.tools.tiny import DEFAULT_SIZES
-        sizes = DEFAULT_SIZES.get(path.split(":", 1)[1], {})
+        from mmhpc.tools.tiny import default_sizes
+        try:
+            sizes = default_sizes(path.split(":", 1)[1])
+        except ValueError:
+            sizes = {}
         return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"],
                 "num_experts": sizes.get("experts", 0)} if sizes else {}
     if path.startswith("arch:"):
@@ -203,6 +207,7 @@ def _run(config) -> int:
                              gpus_per_node=config.cluster.gpus_per_node,
                              **model_heads(config.model.path), **_memory(config))
         info = layout[comm.rank]
+        config.deployment = layout.deployment_config     # `auto` instances filled in
         if (info.node, info.local_rank) != (job.node_index, job.local_rank):
             raise LayoutError(f"rank {comm.rank} runs on node {job.node_index} as local rank "
                               f"{job.local_rank}, the layout expects blocks of "
@@ -233,7 +238,7 @@ def _serve_aggregated(config, comm, job, info) -> int:
     import asyncio
     try:
         resolve_model_path(config)
-        from mmhpc.engine.engine import LLMEngine
+        from mmhpc.engine.interface import make_engine
         from mmhpc.engine.tp_worker import follow, start_tp, stop_followers
         from mmhpc.server.app import serve
         from mmhpc.server.engine_client import LocalEngineClient
@@ -247,7 +252,7 @@ def _serve_aggregated(config, comm, job, info) -> int:
         follow(config)
         destroy_tp_group()      # gloo's threads joined now, not torn down at interpreter exit
         return 0
-    engine = LLMEngine(config, device=tp.device)   # a failure here: _run aborts the job
+    engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts the job
     try:
         from mmhpc.launch.url_file import write_url_file
         asyncio.run(serve(config, LocalEngineClient(engine), engine.processor,

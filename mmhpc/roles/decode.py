@@ -3,7 +3,7 @@
 1. KVReady (prefill): reserve blocks for the prompt's KV (`add_prefilled_request`; no room
    now → it waits in arrival order, within its deadline and prefill's lease).
 2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
-   (`kv_transfer.plan_read`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
+   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
 3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
    each step's new tokens go to the frontend as TokenStream. With TP, ReleaseKV waits until
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
@@ -21,13 +21,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import ReleaseKV
 from mmhpc.engine.tp_worker import start_kv_pull, sync_followers
-from mmhpc.roles.kv_transfer import KVGeometry
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,8 @@ class _Drain:
 class DecodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "decode", device=ctx.device, detokenize=False)
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
-        self.geometry = KVGeometry.of_pool(self.engine.kv_cache)
         self.waiting: deque[KVReady] = deque()        # no free blocks yet
         self.pulls: dict[str, _Pull] = {}
         self.active: dict[str, KVReady] = {}           # decoding in the engine
@@ -114,7 +112,7 @@ class DecodeWorker(Worker):
             except Exception as e:  # noqa: BLE001
                 self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
                 continue
-            self.num_kv_bytes += n * self.geometry.block_bytes * self.geometry.num_layers * 2
+            self.num_kv_bytes += n * self.engine.kv_block_bytes
             self.pulls[rid] = _Pull(msg, handle, deadline)
 
     def _poll_pulls(self) -> None:
@@ -193,7 +191,7 @@ class DecodeWorker(Worker):
             if d.handles and now <= d.deadline:
                 continue
             for h in d.handles:
-                self.ctx.nixl._release(h)
+                self.ctx.nixl.release(h)
             if d.handles:
                 log.warning("decode rank %d: a KV READ of dropped request %s still in flight "
                             "after another %.0f s; its %d blocks go back to the pool", self.rank,

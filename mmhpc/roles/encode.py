@@ -1,9 +1,9 @@
 """Encode role: image bytes → processor → vision encoder + projector (batched across the
 requests of one loop turn) → rows of a NIXL-registered EmbeddingPool → EmbeddingsReady to the
 request's prefill rank, which READs the rows and answers ReleaseEmbeddings. Pre-computed
-embeddings files enter here too: loaded (`load_embedding_item`, the frontend's safe loader and
-checks) straight into the pool, no vision encoder; EP/D prefill and the aggregated role load
-them the same way (`media_item`).
+embeddings files enter here too: loaded (`image_items.load_embedding_item`, the frontend's safe
+loader and checks) straight into the pool, no vision encoder; EP/D prefill and the aggregated
+role load them the same way (`image_items.media_item`).
 
 Entries are cached by content hash (same hash → no re-encode) and pinned per request until
 ReleaseEmbeddings, an AbortRequest, or the lease (timeouts.kv_lease_s); unpinned entries are
@@ -11,17 +11,18 @@ evicted least-recently-used when the pool is full.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem, ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import EmbeddingsReady
+from mmhpc.multimodal.image_items import EMBEDDING_FORMATS, decode_image, load_embedding_item
 from mmhpc.roles.embed_pool import EmbeddingPool
 from mmhpc.roles.worker import Worker, run_worker
 
@@ -36,66 +37,15 @@ class _Entry:
     pins: dict[str, float] = field(default_factory=dict)    # request_id -> lease expiry
 
 
-EMBEDDING_FORMATS = ("embedding_file", "embedding_bytes")
-
-
-def decode_image(item: ImageItem):
-    from PIL import Image
-    if item.format == "rgb":
-        return Image.frombytes("RGB", (item.width, item.height), item.data)
-    if item.format == "encoded":
-        return Image.open(io.BytesIO(item.data)).convert("RGB")
-    raise ValueError(f"image format {item.format!r} is not supported by the encode role")
-
-
-def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
-                        max_tokens: int) -> MMItem:
-    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32, by the
-    frontend's own rules: a local file re-checked against media.allowed_local_path and the
-    size cap, loaded without pickle code, shape / dtype / hidden size checked, its grid (or the
-    default) taken as the frontend did. The content hash must be the frontend's: a file that
-    changed since the frontend read it fails its request (the caches key on that hash)."""
-    from mmhpc.server.media import load_embeddings, read_local_file
-    cap = int(media_cfg.max_file_size_mb * (1 << 20))
-    if item.format == "embedding_file":
-        _, data = read_local_file(media_cfg.allowed_local_path, item.path, cap)
-    elif len(item.data) > cap:
-        raise ValueError(f"embeddings file is {len(item.data)} bytes; the limit is {cap}")
-    else:
-        data = item.data
-    emb = load_embeddings(data, item.path, hidden_size, max_tokens)
-    mm = processor.embedding_item(emb.processor_input())
-    if mm.content_hash != item.content_hash:
-        raise ValueError(f"embeddings file {item.path!r} changed since the frontend read it")
-    if mm.num_tokens != item.num_tokens:
-        raise ValueError(f"embeddings file has {mm.num_tokens} rows here, the frontend "
-                         f"counted {item.num_tokens}")
-    mm.offset = item.offset
-    return mm
-
-
-def media_item(processor, item: ImageItem, config, hidden_size: int) -> MMItem:
-    """An ImageItem → MMItem ready for the engine: an image preprocessed (pixel values, grid)
-    or an embeddings file loaded (see load_embedding_item). Offset from the item."""
-    if item.format in EMBEDDING_FORMATS:
-        return load_embedding_item(processor, item, config.media, hidden_size,
-                                   config.model.max_model_len)
-    mm = processor.image_item(decode_image(item))
-    mm.offset = item.offset
-    return mm
-
-
 class EncodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, encode_only=True, device=ctx.device)
+        self.engine = make_engine(ctx.config, "encode", device=ctx.device)
         self.processor = self.engine.processor
-        runner = self.engine.runner
-        self.hidden_size = runner.model.text_config.hidden_size
-        self.pool = EmbeddingPool(self.hidden_size, runner.dtype, device=ctx.device)
+        self.hidden_size = self.engine.hidden_size
+        self.pool = EmbeddingPool(self.hidden_size, self.engine.dtype, device=ctx.device)
         self.pool_descs = ctx.nixl.register(self.pool.tensor)
-        self.dtype = str(runner.dtype).removeprefix("torch.")
+        self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
         self.pending: list[EncodeRequest] = []
         self.num_encoded = 0

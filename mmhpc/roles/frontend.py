@@ -29,7 +29,7 @@ import zmq
 from mmhpc.engine.block_manager import INLINE_HASH_TOKENS, pack_hashes
 from mmhpc.engine.detokenizer import IncrementalDetokenizer
 from mmhpc.engine.outputs import RequestOutput
-from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
+from mmhpc.messages.common import AbortRequest, Heartbeat, MMItemMeta, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
@@ -166,12 +166,6 @@ class RemoteEngineClient(EngineClient):
             self.in_flight.subtract(st.ranks)
             if not finished:
                 self._abort_everywhere(request_id, st.ranks, "abort")
-
-    async def abort(self, request_id: str) -> None:
-        st = self.requests.get(request_id)
-        if st is not None:
-            self._abort_everywhere(request_id, st.ranks, "abort")
-            st.queue.put_nowait(RequestFailed(request_id, 0, "frontend", "aborted"))
 
     def healthy(self) -> bool:
         return self.dead is None
@@ -311,10 +305,6 @@ class RemoteEngineClient(EngineClient):
             self.rank_stats[msg.rank] = msg.stats
         elif isinstance(msg, (TokenStream, RequestFailed)):
             self._deliver(msg)
-        elif isinstance(msg, ErrorNotice) and msg.request_id is None:
-            self._rank_dead(msg.rank, msg.message)
-        elif isinstance(msg, ErrorNotice):
-            self._deliver(RequestFailed(msg.request_id, msg.rank, msg.stage, msg.message))
         elif self.local is not None:            # for the worker beside us
             self.local.inbox.put((src, msg))
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
+from mmhpc.multimodal.image_items import media_item
 from mmhpc.roles.embed_pool import EmbeddingPool
-from mmhpc.roles.encode import media_item
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,14 @@ class _Read:
 class PrefillWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "prefill", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
-        self.hidden_size = self.engine.runner.model.text_config.hidden_size
+        self.hidden_size = self.engine.hidden_size
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
-            runner = self.engine.runner
-            self.landing = EmbeddingPool(runner.model.text_config.hidden_size, runner.dtype,
-                                         device=ctx.device)
+            self.landing = EmbeddingPool(self.hidden_size, self.engine.dtype, device=ctx.device)
             ctx.nixl.register(self.landing.tensor)
         self.requests: dict[str, PrefillRequest] = {}    # waiting for embeddings or in engine
         self.deadlines: dict[str, float] = {}            # stage deadline per request
@@ -153,7 +151,7 @@ class PrefillWorker(Worker):
                 if done or failed:
                     self.landing.free(r.start, n)
                 elif now > r.deadline:          # the grace is over too
-                    self.ctx.nixl._release(r.handle)
+                    self.ctx.nixl.release(r.handle)
                     self.landing.free(r.start, n)
                     log.warning("prefill rank %d: an embedding READ of %s still in flight after "
                                 "another %.0f s; its landing rows go back", self.rank,

@@ -37,6 +37,13 @@ def served_model_name(config: Config) -> str:
     return config.model.name or Path(config.model.path.rstrip("/")).name
 
 
+def model_aliases(config: Config) -> frozenset[str]:
+    """Other ids a request may name the served model by: the `model.path` string (vLLM's and
+    trtllm-serve's default id), with or without a trailing slash."""
+    path = config.model.path.rstrip("/")
+    return frozenset({path, path + "/"}) - {served_model_name(config)}
+
+
 class _Choice:
     """Accumulates one choice's outputs (non-streaming)."""
 
@@ -55,6 +62,7 @@ class Frontend:
         self.client = client
         self.processor = processor
         self.model = served_model_name(config)
+        self.aliases = model_aliases(config)
         self.max_model_len = config.model.max_model_len
         self.media = MediaLoader(config.media, text_hidden_size(config.model.path),
                                  max_tokens=self.max_model_len)
@@ -99,7 +107,10 @@ class Frontend:
             self.metrics.request_done(endpoint, status["code"], time.monotonic() - t0)
 
     async def _body(self, request: web.Request) -> dict:
-        return P.parse_json(await request.read())
+        body = P.parse_json(await request.read())
+        if isinstance(body.get("model"), str) and body["model"] in self.aliases:
+            body["model"] = self.model          # the path names the served model too
+        return body
 
     def _deadline(self) -> float:
         return time.time() + self.config.server.request_timeout_s
@@ -369,7 +380,7 @@ class Frontend:
     async def retrieve_model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{model} (the openai client's `models.retrieve`)."""
         name = request.match_info["model"]
-        if name != self.model:
+        if name != self.model and name not in self.aliases:
             raise APIError(404, f"The model '{name}' does not exist (this server serves "
                                 f"'{self.model}')", param="model", code="model_not_found")
         return web.json_response(self._model_card())
