@@ -72,7 +72,7 @@ class AttentionGroup:
     mask: torch.Tensor        # [num_seqs, 1, max_q, num_blocks * bs] bool: query j sees key k
                               # iff k <= ctx - q_len + j (causal, and nothing past ctx)
     qpos: torch.Tensor        # [num_seqs, max_q] long: each query's position
-    chunk_masks: dict = field(default_factory=dict)   # chunk size -> mask within the chunk
+    chunk_masks: dict = field(default_factory=dict)   # chunk size -> (blocks, mask): `window`
 
     @staticmethod
     def build(meta: AttentionMetadata, seqs: list[int]) -> "AttentionGroup":
@@ -90,15 +90,22 @@ class AttentionGroup:
             torch.tensor([t + [0] * (num_blocks - len(t)) for t in tables], device=dev),
             (keys <= last_key[:, :, None])[:, None], last_key)
 
-    def mask_for(self, chunk: int | None) -> torch.Tensor:
-        """The mask, limited to each query's own chunk of `chunk` positions (Llama-4's local
-        attention: key k visible iff k // chunk == pos // chunk); built once per step."""
+    def window(self, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks [B, nb'], mask [B, 1, max_q, nb' * bs]) to read: with `chunk` (Llama-4's
+        local attention, key k visible iff k // chunk == pos // chunk) each sequence's blocks
+        start at its first query's chunk, so blocks before it are not read; built once a step."""
         if chunk is None:
-            return self.mask
+            return self.blocks, self.mask
         if chunk not in self.chunk_masks:
-            keys = torch.arange(self.mask.shape[-1], device=self.mask.device)
-            start = (self.qpos // chunk * chunk)[:, None, :, None]                 # [B, 1, q, 1]
-            self.chunk_masks[chunk] = self.mask & (keys >= start)
+            bs = self.mask.shape[-1] // self.blocks.shape[1]
+            first = self.qpos[:, 0] // chunk * chunk // bs                          # [B] block
+            width = int((self.blocks.shape[1] - first).max())
+            cols = (first[:, None] + torch.arange(width, device=first.device)).clamp(
+                max=self.blocks.shape[1] - 1)                                       # [B, nb']
+            keys = first[:, None] * bs + torch.arange(width * bs, device=first.device)  # [B, L']
+            start = self.qpos // chunk * chunk                                      # [B, q]
+            mask = (keys[:, None] <= self.qpos[:, :, None]) & (keys[:, None] >= start[:, :, None])
+            self.chunk_masks[chunk] = (self.blocks.gather(1, cols), mask[:, None])
         return self.chunk_masks[chunk]
 
 
@@ -180,18 +187,19 @@ def _group_attention(q: torch.Tensor, layer_cache: torch.Tensor, g: AttentionGro
     positions) ride as G * max_q query rows. Returns [N, H, D] for `g.tok_rows`."""
     B, max_q, (H, D), KVH = g.num_seqs, g.max_q, q.shape[1:], layer_cache.shape[2]
     G = H // KVH
+    blocks, g_mask = g.window(chunk)                               # [B, nb], [B, 1, max_q, L]
     # (block, kv head) pairs in [B, KVH, num_blocks] order: one gather, already head-major
-    pairs = (g.blocks[:, None, :] * KVH + torch.arange(KVH, device=q.device)[:, None]).flatten()
+    pairs = (blocks[:, None, :] * KVH + torch.arange(KVH, device=q.device)[:, None]).flatten()
     kv = layer_cache.flatten(1, 2).index_select(1, pairs)          # [2, B*KVH*nb, bs, D]
     kv = kv.view(2, B, KVH, -1, D).to(q.dtype)                     # [2, B, KVH, L, D]
     qg = q.index_select(0, g.tok_rows)                             # [N, H, D]
     if max_q == 1:                                                 # decodes: nothing to pad
         o = F.scaled_dot_product_attention(qg.view(B, KVH, G, D), kv[0], kv[1],
-                                           attn_mask=g.mask_for(chunk), scale=scale)
+                                           attn_mask=g_mask, scale=scale)
         return o.reshape(B, H, D)
     qp = q.new_zeros(B * max_q, H, D).index_copy_(0, g.pad_rows, qg)
     qp = qp.view(B, max_q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * max_q, D)
-    mask = g.mask_for(chunk).expand(-1, G, -1, -1).reshape(B, 1, G * max_q, -1)   # rows (g, j)
+    mask = g_mask.expand(-1, G, -1, -1).reshape(B, 1, G * max_q, -1)   # rows (g, j)
     o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=mask, scale=scale)
     o = o.view(B, KVH, G, max_q, D).permute(0, 3, 1, 2, 4).reshape(B * max_q, H, D)
     return o.index_select(0, g.pad_rows)                           # [N, H, D]
