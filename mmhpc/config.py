@@ -97,19 +97,35 @@ class MediaConfig:
             raise ValueError("media.max_decode_threads must be >= 1")
 
 
+AUTO = "auto"
+
+
 @dataclass
 class GroupConfig:
-    instances: int = 1
+    instances: Any = 1                 # an int, or "auto": the ranks the other groups leave
     tp: int = 1
     ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.instances < 0 or self.tp < 1 or self.ep < 1:
+        if isinstance(self.instances, str) and self.instances != AUTO:
+            try:
+                self.instances = int(self.instances)
+            except ValueError:
+                raise ValueError(f"instances must be an integer or 'auto', "
+                                 f"got {self.instances!r}") from None
+        if isinstance(self.instances, bool) or not (self.auto or isinstance(self.instances, int)):
+            raise ValueError(f"instances must be an integer or 'auto', got {self.instances!r}")
+        if (not self.auto and self.instances < 0) or self.tp < 1 or self.ep < 1:
             raise ValueError(f"bad group sizes: instances={self.instances} tp={self.tp} ep={self.ep}")
 
     @property
+    def auto(self) -> bool:
+        return self.instances == AUTO
+
+    @property
     def num_ranks(self) -> int:
-        return self.instances * self.tp
+        """Ranks of its instances (`auto`: at least one instance's)."""
+        return (1 if self.auto else self.instances) * self.tp
 
 
 DEPLOYMENT_GROUPS = {   # deployment name -> the groups it uses, in rank order
@@ -128,7 +144,9 @@ class DeploymentConfig:
     encode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     prefill: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
-    frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
+    # rank 0 runs the frontend beside its worker; None (auto, see Config): on GPU clusters yes
+    # (the frontend never takes a GPU of its own), on CPU alone
+    frontend_shares_rank: Optional[bool] = True
     allow_cross_node_instances: bool = False
     # Routing (mmhpc.roles.router): a request whose prompt prefix (or images) an instance
     # holds counts as this many queued requests fewer there; 0: least loaded only.
@@ -142,12 +160,15 @@ class DeploymentConfig:
                              f"got {self.name!r}")
         used = DEPLOYMENT_GROUPS[self.name]
         for g in ("aggregated", "encode", "prefill", "decode"):
-            n = getattr(self, g).instances
-            if g in used and n < 1:
+            gc = getattr(self, g)
+            if g in used and not gc.auto and gc.instances < 1:
                 raise ValueError(f"deployment {self.name} needs deployment.{g}.instances >= 1")
-            if g not in used and n:
+            if g not in used and (gc.auto or gc.instances):
                 raise ValueError(f"deployment {self.name} does not use {g}: "
                                  f"set deployment.{g}.instances=0")
+        auto = [g for g in used if getattr(self, g).auto]
+        if len(auto) > 1:
+            raise ValueError(f"only one group may have instances=auto, got {', '.join(auto)}")
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -162,8 +183,27 @@ class DeploymentConfig:
 
     @property
     def num_ranks(self) -> int:
-        """Ranks the deployment needs: workers, plus rank 0 alone if it does not share."""
+        """Ranks the deployment needs (at least, with an `auto` group): workers, plus rank 0
+        alone if it does not share."""
         return self.num_worker_ranks + (0 if self.frontend_shares_rank else 1)
+
+    @property
+    def auto_group(self) -> str | None:
+        return next((g for g in self.groups if self.group(g).auto), None)
+
+    def fill(self, world_size: int) -> "DeploymentConfig":
+        """A copy whose `auto` group takes the ranks the others leave (itself if none is
+        auto). Raises ValueError (one line) when not one instance of it fits."""
+        g = self.auto_group
+        if g is None:
+            return self
+        gc = self.group(g)
+        left = world_size - (self.num_ranks - gc.tp)
+        if left < gc.tp or left % gc.tp:
+            raise ValueError(f"deployment.{g}.instances=auto: {world_size} ranks leave {left} "
+                             f"for {g} instances of tp={gc.tp}: run with "
+                             f"-n {self.num_ranks - gc.tp + gc.tp * max(1, -(-left // gc.tp))}")
+        return dataclasses.replace(self, **{g: dataclasses.replace(gc, instances=left // gc.tp)})
 
 
 @dataclass
@@ -171,18 +211,20 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0             # 0: CPU
-    frontend_port: int = 8000
+    gpu_memory_gb: float = 0.0         # one GPU's memory; > 0: layouts are checked to hold the weights
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
+    # the network other nodes reach this one on: an interface name (ib0, hsn0, eth0; a comma
+    # list, first present wins) or a CIDR (10.0.0.0/8); "": the node name's address
+    interface: str = ""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError(f"cluster.nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        for k in ("frontend_port", "zmq_port_base"):
-            if not 0 <= getattr(self, k) < 65536:
-                raise ValueError(f"cluster.{k} must be in [0, 65535], got {getattr(self, k)}")
+        if not 0 <= self.zmq_port_base < 65536:
+            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], got {self.zmq_port_base}")
 
     @property
     def world_size(self) -> int | None:
@@ -211,8 +253,19 @@ class TimeoutConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine serves the roles (mmhpc.engine.interface, docs/ENGINE.md)."""
+    backend: str = "native"            # native | transformers (HF model; agg, tp=1 only)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("native", "transformers"):
+            raise ValueError(f"engine.backend must be native|transformers, got {self.backend!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -220,6 +273,17 @@ class Config:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine.backend == "transformers":
+            d = self.deployment
+            if d.name != "agg" or d.aggregated.tp != 1:
+                raise ValueError("engine.backend=transformers serves deployment=agg with "
+                                 "deployment.aggregated.tp=1 only (it implements the "
+                                 "aggregated engine, not prefill/decode/encode, and no TP)")
+        if self.deployment.frontend_shares_rank is None:   # auto
+            self.deployment.frontend_shares_rank = (self.deployment.name == "agg"
+                                                    or self.cluster.gpus_per_node > 0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

@@ -36,7 +36,9 @@ def start_tp(comm, info, host_addr: str, timeout_s: float = COLLECTIVE_TIMEOUT_S
         color = roles.index(info.role) * 100_000 + info.instance
     device = "cpu" if info.device < 0 else f"cuda:{info.device}"
     tp = info.tp if info.instance >= 0 else 1
-    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device, timeout_s)
+    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device,
+                         ep=getattr(info, "ep", 1) if info.instance >= 0 else 1,
+                         timeout_s=timeout_s)
 
 
 def make_runner(config: Config, device=None, allocate_kv: bool = True):
@@ -135,10 +137,6 @@ def pool_of(ctx):
     return pool if pool is not None else getattr(getattr(ctx, "worker", None), "pool_descs", None)
 
 
-def num_kv_heads(text_config) -> int:
-    return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-
-
 class KVPull(FollowerTask):
     """Pull a request's KV blocks from the prefill instance's TP ranks (`src_pools[i]`: rank
     i's pool) into `dst_blocks` of this rank's pool: ONE READ per prefill rank that holds
@@ -211,7 +209,7 @@ def start_kv_pull(ctx, engine, pool, request_id, src_pools, src_blocks, dst_bloc
                   deadline) -> list:
     """Decode leader: start this rank's READs (handles returned: poll each) and have the
     followers do theirs."""
-    task = KVPull(request_id, num_kv_heads(engine.runner.model.text_config), list(src_pools),
+    task = KVPull(request_id, engine.num_kv_heads, list(src_pools),
                   list(src_blocks), list(dst_blocks), deadline)
     get_tp().broadcast_object(task)
     return task.start(ctx, engine.kv_cache, pool)

@@ -3,7 +3,7 @@
 1. KVReady (prefill): reserve blocks for the prompt's KV (`add_prefilled_request`; no room
    now → it waits in arrival order, within its deadline and prefill's lease).
 2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
-   (`kv_transfer.plan_read`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
+   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
 3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
    each step's new tokens go to the frontend as TokenStream. With TP, ReleaseKV waits until
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
@@ -23,13 +23,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import ReleaseKV
 from mmhpc.engine.tp_worker import start_kv_pull, sync_followers
-from mmhpc.roles.kv_transfer import KVGeometry
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,8 @@ class _Drain:
 class DecodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "decode", device=ctx.device, detokenize=False)
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
-        self.geometry = KVGeometry.of_pool(self.engine.kv_cache)
         self.waiting: deque[KVReady] = deque()        # no free blocks yet
         self.pulls: dict[str, _Pull] = {}
         self.active: dict[str, KVReady] = {}           # decoding in the engine
@@ -98,7 +96,8 @@ class DecodeWorker(Worker):
             self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
                           num_pulling=len(self.pulls), num_draining=len(self.draining),
-                          num_active=len(self.active), kv_block_bytes=self.kv_block_bytes,
+                          num_active=len(self.active),
+                          kv_block_bytes=self.engine.kv_block_bytes,
                           **self.counts)
 
     # ------------------------------------------------------------------------ KV pull
@@ -158,7 +157,7 @@ class DecodeWorker(Worker):
             rid = p.msg.request_id
             self.counts["num_kv_pulls"] += 1
             self.counts["num_kv_blocks"] += p.num_blocks
-            self.counts["num_kv_bytes"] += p.num_blocks * self.kv_block_bytes
+            self.counts["num_kv_bytes"] += p.num_blocks * self.engine.kv_block_bytes
             self.counts["kv_pull_s"] += time.perf_counter() - p.started
             self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
             self.engine.activate_request(rid)
@@ -172,11 +171,6 @@ class DecodeWorker(Worker):
         for rid, msg in list(self.active.items()):
             if now > msg.deadline:
                 self._fail(msg, "decode deadline passed", timeout=True)
-
-    @property
-    def kv_block_bytes(self) -> int:
-        """Bytes one KV block holds on this rank: k and v of every layer."""
-        return self.geometry.block_bytes * self.geometry.num_layers * 2
 
     # ------------------------------------------------------------------------ cleanup
     def _drop(self, rid: str) -> KVReady | None:
@@ -214,7 +208,7 @@ class DecodeWorker(Worker):
             if d.handles and now <= d.deadline:
                 continue
             for h in d.handles:
-                self.ctx.nixl._release(h)
+                self.ctx.nixl.release(h)
             if d.handles:
                 log.warning("decode rank %d: a KV READ of dropped request %s still in flight "
                             "after another %.0f s; its %d blocks go back to the pool", self.rank,

@@ -1,10 +1,12 @@
 """A slab of embedding rows in one NIXL-registered tensor, with a first-fit row allocator.
 
-Encode writes image embeddings here (peers READ them); prefill lands its READs here. The
-tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
-Its size, in rows (one per image token), is `cache.embedding_pool_rows`, by default twice
-`model.max_model_len`: a request longer than that is refused anyway, so any admissible
-request fits alone, and a full pool means waiting for others to finish, never a failure.
+Encode writes image embedding bundles here (peers READ them); prefill lands its READs here.
+The tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
+A row is `row_width(engine)` wide: an image's DeepStack features ride in its embedding rows,
+so one registration and one READ move them all. The pool's size, in rows (one per image
+token), is `cache.embedding_pool_rows`, by default twice `model.max_model_len`: a request
+longer than that is refused anyway, so any admissible request fits alone, and a full pool
+means waiting for others to finish, never a failure.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ import torch
 def embedding_pool_rows(config) -> int:
     """The pool's rows for this config (the frontend checks requests against it too)."""
     return config.cache.embedding_pool_rows or 2 * config.model.max_model_len
+
+
+def row_width(engine) -> int:
+    """One image token's row of an embedding bundle: the hidden size, times 1 + the engine's
+    DeepStack levels (Qwen3-VL's per-layer features travel in the same row)."""
+    return engine.hidden_size * (1 + engine.deepstack_levels)
 
 
 class EmbeddingPool:

@@ -1,9 +1,9 @@
 """Encode role: image bytes → processor → vision encoder + projector (batched across the
 requests of one loop turn) → rows of a NIXL-registered EmbeddingPool → EmbeddingsReady to the
 request's prefill rank, which READs the rows and answers ReleaseEmbeddings. Pre-computed
-embeddings files enter here too: loaded (`load_embedding_item`, the frontend's safe loader and
-checks) straight into the pool, no vision encoder; EP/D prefill and the aggregated role load
-them the same way (`media_item`).
+embeddings files enter here too: loaded (`image_items.load_embedding_item`, the frontend's safe
+loader and checks) straight into the pool, no vision encoder; EP/D prefill and the aggregated
+role load them the same way (`image_items.media_item`).
 
 Entries are cached by content hash (same hash → no re-encode) and pinned per request until
 ReleaseEmbeddings, an AbortRequest, or the lease (timeouts.kv_lease_s); unpinned entries are
@@ -14,19 +14,19 @@ request wait (its embeddings kept aside) until others are released; past the sta
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
-from collections import deque
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem, ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import EmbeddingsReady
-from mmhpc.roles.embed_pool import EmbeddingPool, embedding_pool_rows
+from mmhpc.multimodal.image_items import EMBEDDING_FORMATS, decode_image, load_embedding_item
+from mmhpc.roles.embed_pool import EmbeddingPool, embedding_pool_rows, row_width
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -40,67 +40,18 @@ class _Entry:
     pins: dict[str, float] = field(default_factory=dict)    # request_id -> lease expiry
 
 
-EMBEDDING_FORMATS = ("embedding_file", "embedding_bytes")
-
-
-def decode_image(item: ImageItem):
-    from PIL import Image
-    if item.format == "rgb":
-        return Image.frombytes("RGB", (item.width, item.height), item.data)
-    if item.format == "encoded":
-        return Image.open(io.BytesIO(item.data)).convert("RGB")
-    raise ValueError(f"image format {item.format!r} is not supported by the encode role")
-
-
-def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
-                        max_tokens: int) -> MMItem:
-    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32, by the
-    frontend's own rules: a local file re-checked against media.allowed_local_path and the
-    size cap, loaded without pickle code, shape / dtype / hidden size checked, its grid (or the
-    default) taken as the frontend did. The content hash must be the frontend's: a file that
-    changed since the frontend read it fails its request (the caches key on that hash)."""
-    from mmhpc.server.media import load_embeddings, read_local_file
-    cap = int(media_cfg.max_file_size_mb * (1 << 20))
-    if item.format == "embedding_file":
-        _, data = read_local_file(media_cfg.allowed_local_path, item.path, cap)
-    elif len(item.data) > cap:
-        raise ValueError(f"embeddings file is {len(item.data)} bytes; the limit is {cap}")
-    else:
-        data = item.data
-    emb = load_embeddings(data, item.path, hidden_size, max_tokens)
-    mm = processor.embedding_item(emb.processor_input())
-    if mm.content_hash != item.content_hash:
-        raise ValueError(f"embeddings file {item.path!r} changed since the frontend read it")
-    if mm.num_tokens != item.num_tokens:
-        raise ValueError(f"embeddings file has {mm.num_tokens} rows here, the frontend "
-                         f"counted {item.num_tokens}")
-    mm.offset = item.offset
-    return mm
-
-
-def media_item(processor, item: ImageItem, config, hidden_size: int) -> MMItem:
-    """An ImageItem → MMItem ready for the engine: an image preprocessed (pixel values, grid)
-    or an embeddings file loaded (see load_embedding_item). Offset from the item."""
-    if item.format in EMBEDDING_FORMATS:
-        return load_embedding_item(processor, item, config.media, hidden_size,
-                                   config.model.max_model_len)
-    mm = processor.image_item(decode_image(item))
-    mm.offset = item.offset
-    return mm
-
-
 class EncodeWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, encode_only=True, device=ctx.device)
+        self.engine = make_engine(ctx.config, "encode", device=ctx.device)
         self.processor = self.engine.processor
-        runner = self.engine.runner
-        self.hidden_size = runner.model.text_config.hidden_size
-        self.pool = EmbeddingPool(self.hidden_size, runner.dtype, embedding_pool_rows(ctx.config),
-                                  device=ctx.device)
+        self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
+        self.row_width = row_width(self.engine)         # embeddings + DeepStack blocks
+        self.pool = EmbeddingPool(self.row_width, self.engine.dtype,
+                                  embedding_pool_rows(ctx.config), device=ctx.device)
         self.pool_descs = ctx.nixl.register(self.pool.tensor)
-        self.dtype = str(runner.dtype).removeprefix("torch.")
+        self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
         self.pending: list[EncodeRequest] = []
         self.arrived: dict[str, float] = {}                 # request id -> arrival
@@ -241,7 +192,8 @@ class EncodeWorker(Worker):
     def _mm_item(self, it: ImageItem) -> MMItem:
         if it.format in EMBEDDING_FORMATS:
             return load_embedding_item(self.processor, it, self.ctx.config.media,
-                                       self.hidden_size, self.ctx.config.model.max_model_len)
+                                       self.hidden_size, self.ctx.config.model.max_model_len,
+                                       self.deepstack)
         item = self.processor.image_item(decode_image(it))
         if item.num_tokens != it.num_tokens:
             raise ValueError(f"image has {item.num_tokens} tokens here, the frontend counted "
@@ -249,7 +201,7 @@ class EncodeWorker(Worker):
         return item
 
     def _store(self, content_hash: str, item: MMItem) -> bool:
-        emb = item.embeddings                                     # [n, hidden]
+        emb = item.embeddings                                     # [n, row_width]
         start = self.pool.alloc(emb.shape[0])
         while start is None and self._evict_one():
             start = self.pool.alloc(emb.shape[0])
@@ -279,7 +231,7 @@ class EncodeWorker(Worker):
             self.counts["num_published_rows"] += e.num_rows
             self.send(req.prefill_rank, EmbeddingsReady(
                 req.request_id, it.content_hash, self.ctx.nixl.descs(view), e.num_rows,
-                self.hidden_size, self.dtype, self.rank, e.grid_thw,
+                self.row_width, self.dtype, self.rank, e.grid_thw,
                 getattr(self.processor, "merge_size", 1)))
 
     def _unpin(self, request_id: str, hashes: list[str] | None) -> None:

@@ -83,7 +83,7 @@ def run(ctx, local=None) -> None:
             thread.start()
         try:
             await serve(ctx.config, client, fp, shutdown=client.shutdown, on_ready=ready,
-                        app=app)
+                        app=app, note=ctx.layout.summary())
         finally:
             if thread is not None:
                 local.stopping.set()

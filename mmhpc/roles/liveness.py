@@ -28,9 +28,11 @@ STALL_BEATS = 2.5           # heartbeats missed before a rank counts as stalled
 
 class Liveness:
     def __init__(self, timeouts, roles: dict[int, str], workers: list[int],
-                 on_dead: Callable[[int, str], None]) -> None:
+                 on_dead: Callable[[int, str], None], names: dict[int, str] | None = None) -> None:
+        """`names`: how a line names each rank (its role, "role on node" across nodes)."""
         self.timeouts = timeouts
         self.roles = roles
+        self.names = names or roles
         self.workers = workers
         self.on_dead = on_dead
         self.last_seen: dict[int, float] = {}
@@ -58,7 +60,7 @@ class Liveness:
     def rank_dead(self, rank: int, why: str) -> None:
         if self.dead or self.closing:
             return
-        self.dead = f"rank {rank} ({self.roles.get(rank, '?')}) is dead: {why}"
+        self.dead = f"rank {rank} ({self.names.get(rank, '?')}) is dead: {why}"
         self.on_dead(rank, self.dead)
 
     # ---------------------------------------------------------------- judgement
@@ -73,9 +75,9 @@ class Liveness:
         for r in self.workers:
             silent = self.silent_s(r, now)
             if silent > STALL_BEATS * self.timeouts.heartbeat_s:
-                out.append(f"rank {r} ({self.roles[r]}) silent for {silent:.1f}s")
+                out.append(f"rank {r} ({self.names[r]}) silent for {silent:.1f}s")
             elif self.loop_stalled.get(r, 0.0) > self.timeouts.dead_rank_s:
-                out.append(f"rank {r} ({self.roles[r]}) engine loop stalled for "
+                out.append(f"rank {r} ({self.names[r]}) engine loop stalled for "
                            f"{self.loop_stalled[r]:.1f}s")
         return out
 

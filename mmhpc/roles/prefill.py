@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.engine.sequence import MMItem
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_decode import KVReady
 from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
-from mmhpc.roles.embed_pool import EmbeddingPool, embedding_pool_rows
-from mmhpc.roles.encode import media_item
+from mmhpc.multimodal.image_items import media_item
+from mmhpc.roles.embed_pool import EmbeddingPool, embedding_pool_rows, row_width
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,15 @@ class _Read:
 class PrefillWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "prefill", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
-        self.hidden_size = self.engine.runner.model.text_config.hidden_size
+        self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
-            runner = self.engine.runner
-            self.landing = EmbeddingPool(runner.model.text_config.hidden_size, runner.dtype,
+            self.landing = EmbeddingPool(row_width(self.engine), self.engine.dtype,
                                          embedding_pool_rows(ctx.config), device=ctx.device)
             ctx.nixl.register(self.landing.tensor)
         self.requests: dict[str, PrefillRequest] = {}    # waiting for embeddings or in engine
@@ -101,7 +101,8 @@ class PrefillWorker(Worker):
         self.deadlines[rid] = stage_deadline(req.deadline, stage_s)
         if req.encode_rank < 0:
             try:
-                items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+                items = [media_item(self.processor, img, self.ctx.config, self.hidden_size,
+                                    self.deepstack)
                          for img in req.images]
             except Exception as e:  # noqa: BLE001
                 self._fail(rid, f"cannot prepare image: {type(e).__name__}: {e}")
@@ -113,6 +114,11 @@ class PrefillWorker(Worker):
         release = ReleaseEmbeddings(rid, [msg.content_hash])
         if rid in self.aborted or self.landing is None:
             self.send(msg.encode_rank, release)
+            return
+        if msg.hidden_size != self.landing.tensor.shape[1]:
+            self.send(msg.encode_rank, release)
+            self._fail(rid, f"encode sent {msg.hidden_size}-wide embedding rows; this model's "
+                            f"are {self.landing.tensor.shape[1]} wide")
             return
         start = self.landing.alloc(msg.num_tokens)
         if start is None:                   # READs in flight hold the rows: wait for them
@@ -170,7 +176,7 @@ class PrefillWorker(Worker):
                 if done or failed:
                     self.landing.free(r.start, n)
                 elif now > r.deadline:          # the grace is over too
-                    self.ctx.nixl._release(r.handle)
+                    self.ctx.nixl.release(r.handle)
                     self.landing.free(r.start, n)
                     log.warning("prefill rank %d: an embedding READ of %s still in flight after "
                                 "another %.0f s; its landing rows go back", self.rank,

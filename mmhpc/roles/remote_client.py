@@ -25,7 +25,7 @@ from typing import Any
 from mmhpc.engine.block_manager import pack_hashes
 from mmhpc.engine.detokenizer import IncrementalDetokenizer
 from mmhpc.engine.outputs import RequestOutput
-from mmhpc.messages.common import AbortRequest, ErrorNotice, Heartbeat, MMItemMeta, Shutdown
+from mmhpc.messages.common import AbortRequest, Heartbeat, MMItemMeta, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_encode import EncodeRequest, ImageItem
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
@@ -75,7 +75,10 @@ class RemoteEngineClient(EngineClient):
         self.placement.rank_stats = {r: {} for r in self.workers}
         if local is not None:
             self.placement.rank_stats[self.rank] = {}
-        self.liveness = Liveness(self.config.timeouts, self.roles, self.workers, self._on_dead)
+        names = {p.rank: f"{p.role} on {p.node_name}" for p in ctx.peers} \
+            if layout.num_nodes > 1 else None             # the dead-rank line names the node
+        self.liveness = Liveness(self.config.timeouts, self.roles, self.workers, self._on_dead,
+                                 names)
         self.embedding_rows = embedding_pool_rows(self.config)
         self.requests: dict[str, _Request] = {}
         self.images: OrderedDict[str, Any] = OrderedDict()
@@ -175,12 +178,6 @@ class RemoteEngineClient(EngineClient):
             self.placement.in_flight.subtract(st.ranks)
             if not finished:
                 self._abort_everywhere(request_id, st.ranks, "abort")
-
-    async def abort(self, request_id: str) -> None:
-        st = self.requests.get(request_id)
-        if st is not None:
-            self._abort_everywhere(request_id, st.ranks, "abort")
-            st.queue.put_nowait(RequestFailed(request_id, 0, "frontend", "aborted"))
 
     def healthy(self) -> bool:
         return self.dead is None and not self.liveness.stalled()
@@ -309,10 +306,6 @@ class RemoteEngineClient(EngineClient):
             self.liveness.beat(msg.rank, msg.stats)
         elif isinstance(msg, (TokenStream, RequestFailed)):
             self._deliver(msg)
-        elif isinstance(msg, ErrorNotice) and msg.request_id is None:
-            self.liveness.rank_dead(msg.rank, msg.message)
-        elif isinstance(msg, ErrorNotice):
-            self._deliver(RequestFailed(msg.request_id, msg.rank, msg.stage, msg.message))
         elif self.local is not None:            # for the worker beside us
             self.local.inbox.put((src, msg))
 

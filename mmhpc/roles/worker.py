@@ -255,8 +255,7 @@ def stage_deadline(request_deadline: float, stage_s: float, start: float | None 
 def frontend_hashes(msg, engine) -> list[int] | None:
     """The prompt's block hashes the frontend sent with `msg` (PrefillRequest,
     GenerateRequest), if made at this engine's block size; None: the scheduler makes them."""
-    if not msg.hash_block_size or \
-            msg.hash_block_size != engine.scheduler.block_manager.block_size:
+    if not msg.hash_block_size or msg.hash_block_size != engine.block_size:
         return None
     from mmhpc.engine.block_manager import unpack_hashes
     return unpack_hashes(msg.block_hashes)

@@ -26,7 +26,7 @@ from mmhpc.engine.outputs import RequestOutput
 from mmhpc.server import protocol as P
 from mmhpc.server.engine_client import EngineClient
 from mmhpc.server.image_budget import ImageBudget
-from mmhpc.server.media import Embeddings, MediaLoader, text_hidden_size
+from mmhpc.server.media import Embeddings, MediaLoader, deepstack_levels, text_hidden_size
 from mmhpc.server.metrics import Metrics
 from mmhpc.server.protocol import APIError
 
@@ -37,6 +37,13 @@ INLINE_JSON_BYTES = 1 << 16
 
 def served_model_name(config: Config) -> str:
     return config.model.name or Path(config.model.path.rstrip("/")).name
+
+
+def model_aliases(config: Config) -> frozenset[str]:
+    """Other ids a request may name the served model by: the `model.path` string (vLLM's and
+    trtllm-serve's default id), with or without a trailing slash."""
+    path = config.model.path.rstrip("/")
+    return frozenset({path, path + "/"}) - {served_model_name(config)}
 
 
 class _Choice:
@@ -57,9 +64,11 @@ class Frontend:
         self.client = client
         self.processor = processor
         self.model = served_model_name(config)
+        self.aliases = model_aliases(config)
         self.max_model_len = config.model.max_model_len
         self.media = MediaLoader(config.media, text_hidden_size(config.model.path),
-                                 max_tokens=self.max_model_len)
+                                 max_tokens=self.max_model_len,
+                                 deepstack=deepstack_levels(config.model.path))
         self.images = ImageBudget(config.media)
         self.metrics = Metrics()
         self.ready = False
@@ -106,9 +115,12 @@ class Frontend:
 
     async def _body(self, request: web.Request) -> dict:
         raw = await request.read()
-        if len(raw) > INLINE_JSON_BYTES:    # images inline: MBs of JSON, parsed off the loop
-            return await self.media.run(P.parse_json, raw)
-        return P.parse_json(raw)
+        # images inline: MBs of JSON, parsed off the loop
+        body = await self.media.run(P.parse_json, raw) if len(raw) > INLINE_JSON_BYTES \
+            else P.parse_json(raw)
+        if isinstance(body.get("model"), str) and body["model"] in self.aliases:
+            body["model"] = self.model          # the path names the served model too
+        return body
 
     def _deadline(self) -> float:
         return time.time() + self.config.server.request_timeout_s
@@ -398,7 +410,7 @@ class Frontend:
     async def retrieve_model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{model} (the openai client's `models.retrieve`)."""
         name = request.match_info["model"]
-        if name != self.model:
+        if name != self.model and name not in self.aliases:
             raise APIError(404, f"The model '{name}' does not exist (this server serves "
                                 f"'{self.model}')", param="model", code="model_not_found")
         return web.json_response(self._model_card())
@@ -515,10 +527,11 @@ def frontend(app: web.Application) -> Frontend:
 async def serve(config: Config, engine_client: EngineClient, processor, *,
                 shutdown: Optional[asyncio.Event] = None,
                 on_ready: Optional[Callable[[str], None]] = None,
-                app: Optional[web.Application] = None) -> None:
+                app: Optional[web.Application] = None, note: str = "") -> None:
     """Serve until SIGTERM/SIGINT (main thread) or `shutdown` is set; then stop accepting,
     drain in-flight requests (up to server.request_timeout_s) and return. `app`: one already
-    made by `build_app` (to keep a handle on it); by default a new one."""
+    made by `build_app` (to keep a handle on it); by default a new one. `note` follows the
+    URL on the ready line (the launcher's: the layout)."""
     app = app or build_app(config, engine_client, processor)
     fe = frontend(app)
     await engine_client.start()
@@ -538,7 +551,7 @@ async def serve(config: Config, engine_client: EngineClient, processor, *,
             loop.add_signal_handler(sig, stop.set)
             signals.append(sig)
     fe.ready = True
-    print(f"mmhpc ready: {url}", flush=True)
+    print(f"mmhpc ready: {url}" + (f" ({note})" if note else ""), flush=True)
     if on_ready is not None:
         on_ready(url)
     try:

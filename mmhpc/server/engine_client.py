@@ -1,5 +1,5 @@
-"""What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an LLMEngine in
-its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
+"""What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an engine (an
+`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
 
 Protocol of the engine thread (the only thread that touches the engine):
     loop: drain commands (add / abort / stop; block while idle) → step() → outputs to the
@@ -46,10 +46,6 @@ class EngineClient(abc.ABC):
         `deadline` is absolute `time.time()`; past it the request is aborted and TimeoutError
         raised. Leaving the iteration early (break, cancellation, aclose) aborts the request
         and frees its resources."""
-
-    @abc.abstractmethod
-    async def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if unknown or finished)."""
 
     @abc.abstractmethod
     def healthy(self) -> bool:
@@ -113,14 +109,12 @@ class LocalEngineClient(EngineClient):
         ids, items = list(prompt_token_ids), list(mm_items)
         # the prefix-cache hashes made here, not in the engine thread's next schedule (it
         # waits on the GPU meanwhile); a long prompt off the event loop
-        hashes = None
-        if self.engine.scheduler.block_manager.enable_prefix_caching:
-            try:
-                hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
-                          if len(ids) > INLINE_HASH_TOKENS
-                          else self.engine.prompt_block_hashes(ids, items))
-            except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
-                hashes = None
+        try:        # None: the engine caches no prefixes
+            hashes = (await asyncio.to_thread(self.engine.prompt_block_hashes, ids, items)
+                      if len(ids) > INLINE_HASH_TOKENS
+                      else self.engine.prompt_block_hashes(ids, items))
+        except Exception:  # noqa: BLE001 - the engine's add_request says what is wrong
+            hashes = None
         self._cmds.put(("add", request_id, ids, params, items, hashes))
         finished = False
         try:
@@ -138,9 +132,6 @@ class LocalEngineClient(EngineClient):
             self._queues.pop(request_id, None)
             if not finished:
                 self._cmds.put(("abort", request_id))
-
-    async def abort(self, request_id: str) -> None:
-        self._cmds.put(("abort", request_id))
 
     def healthy(self) -> bool:
         if self._thread is None or not self._thread.is_alive():

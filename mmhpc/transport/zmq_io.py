@@ -9,7 +9,6 @@ loop owns an `AsyncMailbox`.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import zmq
@@ -131,13 +130,3 @@ class AsyncMailbox(_Base):
         if not await self._pull.poll(ms):
             return None
         return codec.decode_envelope(await self._pull.recv(copy=True))
-
-
-def wait_until(pred, timeout: float, interval: float = 0.001) -> bool:
-    """Poll `pred` until true or `timeout` seconds pass."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
-    return True
