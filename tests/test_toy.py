@@ -224,3 +224,32 @@ def test_toy_model_answers_the_heldout_style(toy_model):
     right = [toydata.is_correct(p, s.answer) for s, p in zip(samples, preds)]
     wrong = [(s.qtype, s.answer, p) for s, p, ok in zip(samples, preds, right) if not ok]
     assert sum(right) >= 22, wrong
+
+
+def test_train_toy_refuses_to_train_on_the_heldout_style(tmp_path):
+    from mmhpc.tools.train_toy import train
+
+    with pytest.raises(ValueError, match="held-out style"):
+        train(tmp_path, styles=("classic", toydata.HELDOUT_STYLE))
+
+
+@pytest.mark.slow
+def test_train_toy_writes_the_heldout_goal(tmp_path):
+    """A few steps of a tiny model (through the worker pool): toy_training.json has the
+    classic, training-mix and held-out tables and the goal's verdict."""
+    import json
+
+    from mmhpc.tools.train_toy import GOAL, train
+
+    sizes = dict(vision_hidden=32, vision_layers=1, hidden=32, layers=1, heads=2, kv_heads=1,
+                 intermediate=64, vision_intermediate=64)
+    info = train(tmp_path, steps=3, batch_size=4, eval_n=8, sizes=sizes, workers=1,
+                 warmup=1, log_every=1)
+    saved = json.loads((tmp_path / "toy_training.json").read_text())
+    assert saved["heldout_style"] == toydata.HELDOUT_STYLE
+    assert saved["train_styles"] == list(toydata.TRAIN_STYLES)
+    assert set(saved["eval"]) == {"classic", "train", "heldout"}
+    assert all(t["all"]["n"] == 8 for t in saved["eval"].values())
+    g = saved["goal"]
+    assert g["target"] == GOAL and g["pass"] == (min(g["shape"], g["colour"]) >= GOAL)
+    assert info["goal"] == g and (tmp_path / "model.safetensors").exists()
