@@ -241,7 +241,8 @@ def _gemma3(s: dict[str, int], vocab_size: int):
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], head_dim=s["hidden"] // s["heads"],
-        max_position_embeddings=4096, sliding_window=8, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, sliding_window=16, rms_norm_eps=1e-6,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(s["layers"])],
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = dict(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
