@@ -57,16 +57,22 @@ LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
                      "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+
+def _content_template(image: str) -> str:
+    """Jinja: a message's content, a string or text and image parts, each image as `image`."""
+    return ("{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '" + image + "' }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}")
+
+
 # llava-1.5 style: "USER: <image>\nWhat is this? ASSISTANT:"; the tokenizer prepends <s>.
 LLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ '' }}"
     "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<image>\\n") +
     "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
     "{{ ' ' if (not loop.last or add_generation_prompt) else '' }}"
     "{%- endfor -%}"
@@ -102,11 +108,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<start_of_turn>' }}{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
     "{{ '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<start_of_image>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<start_of_image>") +
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
