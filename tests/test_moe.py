@@ -157,24 +157,14 @@ def test_per_expert_checkpoint_loads_like_fused(tp, ep, tmp_path):
              "experts.gate_up_proj": gu, "experts.down_proj": down}
     save_file(fused, str(tmp_path / "model.safetensors"))
     for rank in range(tp):
-        a, b = _build_rank(QWEN3, tmp_path, rank, tp, ep), None
+        a = _build(QWEN3, tmp_path, TPGroup(rank, tp, ep=ep))
         before = loader.bytes_read
-        b = _build_rank(QWEN3, tmp_path / "per", rank, tp, ep)
+        b = _build(QWEN3, tmp_path / "per", TPGroup(rank, tp, ep=ep))
         expert_bytes = loader.bytes_read - before - sum(
             v.numel() * 4 for k, v in w.items() if not k.startswith("experts."))
         assert expert_bytes == (gu.numel() + down.numel()) * 4 // tp
         for n, p in a.named_parameters():
             torch.testing.assert_close(p, dict(b.named_parameters())[n], rtol=0, atol=0)
-
-
-def _build_rank(spec: MoESpec, path, rank: int, tp: int, ep: int) -> MoE:
-    prev = set_tp(TPGroup(rank, tp, ep=ep))
-    try:
-        moe = MoE(spec)
-    finally:
-        set_tp(prev)
-    loader.load_weights(moe, path, [])
-    return moe
 
 
 def _owner(module, name):
