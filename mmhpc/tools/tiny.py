@@ -380,10 +380,10 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
-            elif p.dim() == 3 and ".feed_forward.experts." in name:   # Llama-4 [E, in, out]
-                std = 1.0 / p.shape[1] ** 0.5
-            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
+            elif "mlp.experts." in name:         # Qwen3 fused experts [E, out, in]
                 std = 1.0 / p.shape[-1] ** 0.5
+            elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
+                std = 1.0 / p.shape[1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
