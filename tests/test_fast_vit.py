@@ -11,12 +11,14 @@ import torch
 
 from mmhpc.engine.sequence import MMItem
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (family, device): Qwen2-VL's and CLIP's fused blocks need the Triton LayerNorm / quick-GELU.
+# One parametrize of plain values: bench/run_gpu_tests.py runs this file on the GPU machine.
+CASES = ["qwen2_5_vl/cpu"] + ([f"{f}/cuda" for f in ("qwen2_5_vl", "qwen2_vl", "llava_next")]
+                             if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_next"])
-def test_fast_vit_matches_hf(family, device):
+@pytest.mark.parametrize("case", CASES)
+def test_fast_vit_matches_hf(case):
     import numpy as np
     from PIL import Image
 
@@ -24,8 +26,7 @@ def test_fast_vit_matches_hf(family, device):
     from mmhpc.models import load_model
     from mmhpc.multimodal.processor import InputProcessor
     from mmhpc.tools.tiny import tiny_checkpoint
-    if device == "cpu" and family != "qwen2_5_vl":
-        pytest.skip("Qwen2-VL's and CLIP's blocks need the Triton LayerNorm / quick-GELU")
+    family, device = case.split("/")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     path = tiny_checkpoint(family, **({} if family == "llava_next" else {"image_size": 224}))
     rng = np.random.default_rng(0)
