@@ -107,6 +107,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     return out
 
 
+def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] occurrences of each id (a bincount of fixed size: no host sync, graph-capturable)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.long))
+
+
 class FusedExperts(nn.Module):
     """This rank's experts: gate_up_proj [E_local, 2 * I_local, H], down_proj [E_local, H, I_local]."""
 
@@ -145,7 +151,7 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """x [P, H] (one row per (token, expert) pair), expert [P] local ids -> [P, H]."""
         order = torch.argsort(expert, stable=True)                      # [P]
-        counts = torch.bincount(expert, minlength=self.num_local)       # [E_local]
+        counts = _count(expert, self.num_local)                          # [E_local]
         offs = torch.cumsum(counts, 0).to(torch.int32)
         xs = x.index_select(0, order)
         gate, up = grouped_linear(xs, self.gate_up_proj, offs).chunk(2, dim=-1)   # [P, I] each
@@ -187,14 +193,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # every rank routes every token (the router is small): the counts agree on all ranks
         weights, ids = route(self.router_logits(x), self.spec)                 # [T, k], [T, k]
-        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
+        self.tokens_per_expert += _count(ids.flatten(), self.spec.num_experts)
         if self.ep > 1:
             out = self._expert_parallel(x, weights, ids)
             if self.shared_expert is not None:
                 out = out + self.tp.all_reduce(self.shared_expert(x))
             return out
         k = self.spec.top_k
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)   # [T * k]
+        rows = torch.arange(x.shape[0] * k, device=x.device) // k       # [T * k] (no host sync)
         y = self._compute(x.index_select(0, rows), ids.flatten(), weights.flatten())
         out = torch.zeros_like(x).index_add_(0, rows, y)                # partial over parts
         if self.shared_expert is not None:
@@ -218,7 +224,7 @@ class MoE(nn.Module):
         lo, hi = min(T, rank * share), min(T, (rank + 1) * share)
         mine = x[lo:hi]                                                  # [n, H]
         ids, weights = ids[lo:hi].flatten(), weights[lo:hi].flatten()  # [n * k]
-        rows = torch.arange(hi - lo, device=x.device).repeat_interleave(k)
+        rows = torch.arange((hi - lo) * k, device=x.device) // k
         # each pair goes to every rank of its expert's group: parts * n * k sends
         group = ids // self.experts.num_local
         dest = (group[None, :] * parts + torch.arange(parts, device=x.device)[:, None]).flatten()
@@ -229,7 +235,7 @@ class MoE(nn.Module):
         payload = mine.index_select(0, rows.index_select(0, pair))     # [S, H]
         if self.spec.weight_on_input:
             payload = payload * w
-        send_counts = torch.bincount(dest, minlength=size)
+        send_counts = _count(dest, size)
         recv_counts = self.tp.all_to_all(send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         recv_x = self.tp.all_to_all(payload, recv, send)               # [R, H]
