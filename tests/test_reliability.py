@@ -266,3 +266,65 @@ def test_requests_after_the_engine_died_get_a_clean_503(tiny_llava):
         assert status == 503 and b"engine thread is dead" in body
     finally:
         srv.stop()
+
+
+def test_a_stuck_engine_loop_is_named_while_its_io_thread_beats():
+    """A real Worker (its I/O thread, real ZeroMQ heartbeats to a frontend mailbox) whose
+    engine loop hangs in tick(): the beats go on, carrying how long the loop has not turned;
+    the frontend's Liveness calls it stalled, then names it dead past engine_stall_s."""
+    import threading
+
+    import mmhpc.messages  # noqa: F401  (registers the messages)
+    from mmhpc.messages.common import Heartbeat
+    from mmhpc.roles.liveness import Liveness
+    from mmhpc.roles.worker import Worker
+    from mmhpc.transport.zmq_io import Mailbox
+    cfg = Config.from_dict({"timeouts": {"heartbeat_s": 0.2, "dead_rank_s": 1.0,
+                                         "engine_stall_s": 1.5}})
+    front, mb = Mailbox(0), Mailbox(1)
+    front.set_peers({1: mb.address})
+    mb.set_peers({0: front.address})
+    ctx = SimpleNamespace(rank=1, config=cfg, mailbox=mb, role="decode",
+                          layout=SimpleNamespace(frontend_rank=0),
+                          info=SimpleNamespace(instance=0))
+    hang, release = threading.Event(), threading.Event()
+
+    class Hangs(Worker):
+        def handle(self, src, msg) -> None:
+            pass
+
+        def tick(self) -> None:
+            if hang.is_set():
+                release.wait(10)            # a step that never returns
+
+    w = Hangs(ctx)
+    t = threading.Thread(target=w.run)
+    t.start()
+    dead: list[str] = []
+    lv = Liveness(cfg.timeouts, {1: "decode"}, [1], lambda r, why: dead.append(why))
+    lv.last_seen = {1: time.monotonic()}
+
+    def listen(seconds: float) -> list[str]:
+        stalled, end = [], time.monotonic() + seconds
+        while time.monotonic() < end and not dead:
+            for src, msg in front.recv_all(0.05):
+                if isinstance(msg, Heartbeat):
+                    lv.heard(src)
+                    lv.beat(src, msg.stats)
+            stalled += lv.stalled()
+            lv.check(time.monotonic())
+        return stalled
+    try:
+        assert not listen(1.0) and not dead              # turning: healthy
+        hang.set()
+        stalled = listen(4.0)
+        assert any("engine loop stalled" in s for s in stalled), stalled
+        assert len(dead) == 1 and dead[0].startswith(
+            "rank 1 (decode) is dead: its engine loop made no progress for "), dead
+        assert lv.silent_s(1) < 1.0                      # while its I/O thread still beats
+    finally:
+        w.stopping.set()
+        release.set()
+        t.join(10)
+        front.close()
+        mb.close()
