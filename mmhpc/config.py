@@ -34,6 +34,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85   # fraction of free device memory after weights
     num_blocks: Optional[int] = None   # overrides the memory budget (tests force preemption)
     enable_prefix_caching: bool = True
+    # Rows (one per image token) of the encode rank's embedding pool and of prefill's landing
+    # pool; None: 2 x model.max_model_len (the largest admissible request fits twice).
+    embedding_pool_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,6 +45,9 @@ class CacheConfig:
             raise ValueError("cache.gpu_memory_utilization must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"cache.num_blocks must be >= 2, got {self.num_blocks}")
+        if self.embedding_pool_rows is not None and self.embedding_pool_rows < 1:
+            raise ValueError(f"cache.embedding_pool_rows must be >= 1, "
+                             f"got {self.embedding_pool_rows}")
 
 
 @dataclass
@@ -77,21 +83,49 @@ class MediaConfig:
     max_image_pixels: int = 50_000_000 # decompression-bomb cap
     max_file_size_mb: float = 50.0     # pre-computed embedding files
     max_images_per_request: int = 16
+    # Decoded pixels (RGB bytes) the frontend holds: per request (413 above it) and for all
+    # requests being prepared or dispatched together (429 while full); decoding threads.
+    max_request_image_mb: float = 512.0
+    max_inflight_image_mb: float = 2048.0
+    max_decode_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_request_image_mb <= self.max_inflight_image_mb:
+            raise ValueError("media.max_request_image_mb must be in (0, "
+                             "media.max_inflight_image_mb]")
+        if self.max_decode_threads < 1:
+            raise ValueError("media.max_decode_threads must be >= 1")
+
+
+AUTO = "auto"
 
 
 @dataclass
 class GroupConfig:
-    instances: int = 1
+    instances: Any = 1                 # an int, or "auto": the ranks the other groups leave
     tp: int = 1
     ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.instances < 0 or self.tp < 1 or self.ep < 1:
+        if isinstance(self.instances, str) and self.instances != AUTO:
+            try:
+                self.instances = int(self.instances)
+            except ValueError:
+                raise ValueError(f"instances must be an integer or 'auto', "
+                                 f"got {self.instances!r}") from None
+        if isinstance(self.instances, bool) or not (self.auto or isinstance(self.instances, int)):
+            raise ValueError(f"instances must be an integer or 'auto', got {self.instances!r}")
+        if (not self.auto and self.instances < 0) or self.tp < 1 or self.ep < 1:
             raise ValueError(f"bad group sizes: instances={self.instances} tp={self.tp} ep={self.ep}")
 
     @property
+    def auto(self) -> bool:
+        return self.instances == AUTO
+
+    @property
     def num_ranks(self) -> int:
-        return self.instances * self.tp
+        """Ranks of its instances (`auto`: at least one instance's)."""
+        return (1 if self.auto else self.instances) * self.tp
 
 
 DEPLOYMENT_GROUPS = {   # deployment name -> the groups it uses, in rank order
@@ -110,7 +144,9 @@ class DeploymentConfig:
     encode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     prefill: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
     decode: GroupConfig = field(default_factory=lambda: GroupConfig(instances=0))
-    frontend_shares_rank: bool = True  # rank 0 runs the frontend beside its worker
+    # rank 0 runs the frontend beside its worker; None (auto, see Config): on GPU clusters yes
+    # (the frontend never takes a GPU of its own), on CPU alone
+    frontend_shares_rank: Optional[bool] = True
     allow_cross_node_instances: bool = False
     # Routing (mmhpc.roles.router): a request whose prompt prefix (or images) an instance
     # holds counts as this many queued requests fewer there; 0: least loaded only.
@@ -124,12 +160,15 @@ class DeploymentConfig:
                              f"got {self.name!r}")
         used = DEPLOYMENT_GROUPS[self.name]
         for g in ("aggregated", "encode", "prefill", "decode"):
-            n = getattr(self, g).instances
-            if g in used and n < 1:
+            gc = getattr(self, g)
+            if g in used and not gc.auto and gc.instances < 1:
                 raise ValueError(f"deployment {self.name} needs deployment.{g}.instances >= 1")
-            if g not in used and n:
+            if g not in used and (gc.auto or gc.instances):
                 raise ValueError(f"deployment {self.name} does not use {g}: "
                                  f"set deployment.{g}.instances=0")
+        auto = [g for g in used if getattr(self, g).auto]
+        if len(auto) > 1:
+            raise ValueError(f"only one group may have instances=auto, got {', '.join(auto)}")
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -144,8 +183,27 @@ class DeploymentConfig:
 
     @property
     def num_ranks(self) -> int:
-        """Ranks the deployment needs: workers, plus rank 0 alone if it does not share."""
+        """Ranks the deployment needs (at least, with an `auto` group): workers, plus rank 0
+        alone if it does not share."""
         return self.num_worker_ranks + (0 if self.frontend_shares_rank else 1)
+
+    @property
+    def auto_group(self) -> str | None:
+        return next((g for g in self.groups if self.group(g).auto), None)
+
+    def fill(self, world_size: int) -> "DeploymentConfig":
+        """A copy whose `auto` group takes the ranks the others leave (itself if none is
+        auto). Raises ValueError (one line) when not one instance of it fits."""
+        g = self.auto_group
+        if g is None:
+            return self
+        gc = self.group(g)
+        left = world_size - (self.num_ranks - gc.tp)
+        if left < gc.tp or left % gc.tp:
+            raise ValueError(f"deployment.{g}.instances=auto: {world_size} ranks leave {left} "
+                             f"for {g} instances of tp={gc.tp}: run with "
+                             f"-n {self.num_ranks - gc.tp + gc.tp * max(1, -(-left // gc.tp))}")
+        return dataclasses.replace(self, **{g: dataclasses.replace(gc, instances=left // gc.tp)})
 
 
 @dataclass
@@ -153,8 +211,12 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0             # 0: CPU
+    gpu_memory_gb: float = 0.0         # one GPU's memory; > 0: layouts are checked to hold the weights
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
+    # the network other nodes reach this one on: an interface name (ib0, hsn0, eth0; a comma
+    # list, first present wins) or a CIDR (10.0.0.0/8); "": the node name's address
+    interface: str = ""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -179,6 +241,8 @@ class TimeoutConfig:
     kv_lease_s: float = 60.0           # prefill frees unclaimed blocks after this
     heartbeat_s: float = 2.0
     dead_rank_s: float = 10.0
+    engine_stall_s: float = 120.0      # a rank whose engine loop is stuck this long is dead
+    collective_s: float = 600.0        # a TP/EP collective stuck this long raises
     startup_s: float = 600.0           # model load + the start-up exchange
 
     def __post_init__(self) -> None:
@@ -218,6 +282,9 @@ class Config:
                 raise ValueError("engine.backend=transformers serves deployment=agg with "
                                  "deployment.aggregated.tp=1 only (it implements the "
                                  "aggregated engine, not prefill/decode/encode, and no TP)")
+        if self.deployment.frontend_shares_rank is None:   # auto
+            self.deployment.frontend_shares_rank = (self.deployment.name == "agg"
+                                                    or self.cluster.gpus_per_node > 0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

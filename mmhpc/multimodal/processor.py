@@ -3,7 +3,8 @@
 Loads only the tokenizer and the image processor config of a Hugging Face checkpoint (no
 weights). The ids match HF's own processor (`AutoProcessor(text=..., images=...)`) token for
 token: each placeholder token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL) becomes
-`num_tokens` copies of itself, starting at `MMItem.offset`.
+`num_tokens` copies of itself, starting at `MMItem.offset`; Llama-4's `<|image|>` becomes the
+image's whole tiled span (mmhpc/multimodal/tiles.py), `grid_thw = (1, rows, cols)`.
 """
 from __future__ import annotations
 
@@ -175,12 +176,12 @@ class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
-    `grid_thw` for Qwen2-VL; kind "hf": `pixel_values` is the image processor's output dict,
-    and HF's own processor expands the prompt) or a tensor of pre-computed embeddings
-    `[n, hidden]` (then `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of
-    n merged tokens, or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in
-    patches; a "file" entry, the media.Embeddings they were loaded from, becomes
-    `MMItem.source`).
+    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the
+    image processor's output dict, and HF's own processor expands the prompt) or a tensor of
+    pre-computed embeddings `[n, hidden]` (then `num_tokens = n`; for Qwen2-VL the M-RoPE grid
+    defaults to one row of n merged tokens, or pass `{"embeddings": tensor, "grid_thw": (t, h,
+    w)}` with h, w in patches; a "file" entry, the media.Embeddings they were loaded from,
+    becomes `MMItem.source`).
     """
 
     def __init__(self, model_path: str | Path, kind: str | None = None):
@@ -197,19 +198,30 @@ class InputProcessor:
             self.image_processor = self.hf_processor.image_processor
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.image_processor = AutoImageProcessor.from_pretrained(self.path)
+            self.image_processor = None if self.kind == "llama4" \
+                else AutoImageProcessor.from_pretrained(self.path)   # llama4's needs torchvision
         proc_cfg = _read_json(self.path / "processor_config.json")
+        self.tiles = None
         if self.kind == "hf":       # the prompt's placeholder; its expansion's token below
             self.image_token = self.hf_processor.image_token
             self.image_token_id = (getattr(self.tokenizer, "image_token_id", None)
                                    or config.get("image_token_id", config.get("image_token_index")))
-        elif self.kind == "llava":
+        elif self.kind == "llama4":
+            from mmhpc.multimodal import tiles
+            self.tiles = tiles.TileConfig.from_files(
+                _read_json(self.path / "preprocessor_config.json"), proc_cfg)
+            self.image_token = "<|image|>"
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            self.span_tokens = {t: self.tokenizer.convert_tokens_to_ids(t) for t in tiles.SPECIAL}
+        elif self.kind in ("llava", "llava_next"):
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
             self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
             self.feature_strategy = proc_cfg.get(
                 "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
             self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
+            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT's tiles
+            self.tile_size = config["vision_config"].get("image_size")
         else:
             self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
             self.image_token_id = config.get("image_token_id")
@@ -247,6 +259,15 @@ class InputProcessor:
         if self.kind == "hf":
             from PIL import Image
             return self._hf_num_tokens(Image.new("RGB", (width, height)))
+        if self.kind == "llava_next":
+            from mmhpc.models.llava_next import num_image_tokens
+            n = num_image_tokens(height, width, self.grid_pinpoints, self.tile_size,
+                                 self.patch_size, self.num_additional_tokens)
+            return n - 1 if self.feature_strategy == "default" else n
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            return tiles.span_length(*tiles.tile_grid(height, width, self.tiles),
+                                     self.tiles.tokens_per_tile)
         if self.kind == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
@@ -283,8 +304,19 @@ class InputProcessor:
         if self.kind == "hf":
             return MMItem(image_hash(image), -1, self._hf_num_tokens(image),
                           pixel_values=self._hf_pixels(image))
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=tiles.span_length(rows, cols, self.tiles.tokens_per_tile),
+                          grid_thw=(1, rows, cols), pixel_values=pixel_values)
         out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
+        if self.kind == "llava_next":
+            # pixel_values: [1, num_tiles, 3, S, S] (the base view first)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=self.num_image_tokens(image.width, image.height),
+                          pixel_values=pixel_values[0], image_size=(image.height, image.width))
         if self.kind == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
@@ -309,6 +341,11 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = grid or (1, 1, 1)
+            if tiles.span_length(grid[1], grid[2], self.tiles.tokens_per_tile) != n:
+                raise ValueError(f"grid_thw {grid} (1, tile rows, tile cols) does not span {n} tokens")
         if self.kind == "qwen2_vl":
             m = self.merge_size
             grid = grid or (1, m, n * m)
@@ -335,6 +372,9 @@ class InputProcessor:
         if self.kind == "qwen2_vl":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
+        elif self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = (1, *tiles.tile_grid(image.height, image.width, self.tiles))
         return MMItem(content_hash=image_hash(image), offset=-1,
                       num_tokens=self.num_image_tokens(image.width, image.height), grid_thw=grid)
 
@@ -357,10 +397,18 @@ class InputProcessor:
         for pos, item in zip(positions, items):
             out += ids[start:pos]
             item.offset = len(out)
-            out += [self.image_token_id] * item.num_tokens
+            out += self.placeholder_ids(item)
             start = pos + 1
         out += ids[start:]
         return out, items
+
+    def placeholder_ids(self, item: MMItem) -> list[int]:
+        """The prompt tokens an item occupies (Llama-4: its tiled span)."""
+        if self.tiles is None:
+            return [self.image_token_id] * item.num_tokens
+        from mmhpc.multimodal import tiles
+        return tiles.span_ids(item.grid_thw[1], item.grid_thw[2], self.tiles.tokens_per_tile,
+                              self.span_tokens)
 
     def _hf_process(self, prompt: str, images: list[Any], with_pixels: bool
                     ) -> tuple[list[int], list[MMItem]]:
@@ -393,19 +441,24 @@ class InputProcessor:
 def hf_processor(path: str | Path):
     """HF's own processor for a checkpoint (the oracle's input side).
 
-    `AutoProcessor` needs torchvision for Qwen2-VL (its video processor); where torchvision is
-    missing, an image-only Qwen2VLProcessor (video_processor=None) stands in.
+    `AutoProcessor` needs torchvision for the Qwen families (their video processors); where
+    torchvision is missing, an image-only processor (video_processor=None) stands in.
     """
+    import transformers
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
-        if json.loads((Path(path) / "config.json").read_text())["model_type"] != "qwen2_vl":
+        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if processor_kind(model_type) != "qwen2_vl":
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
+    base = {"qwen2_vl": transformers.Qwen2VLProcessor,
+            "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(model_type,
+                                                                transformers.Qwen3VLProcessor)
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None

@@ -1,13 +1,18 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|qwen3_vl|... --out DIR [--layers N ...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
-Token ids (both families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
+Token ids (every family): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
+(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6; llama4: see
+LLAMA4_SPECIALS, `<|patch|>` = 8).
+
+llama4 is Maverick-like (MoE every `moe_step`=2 layers, dense between; `--moe-step 1`: Scout-
+like, every layer MoE), with 4 experts, a NoPE layer every 4th, attention chunks of 16
+tokens and temperature tuning from position 8 on, so that short tests cross all of them.
 """
 from __future__ import annotations
 
@@ -99,6 +104,22 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+LLAMA4_SPECIALS = ["<|finetune_right_pad|>", "<|begin_of_text|>", "<|eot|>", "<|header_start|>",
+                   "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                   "<|tile_x_separator|>", "<|tile_y_separator|>"]
+
+# Llama-4's own template, without tools: <|begin_of_text|> then one header + <|eot|> a message.
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] in ('image', 'image_url', 'input_image') %}<|image|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
 GEMMA3_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>",
                    "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -172,6 +193,13 @@ def _gemma3_tokenizer(tok) -> dict:
                                       "image_token": "<image_soft_token>"})
 
 
+def _llama4_tokenizer(tok) -> dict:
+    from tokenizers import processors
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)   # the template adds bos
+    return dict(pad_token="<|finetune_right_pad|>", bos_token="<|begin_of_text|>",
+                eos_token="<|eot|>", extra_special_tokens={"image_token": "<|image|>"})
+
+
 def _qwen_tokenizer(tok) -> dict:
     from tokenizers import processors
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -181,18 +209,28 @@ def _qwen_tokenizer(tok) -> dict:
 
 
 # ------------------------------------------------------------------------------- models
-def _llava(s: dict[str, int], vocab_size: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
+def _clip_vision(s: dict[str, int]):
+    """The LLaVA families' CLIP tower config."""
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
         num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
         image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_hidden"])
-    text = LlamaConfig(
+
+
+def _llama_kw(s: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    """A Llama-style language model's config values (LlamaConfig, MistralConfig)."""
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _llava(s: dict[str, int], vocab_size: int):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _clip_vision(s), LlamaConfig(**_llama_kw(s, vocab_size))
     num_tokens = (s["image_size"] // s["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=3, image_seq_length=num_tokens,
@@ -209,26 +247,63 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _qwen2_vl(s: dict[str, int], vocab_size: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict[str, Any]:
+    """The Qwen-VL families' language model config (M-RoPE)."""
     head_dim = s["hidden"] // s["heads"]
-    text = dict(
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="qwen2_vl_text")
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type=model_type)
+
+
+QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
+                   vision_end_token_id=5, tie_word_embeddings=False)
+
+
+def _qwen2_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_vl_text")
     vision = dict(
         depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
         num_heads=s["vision_hidden"] // 16, mlp_ratio=2, patch_size=s["patch_size"],
         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **QWEN_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
+    """Qwen3-VL (QK-norm, interleaved M-RoPE, DeepStack from the first `vision_layers - 1` ViT
+    layers); `moe`: every layer's MLP sparse (`experts`, `top_k`)."""
+    import transformers as tf
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=head_dim,
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                    moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        patch_size=s["patch_size"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        out_hidden_size=s["hidden"], num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(tf, name + "Config")(
         text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
         vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
-    return Qwen2VLForConditionalGeneration(config)
+    return getattr(tf, name + "ForConditionalGeneration")(config)
 
 
 def _gemma3_image_tokens(s: dict[str, int]) -> int:
@@ -257,6 +332,34 @@ def _gemma3(s: dict[str, int], vocab_size: int):
     return Gemma3ForConditionalGeneration(config)
 
 
+def _llama4(s: dict[str, int], vocab_size: int):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 2,
+        intermediate_size_mlp=s["intermediate"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        head_dim=s["hidden"] // s["heads"], num_local_experts=s["experts"], num_experts_per_tok=1,
+        interleave_moe_layer_step=s["moe_step"], attention_chunk_size=s["chunk"],
+        no_rope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=8, attn_scale=0.5, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="llama4_text")
+    vision = dict(
+        hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
+        image_size=s["image_size"], patch_size=s["patch_size"], vision_output_dim=s["hidden"],
+        projector_input_dim=s["hidden"], projector_output_dim=s["hidden"],
+        pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        model_type="llama4_vision_model")
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=5,
+                          eoi_token_index=6, image_token_index=8, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Llama4ForConditionalGeneration(config)
+
+
 def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
@@ -277,6 +380,10 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif "mlp.experts." in name:         # Qwen3 fused experts [E, out, in]
+                std = 1.0 / p.shape[-1] ** 0.5
+            elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
+                std = 1.0 / p.shape[1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -301,18 +408,18 @@ def _llava_files(s: dict[str, int]) -> dict[str, dict]:
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
-def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
+def _qwen2_vl_files(s: dict[str, int], processor: str = "Qwen2VLProcessor") -> dict[str, dict]:
     unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
     min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
     vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
-    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
+    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=processor,
                  **vision)
-    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
+    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=processor,
                  do_sample_frames=False, **vision)
     return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
-            "processor_config.json": dict(processor_class="Qwen2VLProcessor")}
+            "processor_config.json": dict(processor_class=processor)}
 
 
 def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
@@ -322,6 +429,17 @@ def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
                  **{**_image_common(), "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                     "resample": 2})
     processor = dict(processor_class="Gemma3Processor", image_seq_length=_gemma3_image_tokens(s))
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
+def _llama4_files(s: dict[str, int]) -> dict[str, dict]:
+    side = {"height": s["image_size"], "width": s["image_size"]}
+    image = dict(image_processor_type="Llama4ImageProcessor", processor_class="Llama4Processor",
+                 size=side, max_patches=s["max_tiles"], resize_to_max_canvas=False,
+                 **{**_image_common(), "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                    "resample": 2})
+    processor = dict(processor_class="Llama4Processor", patch_size=s["patch_size"],
+                     pixel_shuffle_ratio=0.5)
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
@@ -433,6 +551,35 @@ QWEN2_VL = TinyFamily(
     model=_qwen2_vl, processor_files=_qwen2_vl_files,
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
     check=_qwen2_vl_check)
+
+
+_QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
+                       vocab=640, seed=0)
+QWEN3_VL = TinyFamily(
+    sizes=_QWEN3_VL_SIZES, specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=_qwen3_vl,
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expert layout loads)
+    sizes={**_QWEN3_VL_SIZES, "intermediate": 48, "experts": 8, "top_k": 2},
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+
+
+def _llama4_check(s: dict[str, int]) -> None:
+    if s["image_size"] % s["patch_size"] or (s["image_size"] // s["patch_size"]) % 2:
+        raise ValueError("llama4: patch_size must divide image_size an even number of times")
+
+
+LLAMA4 = TinyFamily(      # image_size: one tile's side; up to max_tiles tiles + a global view
+    sizes=dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, experts=4,
+               moe_step=2, chunk=16, max_tiles=4),
+    specials=LLAMA4_SPECIALS, chat_template=LLAMA4_CHAT_TEMPLATE, tokenizer=_llama4_tokenizer,
+    model=_llama4, processor_files=_llama4_files, eos_token_id=2, check=_llama4_check)
 
 
 def _gemma3_check(s: dict[str, int]) -> None:
