@@ -224,7 +224,8 @@ class ClusterConfig:
         if self.gpus_per_node < 0:
             raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if not 0 <= self.zmq_port_base < 65536:
-            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], got {self.zmq_port_base}")
+            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], "
+                             f"got {self.zmq_port_base}")
 
     @property
     def world_size(self) -> int | None:

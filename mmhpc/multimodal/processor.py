@@ -177,11 +177,11 @@ class InputProcessor:
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
     `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the
-    image processor's output dict,
-    and HF's own processor expands the prompt) or a tensor of pre-computed embeddings `[n, hidden]` (then
-    `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
-    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
-    entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
+    image processor's output dict, and HF's own processor expands the prompt) or a tensor of
+    pre-computed embeddings `[n, hidden]` (then `num_tokens = n`; for Qwen2-VL the M-RoPE grid
+    defaults to one row of n merged tokens, or pass `{"embeddings": tensor, "grid_thw": (t, h,
+    w)}` with h, w in patches; a "file" entry, the media.Embeddings they were loaded from,
+    becomes `MMItem.source`).
     """
 
     def __init__(self, model_path: str | Path, kind: str | None = None):
@@ -302,8 +302,8 @@ class InputProcessor:
 
     def _image_item(self, image) -> MMItem:
         if self.kind == "hf":
-            return MMItem(content_hash=image_hash(image), offset=-1,
-                          num_tokens=self._hf_num_tokens(image), pixel_values=self._hf_pixels(image))
+            return MMItem(image_hash(image), -1, self._hf_num_tokens(image),
+                          pixel_values=self._hf_pixels(image))
         if self.tiles is not None:
             from mmhpc.multimodal import tiles
             pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)

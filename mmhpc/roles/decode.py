@@ -3,7 +3,8 @@
 1. KVReady (prefill): reserve blocks for the prompt's KV (`add_prefilled_request`; no room
    now → it waits in arrival order, within its deadline and prefill's lease).
 2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
-   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
+   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline
+   (timeouts.kv_transfer_s).
 3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
    each step's new tokens go to the frontend as TokenStream. With TP, ReleaseKV waits until
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing

@@ -570,15 +570,16 @@ async def serve(config: Config, engine_client: EngineClient, processor, *,
 
 def run_local(config: Config, *, shutdown: Optional[asyncio.Event] = None,
               on_ready: Optional[Callable[[str], None]] = None) -> None:
-    """Aggregated single-process server: LLMEngine + LocalEngineClient + serve."""
+    """Aggregated single-process server: the engine (`engine.backend`) + LocalEngineClient +
+    serve."""
     client, processor = make_local_client(config)
     asyncio.run(serve(config, client, processor, shutdown=shutdown, on_ready=on_ready))
 
 
 def make_local_client(config: Config):
-    from mmhpc.engine.engine import LLMEngine
+    from mmhpc.engine.interface import make_engine
     from mmhpc.server.engine_client import LocalEngineClient
-    engine = LLMEngine(config)
+    engine = make_engine(config, "aggregated")
     return LocalEngineClient(engine), engine.processor
 
 

@@ -1,5 +1,6 @@
 """What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an engine (an
-`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
+`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a
+distributed client (E/P/D over ZeroMQ) implements the same methods.
 
 Protocol of the engine thread (the only thread that touches the engine):
     loop: drain commands (add / abort / stop; block while idle) → step() → outputs to the
