@@ -277,7 +277,6 @@ class MoE(nn.Module):
         return self.tp.all_gather_rows(routed, T)                       # [T, H]
 
 
-def expert_counts(model: nn.Module) -> torch.Tensor | None:
-    """Tokens routed to each expert, summed over the model's MoE layers ([E]); None: dense."""
-    counts = [m.tokens_per_expert for m in model.modules() if isinstance(m, MoE)]
-    return torch.stack(counts).sum(0) if counts else None
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers (their `tokens_per_expert` summed: the /metrics counts)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
