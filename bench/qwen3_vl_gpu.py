@@ -190,10 +190,11 @@ def correctness(args) -> None:
         print("correctness", rows[-1], flush=True)
         if items:             # the engine's ViT bundles (embeddings + DeepStack) against HF's
             with torch.no_grad():
-                out = hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
-                                                  return_dict=True)
-            ref = torch.cat([torch.cat(out.pooler_output),
-                             *[torch.cat(d) for d in out.deepstack_features]], dim=1).float()
+                out = hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
+            embeds, deep = (out.pooler_output, out.deepstack_features) \
+                if hasattr(out, "deepstack_features") else out          # older: a tuple
+            ref = torch.cat([torch.cat(embeds), *[torch.cat(d) if isinstance(d, (list, tuple))
+                                                   else d for d in deep]], dim=1).float()
             got = torch.cat([it.embeddings for it in items]).float()
             rows[-1]["vit_rel_err"] = round(((got - ref).norm() / ref.norm()).item(), 5)
     R["correctness"] = rows
