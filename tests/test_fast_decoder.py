@@ -36,7 +36,7 @@ def _positions(model, ids: torch.Tensor, start: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_fast_decoder_matches_plain_decoder(family):
     """Qwen3-VL: QK-norm, and image rows with DeepStack blocks in the prefill step; the MoE:
-    routing + grouped GEMMs (`gpu_moe`) against the plain layer's loop over experts."""
+    its MoE layers (`models.moe`) inside the fast path."""
     from mmhpc.tools.tiny import tiny_checkpoint
     model = load_model(tiny_checkpoint(family), torch.float32, "cpu")
     dec = model.language_model

@@ -168,3 +168,44 @@ def test_gpu_bench_smoke(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["check"]["same_argmax"] and out["check"]["max_rel_err"] < 1e-4
     assert out["batch_1"]["ours_ms"] > 0 and out["batch_4"]["floor_ms"] > out["batch_1"]["floor_ms"]
+
+
+def _hf_tiling_functions() -> dict:
+    """HF's own canvas functions (image_processing_llama4.py), compiled from its source: the
+    module imports torchvision at the top, which this environment lacks."""
+    import ast
+    import math
+    from collections import defaultdict
+    from functools import lru_cache
+    from pathlib import Path
+
+    import transformers
+    src = (Path(transformers.__file__).parent / "models/llama4/image_processing_llama4.py").read_text()
+    names = {"get_factors", "get_max_res_without_distortion", "find_supported_resolutions",
+             "get_best_fit"}
+    tree = ast.parse(src)
+    tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    ns = {"torch": torch, "math": math, "defaultdict": defaultdict, "lru_cache": lru_cache,
+          "SizeDict": object}
+    exec(compile(tree, "image_processing_llama4", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize("max_tiles", [4, 16])
+def test_tiles_canvas_matches_hf(max_tiles):
+    """The tile grid and the resized size, as HF's Llama4ImageProcessor picks them."""
+    from collections import namedtuple
+
+    from mmhpc.multimodal import tiles
+    hf = _hf_tiling_functions()
+    size = namedtuple("Size", "height width")(32, 32)
+    res = torch.tensor(hf["find_supported_resolutions"](max_tiles, size))
+    assert [tuple(r) for r in res.tolist()] == list(tiles.supported_resolutions(max_tiles, 32))
+    cfg = tiles.TileConfig(32, max_tiles, 4)
+    for h in (5, 17, 32, 33, 40, 64, 90, 200):
+        for w in (7, 20, 32, 48, 70, 128, 333):
+            canvas = tuple(int(x) for x in hf["get_best_fit"]((h, w), res))
+            assert tiles.best_canvas(h, w, cfg) == canvas, (h, w)
+            th, tw = min(max(h, 32), canvas[0]), min(max(w, 32), canvas[1])
+            want = hf["get_max_res_without_distortion"]((h, w), (th, tw))
+            assert tiles._resized_size(h, w, canvas, 32) == tuple(max(1, x) for x in want), (h, w)

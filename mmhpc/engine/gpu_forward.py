@@ -7,7 +7,7 @@ of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+r
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
 split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks with no
 cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. Qwen3: an
-RMSNorm over each q/k head before rotary; MoE layers: routing and grouped GEMMs (`gpu_moe`);
+RMSNorm over each q/k head before rotary; MoE layers: `models.moe` (grouped GEMMs, no sync);
 DeepStack rows added after the first layers. A prefill step's last layer runs attention and
 the MLP on the sampled rows alone. No host sync inside:
 the caller passes host bounds (`max_seqlen_q`, `max_context_len`), so a decode step can be
@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from mmhpc import kernels
-from mmhpc.engine.gpu_moe import moe_forward
 from mmhpc.models.layers import split_mm_embeds
 
 
@@ -199,8 +198,8 @@ class FastDecoder:
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            if gu_w is None:
-                h = moe_forward(layer.mlp, x)
+            if gu_w is None:                                         # models.moe.MoE
+                h = layer.mlp(x)
             elif self.gemv and self.gemv_silu:                       # one launch at one row
                 h = self._proj(kernels.linear_silu_and_mul(x, gu_w), layer.mlp.down_proj)
             else:

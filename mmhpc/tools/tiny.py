@@ -62,16 +62,22 @@ LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
                      "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+
+def _content_template(image: str) -> str:
+    """Jinja: a message's content, a string or text and image parts, each image as `image`."""
+    return ("{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '" + image + "' }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}")
+
+
 # llava-1.5 style: "USER: <image>\nWhat is this? ASSISTANT:"; the tokenizer prepends <s>.
 LLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ '' }}"
     "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<image>\\n") +
     "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
     "{{ ' ' if (not loop.last or add_generation_prompt) else '' }}"
     "{%- endfor -%}"
@@ -123,11 +129,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<start_of_turn>' }}{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
     "{{ '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<start_of_image>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<start_of_image>") +
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
@@ -316,7 +318,8 @@ def _gemma3(s: dict[str, int], vocab_size: int):
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], head_dim=s["hidden"] // s["heads"],
-        max_position_embeddings=4096, sliding_window=8, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, sliding_window=16, rms_norm_eps=1e-6,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(s["layers"])],
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = dict(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
@@ -377,10 +380,10 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
-            elif p.dim() == 3 and ".feed_forward.experts." in name:   # Llama-4 [E, in, out]
-                std = 1.0 / p.shape[1] ** 0.5
-            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
+            elif "mlp.experts." in name:         # Qwen3 fused experts [E, out, in]
                 std = 1.0 / p.shape[-1] ** 0.5
+            elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
+                std = 1.0 / p.shape[1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
