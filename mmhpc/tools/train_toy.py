@@ -43,7 +43,8 @@ GOAL = 0.95                # held-out style: shape and colour accuracy (issue 24
 
 # Sizes handed to the tiny builder (its names): 64 px images, patch 8 -> 64 image tokens.
 # vision_intermediate (not a builder size) widens the CLIP MLP from the builder's 2x to 4x.
-SIZES = dict(image_size=64, patch_size=8, vision_hidden=128, vision_layers=2,
+# 4 vision layers (issue 9's model had 2): turned, outlined shapes on busy backgrounds.
+SIZES = dict(image_size=64, patch_size=8, vision_hidden=128, vision_layers=4,
              hidden=128, layers=3, heads=4, kv_heads=2, intermediate=512, vocab=640, seed=0,
              vision_intermediate=512)
 
@@ -282,6 +283,9 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
         raise ValueError(f"held-out style {heldout!r} is among the training styles {styles}")
     if threads:
         torch.set_num_threads(threads)
+    if init:      # the sizes the checkpoint was trained with (its builder files are rebuilt)
+        sizes = dict(json.loads((Path(init) / "toy_training.json").read_text())["sizes"],
+                     **(sizes or {}))
     sizes = dict(SIZES, **(sizes or {}))
     vision_intermediate = sizes.pop("vision_intermediate", None)
     out = Path(out)
