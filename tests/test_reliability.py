@@ -136,6 +136,27 @@ def test_decode_preemption_fails_only_the_image_request():
     assert s.reserved == {"img1": seqs[2]}           # untouched
 
 
+def test_decode_reserves_an_image_request_its_whole_generation():
+    """Where the pool allows it, decode reserves an image request's blocks for prompt +
+    max_tokens at once: the text request is preempted when blocks run out, never it."""
+    from mmhpc.config import CacheConfig, SchedulerConfig
+    from mmhpc.engine.scheduler import Scheduler
+    s = Scheduler(SchedulerConfig(), CacheConfig(block_size=4, num_blocks=7))
+    img, txt = _remote_seq("img", 7, True), _remote_seq("txt", 7, False)
+    img.params.max_tokens = 10                              # 7 + 10 - 1 tokens: 4 blocks
+    assert len(s.reserve_remote(img)) == 2 and len(img.block_table) == 4
+    assert len(s.reserve_remote(txt)) == 2
+    for q in (img, txt):
+        s.activate_remote(q.request_id)
+    preempted = []
+    for _ in range(8):
+        out = s.schedule()
+        preempted += out.preempted
+        assert not out.finished
+        s.update(out, {x.seq.request_id: 9 for x in out.scheduled})
+    assert preempted == ["txt"] and img.num_tokens == 16 and len(img.block_table) == 4
+
+
 def test_decode_remembers_an_abort_that_overtakes_the_kv_hand_off():
     from mmhpc.messages.common import AbortRequest
     from mmhpc.messages.to_decode import KVReady
