@@ -349,3 +349,38 @@ def test_a_stuck_engine_loop_is_named_while_its_io_thread_beats():
         t.join(10)
         front.close()
         mb.close()
+
+
+def test_image_budget_over_http(tiny_llava, rng_image):
+    """media.max_request_image_mb over real HTTP: a request whose images decode past it gets
+    413 with an OpenAI error body; a small one beside it is served."""
+    import base64
+    import io
+
+    from imgserver import http
+    from mmhpc.server.app import ServerThread
+    cfg = Config.from_dict({"model": {"path": str(tiny_llava), "max_model_len": 256},
+                            "cache": {"num_blocks": 64},
+                            "server": {"host": "127.0.0.1", "port": 0},
+                            "media": {"max_request_image_mb": 0.5,
+                                      "max_inflight_image_mb": 1.0}})
+
+    def body(w: int, h: int) -> dict:
+        buf = io.BytesIO()
+        rng_image(3, w, h).save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return {"model": tiny_llava.name, "max_tokens": 2, "messages": [{"role": "user",
+                "content": [{"type": "text", "text": "hi"},
+                            {"type": "image_url", "image_url": {"url": url}}]}]}
+    srv = ServerThread(cfg)
+    url = srv.start()
+    try:
+        status, raw = http("POST", url + "/v1/chat/completions", body(512, 512))[:2]  # 768 KiB
+        err = json.loads(raw)["error"]
+        assert status == 413 and err["code"] == "request_too_large", raw
+        assert "max_request_image_mb" in err["message"]
+        status, raw = http("POST", url + "/v1/chat/completions", body(64, 64))[:2]
+        assert status == 200, raw
+        assert srv.frontend.images.held == 0
+    finally:
+        srv.stop()
