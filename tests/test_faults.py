@@ -9,8 +9,8 @@ requests whose greedy text must still equal the offline engine's (itself HF-equa
   dead, every request answers (or is refused with 413 / 429);
 - a worker stopped (SIGSTOP) for less than dead_rank_s: /health 503 while it is stalled, 200
   after, the requests it held finish;
-- decode-side preemption of image requests (few KV blocks): each finishes HF-equal or fails
-  alone, the text neighbours are untouched;
+- decode-side preemption with image requests (few KV blocks): all HF-equal (image requests
+  get their whole generation's blocks on arrival; text ones are recomputed);
 - and last, a rank stopped past dead_rank_s: every request after the death gets 503, never
   an unhandled error.
 """
@@ -269,9 +269,11 @@ def small_kv(tmp_path_factory):
         yield d
 
 
-def test_decode_preemption_of_image_requests_fails_them_alone(small_kv):
-    """12 requests, 24 tokens each, on 32 KV blocks of 16: decode preempts. Text requests are
-    recomputed (HF-equal); an image request either finishes HF-equal or fails alone."""
+def test_decode_preemption_spares_image_requests(small_kv):
+    """12 requests x 96 tokens on 32 KV blocks of 16: decode preempts. It cannot recompute an
+    image request (the embeddings stayed on prefill), so it reserved each one's whole
+    generation on arrival (they wait for room instead); the text requests it preempts are
+    recomputed. All 12 are HF-equal (before: 8 x 500, every request on decode failed)."""
     import openai
     from mmhpc import LLM
     from mmhpc.engine.sequence import SamplingParams
@@ -299,15 +301,11 @@ def test_decode_preemption_of_image_requests_fails_them_alone(small_kv):
         [{"type": "image", "image": im}] if im is not None else [])}] for t, im in reqs]
     want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=96, temperature=0,
                                                                  ignore_eos=True))]
-    for (text, image), g, w in zip(reqs, got, want):
-        if isinstance(g, Exception):
-            assert image is not None and g.status_code == 500, g
-            assert "cannot be recomputed" in str(g), g
-        else:
-            assert g == w, text
     stats = quiet(small_kv)
-    print("preemptions:", {r: s.get("num_preemptions") for r, s in stats.items()},
-          "failed alone:", sum(isinstance(g, Exception) for g in got))
+    preemptions = {r: s.get("num_preemptions") for r, s in stats.items()}
+    print("preemptions:", preemptions, "failed alone:", sum(isinstance(g, Exception) for g in got))
+    # decode reserved the image requests' whole generation: only text ones were preempted
+    assert got == want and sum(v or 0 for v in preemptions.values()) > 0, (got, preemptions)
 
 
 def test_idle_tp_followers_outlive_the_collective_timeout(tmp_path_factory):

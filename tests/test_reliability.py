@@ -136,6 +136,27 @@ def test_decode_preemption_fails_only_the_image_request():
     assert s.reserved == {"img1": seqs[2]}           # untouched
 
 
+def test_decode_reserves_an_image_request_its_whole_generation():
+    """Where the pool allows it, decode reserves an image request's blocks for prompt +
+    max_tokens at once: the text request is preempted when blocks run out, never it."""
+    from mmhpc.config import CacheConfig, SchedulerConfig
+    from mmhpc.engine.scheduler import Scheduler
+    s = Scheduler(SchedulerConfig(), CacheConfig(block_size=4, num_blocks=7))
+    img, txt = _remote_seq("img", 7, True), _remote_seq("txt", 7, False)
+    img.params.max_tokens = 10                              # 7 + 10 - 1 tokens: 4 blocks
+    assert len(s.reserve_remote(img)) == 2 and len(img.block_table) == 4
+    assert len(s.reserve_remote(txt)) == 2
+    for q in (img, txt):
+        s.activate_remote(q.request_id)
+    preempted = []
+    for _ in range(8):
+        out = s.schedule()
+        preempted += out.preempted
+        assert not out.finished
+        s.update(out, {x.seq.request_id: 9 for x in out.scheduled})
+    assert preempted == ["txt"] and img.num_tokens == 16 and len(img.block_table) == 4
+
+
 def test_decode_remembers_an_abort_that_overtakes_the_kv_hand_off():
     from mmhpc.messages.common import AbortRequest
     from mmhpc.messages.to_decode import KVReady
@@ -328,3 +349,38 @@ def test_a_stuck_engine_loop_is_named_while_its_io_thread_beats():
         t.join(10)
         front.close()
         mb.close()
+
+
+def test_image_budget_over_http(tiny_llava, rng_image):
+    """media.max_request_image_mb over real HTTP: a request whose images decode past it gets
+    413 with an OpenAI error body; a small one beside it is served."""
+    import base64
+    import io
+
+    from imgserver import http
+    from mmhpc.server.app import ServerThread
+    cfg = Config.from_dict({"model": {"path": str(tiny_llava), "max_model_len": 256},
+                            "cache": {"num_blocks": 64},
+                            "server": {"host": "127.0.0.1", "port": 0},
+                            "media": {"max_request_image_mb": 0.5,
+                                      "max_inflight_image_mb": 1.0}})
+
+    def body(w: int, h: int) -> dict:
+        buf = io.BytesIO()
+        rng_image(3, w, h).save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return {"model": tiny_llava.name, "max_tokens": 2, "messages": [{"role": "user",
+                "content": [{"type": "text", "text": "hi"},
+                            {"type": "image_url", "image_url": {"url": url}}]}]}
+    srv = ServerThread(cfg)
+    url = srv.start()
+    try:
+        status, raw = http("POST", url + "/v1/chat/completions", body(512, 512))[:2]  # 768 KiB
+        err = json.loads(raw)["error"]
+        assert status == 413 and err["code"] == "request_too_large", raw
+        assert "max_request_image_mb" in err["message"]
+        status, raw = http("POST", url + "/v1/chat/completions", body(64, 64))[:2]
+        assert status == 200, raw
+        assert srv.frontend.images.held == 0
+    finally:
+        srv.stop()
