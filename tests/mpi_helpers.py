@@ -5,6 +5,7 @@ that group's id; the frontend's URL comes from its `mmhpc ready: URL` line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ class Deployment:
             text = self.log_path.read_text()
             for line in text.splitlines():
                 if line.startswith("mmhpc ready: "):
-                    self.url = line.split()[-1]
+                    self.url = line.split()[2]      # "mmhpc ready: URL (layout)"
                     return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"deployment exited {self.proc.returncode}:\n{text[-3000:]}")
@@ -89,3 +90,14 @@ class Deployment:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(num_ranks: int, overrides: list[str], tmp_path_factory, name: str, **kw):
+    """A started Deployment (log in a fresh temporary folder `name`), stopped at the end."""
+    dep = Deployment(num_ranks, overrides, tmp_path_factory.mktemp(name) / "job.log", **kw)
+    dep.start()
+    try:
+        yield dep
+    finally:
+        dep.stop()

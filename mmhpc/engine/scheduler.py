@@ -2,8 +2,10 @@
 
 One step mixes decodes and prefill chunks under `max_num_batched_tokens`: running sequences
 first (in admission order), then waiting ones FCFS. When blocks run out, the most recently
-admitted running sequence is preempted (recompute: its blocks are freed and on readmission it
-prefills over prompt + output so far). The engine's step is
+admitted running sequence that can be recomputed is preempted (its blocks are freed and on
+readmission it prefills over prompt + output so far). A sequence that cannot be recomputed here
+(decode side: its images' embeddings stayed on the prefill rank) is never preempted while
+another can be; chosen anyway, it alone fails (ERROR) and frees its blocks. The engine's step is
 
     out = scheduler.schedule()          # what to run
     sampled = runner.run(out)           # {request_id: token} for entries with .sample
@@ -62,6 +64,12 @@ def check_stop(seq: Sequence, eos_token_ids: Iterable[int] = (),
     if n >= p.max_tokens or (max_model_len is not None and seq.num_tokens >= max_model_len):
         return FinishReason.LENGTH
     return None
+
+
+def recomputable(seq: Sequence) -> bool:
+    """Its KV can be made again from what this rank holds (every image has pixels or
+    embeddings)."""
+    return all(it.pixel_values is not None or it.embeddings is not None for it in seq.mm_items)
 
 
 class Scheduler:
@@ -192,8 +200,14 @@ class Scheduler:
                 self._fail(seq, self._too_long(seq), out)
                 continue
             while not bm.can_allocate(seq, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
+                victim = self._victim(i)
+                self.running.remove(victim)
+                if recomputable(victim):
+                    self._preempt(victim)
+                else:
+                    self._fail(victim, f"request {victim.request_id} was preempted (KV blocks "
+                                       f"ran out) and cannot be recomputed here: its images' "
+                                       f"embeddings are not on this rank", out)
                 out.preempted.append(victim.request_id)
                 if victim is seq:
                     break
@@ -272,6 +286,14 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, num_new, not is_decode, start,
                                           start + num_new == seq.num_tokens))
         out.num_batched_tokens += num_new
+
+    def _victim(self, first: int) -> Sequence:
+        """The seq to preempt among running[first:]: the latest admitted that can be
+        recomputed, else the latest."""
+        for seq in reversed(self.running[first:]):
+            if recomputable(seq):
+                return seq
+        return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -6,11 +6,18 @@ legacy `language_model.model.…`) to its own parameter names. Tensors are read 
 carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one;
 one that carries `weight_loader(slice_) -> tensor` reads its own part (MoE experts: only
 this rank's experts).
+
+Progress: inside `reporting(label)` (the launcher wraps each role's set-up in it), every
+`load_weights` prints `mmhpc: LABEL: weights A of B (P%)` every PROGRESS_EVERY_S seconds (a bar
+redrawn in place when stderr is a terminal) and a last line with the time taken.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +41,49 @@ def map_name(name: str, rules: list[tuple[str, str]], params: dict) -> str | Non
 
 
 bytes_read = 0          # tensor bytes read by load_weights in this process (tests: shards)
+PROGRESS_EVERY_S = 5.0
+_label: str | None = None      # set by `reporting`: this rank prints its loads' progress
+
+
+@contextlib.contextmanager
+def reporting(label: str | None):
+    """Print the progress of every `load_weights` inside, as `label` (None: silent)."""
+    global _label
+    prev, _label = _label, label
+    try:
+        yield
+    finally:
+        _label = prev
+
+
+class _Progress:
+    def __init__(self, label: str | None, total: int) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.t0 = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._say(f"loading weights, {_size(total)}")
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if self.label and (now - self.last >= (0.2 if self.tty else PROGRESS_EVERY_S)):
+            self.last = now
+            pct = 100 * self.done / max(self.total, 1)
+            bar = "#" * int(pct / 5)
+            self._say(f"weights {_size(self.done)} of {_size(self.total)} ({pct:.0f}%)"
+                      + (f" [{bar:<20}]" if self.tty else ""), end="\r" if self.tty else "\n")
+
+    def finish(self) -> None:
+        self._say(f"weights loaded, {_size(self.done)} in {time.monotonic() - self.t0:.1f} s"
+                  + (" " * 20 if self.tty else ""))
+
+    def _say(self, text: str, end: str = "\n") -> None:
+        if self.label:
+            print(f"mmhpc: {self.label}: {text}", end=end, file=sys.stderr, flush=True)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _read_shard(slice_, param: torch.Tensor, shard) -> torch.Tensor:
@@ -108,6 +158,8 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else [p.name for p in sorted(path.glob("*.safetensors"))]
     loaded: set[str] = set()
+    progress = _Progress(_label, _bytes_to_read(path, files, rules, params, tp_size)) \
+        if _label else None
     for fname in files:
         with safe_open(str(path / fname), framework="pt") as f:
             for key in f.keys():
@@ -119,11 +171,15 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
                     continue
                 param = params[name]
                 tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
+                if progress:
+                    progress.add(tensor.numel() * tensor.element_size())
                 if tensor.shape != param.shape:
                     raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
                 with torch.no_grad():
                     param.copy_(tensor.to(param.dtype))
                 loaded.add(name)
+    if progress:
+        progress.finish()
     if tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.weight = model.language_model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -131,3 +187,27 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
     if missing:
         raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
+
+
+def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
+                   tp_size: int) -> int:
+    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
+    total = 0
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for key in f.keys():
+                name = map_name(key, rules, params)
+                if name is None:
+                    continue
+                sl, param = f.get_slice(key), params[name]
+                numel = 1
+                for n in sl.get_shape():
+                    numel *= n
+                split = getattr(param, "tp_shard", None) is not None or \
+                    (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
+                total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -18,7 +18,9 @@ from typing import Any
 #               are its whole span <|image_start|> .. <|image_end|>, grid_thw = (1, rows, cols);
 #   "hf":       Hugging Face's own processor (AutoProcessor) expands the prompt; each image's
 #               tokens are one run of the image token. Any VLM; pixels only (no embeddings).
-PROCESSOR_KINDS = ("llava", "qwen2_vl", "llama4", "hf")
+#   "llava_next": anyres tiles (a base view + a grid pinpoint's tiles): num_tokens from the
+#               image's size and aspect (models/llava_next.py), `image_size` kept.
+PROCESSOR_KINDS = ("llava", "qwen2_vl", "llama4", "hf", "llava_next")
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,11 @@ register(Family("qwen2_vl", model="mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
 register(Family("llama4", model="mmhpc.models.llama4:Llama4ForCausalLM", processor="llama4",
                 tiny="mmhpc.tools.tiny:LLAMA4"))
 register(Family("gemma3", model=None, processor="hf", tiny="mmhpc.tools.tiny:GEMMA3"))
+register(Family("llava_next", model="mmhpc.models.llava_next:LlavaNextForCausalLM",
+                processor="llava_next", tiny="mmhpc.tools.tiny_dense_vlm:LLAVA_NEXT"))
+register(Family("qwen2_5_vl", model="mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny_dense_vlm:QWEN2_5_VL"))
+register(Family("qwen3_vl", model="mmhpc.models.qwen3_vl:Qwen3VLForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN3_VL"))
+register(Family("qwen3_vl_moe", model="mmhpc.models.qwen3_vl:Qwen3VLMoeForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN3_VL_MOE"))

@@ -1,6 +1,6 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|qwen3_vl|... --out DIR [--layers N ...]` writes a
 complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
@@ -62,16 +62,22 @@ LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
                      "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+
+def _content_template(image: str) -> str:
+    """Jinja: a message's content, a string or text and image parts, each image as `image`."""
+    return ("{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '" + image + "' }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}")
+
+
 # llava-1.5 style: "USER: <image>\nWhat is this? ASSISTANT:"; the tokenizer prepends <s>.
 LLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ '' }}"
     "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<image>\\n") +
     "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
     "{{ ' ' if (not loop.last or add_generation_prompt) else '' }}"
     "{%- endfor -%}"
@@ -123,11 +129,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<start_of_turn>' }}{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
     "{{ '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<start_of_image>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<start_of_image>") +
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
@@ -207,18 +209,28 @@ def _qwen_tokenizer(tok) -> dict:
 
 
 # ------------------------------------------------------------------------------- models
-def _llava(s: dict[str, int], vocab_size: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
+def _clip_vision(s: dict[str, int]):
+    """The LLaVA families' CLIP tower config."""
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
         num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
         image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_hidden"])
-    text = LlamaConfig(
+
+
+def _llama_kw(s: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    """A Llama-style language model's config values (LlamaConfig, MistralConfig)."""
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _llava(s: dict[str, int], vocab_size: int):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _clip_vision(s), LlamaConfig(**_llama_kw(s, vocab_size))
     num_tokens = (s["image_size"] // s["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=3, image_seq_length=num_tokens,
@@ -235,26 +247,63 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _qwen2_vl(s: dict[str, int], vocab_size: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict[str, Any]:
+    """The Qwen-VL families' language model config (M-RoPE)."""
     head_dim = s["hidden"] // s["heads"]
-    text = dict(
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="qwen2_vl_text")
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type=model_type)
+
+
+QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
+                   vision_end_token_id=5, tie_word_embeddings=False)
+
+
+def _qwen2_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_vl_text")
     vision = dict(
         depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
         num_heads=s["vision_hidden"] // 16, mlp_ratio=2, patch_size=s["patch_size"],
         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **QWEN_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
+    """Qwen3-VL (QK-norm, interleaved M-RoPE, DeepStack from the first `vision_layers - 1` ViT
+    layers); `moe`: every layer's MLP sparse (`experts`, `top_k`)."""
+    import transformers as tf
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=head_dim,
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                    moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        patch_size=s["patch_size"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        out_hidden_size=s["hidden"], num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(tf, name + "Config")(
         text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
         vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
-    return Qwen2VLForConditionalGeneration(config)
+    return getattr(tf, name + "ForConditionalGeneration")(config)
 
 
 def _gemma3_image_tokens(s: dict[str, int]) -> int:
@@ -269,7 +318,8 @@ def _gemma3(s: dict[str, int], vocab_size: int):
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], head_dim=s["hidden"] // s["heads"],
-        max_position_embeddings=4096, sliding_window=8, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, sliding_window=16, rms_norm_eps=1e-6,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(s["layers"])],
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = dict(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
@@ -330,6 +380,8 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif "mlp.experts." in name:         # Qwen3 fused experts [E, out, in]
+                std = 1.0 / p.shape[-1] ** 0.5
             elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
                 std = 1.0 / p.shape[1] ** 0.5
             else:
@@ -356,18 +408,18 @@ def _llava_files(s: dict[str, int]) -> dict[str, dict]:
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
-def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
+def _qwen2_vl_files(s: dict[str, int], processor: str = "Qwen2VLProcessor") -> dict[str, dict]:
     unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
     min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
     vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
-    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
+    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=processor,
                  **vision)
-    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
+    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=processor,
                  do_sample_frames=False, **vision)
     return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
-            "processor_config.json": dict(processor_class="Qwen2VLProcessor")}
+            "processor_config.json": dict(processor_class=processor)}
 
 
 def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
@@ -498,6 +550,22 @@ QWEN2_VL = TinyFamily(
     specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
     model=_qwen2_vl, processor_files=_qwen2_vl_files,
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
+    check=_qwen2_vl_check)
+
+
+_QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
+                       vocab=640, seed=0)
+QWEN3_VL = TinyFamily(
+    sizes=_QWEN3_VL_SIZES, specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=_qwen3_vl,
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expert layout loads)
+    sizes={**_QWEN3_VL_SIZES, "intermediate": 48, "experts": 8, "top_k": 2},
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 
 
