@@ -34,30 +34,22 @@ def reference(x, gate_up, down, ids, weights) -> torch.Tensor:
 
 
 if triton is not None:
+    from mmhpc.kernels.fused import _gemv_rows     # fp32 dot of weight rows with one vector
+
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, a_ptr, I, H, stride_we,
                         TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # one program: one (token, expert) pair p, BN of the expert's I gate rows and the same
-        # BN up rows; a[p, rows] = silu(gate) * up, fp32 accumulation
+        # BN up rows; a[p, rows] = silu(gate) * up
         p = tl.program_id(0).to(tl.int64)
-        t = p // TOP_K
         e = tl.load(ids_ptr + p).to(tl.int64)
+        x = x_ptr + (p // TOP_K) * H
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         rmask = rows < I
-        acc_g = tl.zeros((BN,), dtype=tl.float32)
-        acc_u = tl.zeros((BN,), dtype=tl.float32)
-        base = w_ptr + e * stride_we
-        for k0 in range(0, H, BK):
-            cols = k0 + tl.arange(0, BK)
-            cmask = cols < H
-            xv = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
-            m = rmask[:, None] & cmask[None, :]
-            wg = tl.load(base + rows[:, None] * H + cols[None, :], mask=m, other=0.0)
-            wu = tl.load(base + (rows[:, None] + I) * H + cols[None, :], mask=m, other=0.0)
-            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
-        a = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(a_ptr + p * I + rows, a.to(a_ptr.dtype.element_ty), mask=rmask)
+        g = _gemv_rows(x, w_ptr + e * stride_we, rows, rmask, H, BK, False)
+        u = _gemv_rows(x, w_ptr + e * stride_we, rows + I, rmask, H, BK, False)
+        tl.store(a_ptr + p * I + rows, (g / (1.0 + tl.exp(-g)) * u).to(a_ptr.dtype.element_ty),
+                 mask=rmask)
 
     @triton.jit
     def _down_kernel(a_ptr, w_ptr, ids_ptr, wt_ptr, y_ptr, H, I, stride_we,
@@ -71,16 +63,8 @@ if triton is not None:
             p = t * TOP_K + s
             e = tl.load(ids_ptr + p).to(tl.int64)
             wt = tl.load(wt_ptr + p).to(tl.float32)
-            part = tl.zeros((BN,), dtype=tl.float32)
-            base = w_ptr + e * stride_we
-            for k0 in range(0, I, BK):
-                cols = k0 + tl.arange(0, BK)
-                cmask = cols < I
-                av = tl.load(a_ptr + p * I + cols, mask=cmask, other=0.0).to(tl.float32)
-                wd = tl.load(base + rows[:, None] * I + cols[None, :],
-                             mask=rmask[:, None] & cmask[None, :], other=0.0)
-                part += tl.sum(wd.to(tl.float32) * av[None, :], axis=1)
-            acc += wt * part
+            acc += wt * _gemv_rows(a_ptr + p * I, w_ptr + e * stride_we, rows, rmask, I, BK,
+                                   False)
         tl.store(y_ptr + t * H + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
