@@ -189,23 +189,28 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
                          f"{' ...' if len(missing) > 8 else ''}")
 
 
-def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
-                   tp_size: int) -> int:
-    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
-    total = 0
+def _mapped_slices(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict):
+    """(checkpoint key, its safetensors slice, the parameter name) of every mapped tensor."""
     for fname in files:
         with safe_open(str(path / fname), framework="pt") as f:
             for key in f.keys():
                 name = map_name(key, rules, params)
-                if name is None:
-                    continue
-                sl, param = f.get_slice(key), params[name]
-                numel = 1
-                for n in sl.get_shape():
-                    numel *= n
-                split = getattr(param, "tp_shard", None) is not None or \
-                    (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
-                total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
+                if name is not None:
+                    yield key, f.get_slice(key), name
+
+
+def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
+                   tp_size: int) -> int:
+    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
+    total = 0
+    for _, sl, name in _mapped_slices(path, files, rules, params):
+        param = params[name]
+        numel = 1
+        for n in sl.get_shape():
+            numel *= n
+        split = getattr(param, "tp_shard", None) is not None or \
+            (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
+        total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
     return total
 
 
