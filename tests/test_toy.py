@@ -252,4 +252,5 @@ def test_train_toy_writes_the_heldout_goal(tmp_path):
     assert all(t["all"]["n"] == 8 for t in saved["eval"].values())
     g = saved["goal"]
     assert g["target"] == GOAL and g["pass"] == (min(g["shape"], g["colour"]) >= GOAL)
+    assert set(saved["per_style"]) == set(toydata.STYLES)
     assert info["goal"] == g and (tmp_path / "model.safetensors").exists()

@@ -352,6 +352,12 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
     tables = evaluate_styles(model, processor, styles, heldout, eval_n, eval_seed, verbose=True)
     for name, table in tables.items():
         print(f"\n{name} (n={eval_n}, seed {eval_seed}):\n{toydata.format_table(table)}")
+    per_style = {st: {q: r["accuracy"] for q, r in evaluate(
+        model, processor, n=eval_n // 2, seed=eval_seed, style=st).items()}
+        for st in toydata.STYLES}
+    print("\nper style (n=%d): " % (eval_n // 2) + "; ".join(
+        f"{st}{' (held out)' if st == heldout else ''} shape {100 * t.get('shape', 0):.0f}% "
+        f"colour {100 * t.get('colour', 0):.0f}%" for st, t in per_style.items()))
     result = goal(tables, heldout)
     print(f"\nheld-out style {heldout}: shape {100 * result['shape']:.1f}%, colour "
           f"{100 * result['colour']:.1f}% (goal >= {100 * GOAL:.0f}%): "
@@ -364,8 +370,9 @@ def train(out: Path, seed: int = 0, steps: int = 4000, batch_size: int = 32, lr:
             "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
             "params": n_params, "sizes": sizes, "train_styles": list(styles),
             "heldout_style": heldout, "eval_n": eval_n, "eval_seed": eval_seed,
-            "goal": result, "eval": tables, "history": history}
-    print(json.dumps({k: v for k, v in info.items() if k not in ("eval", "history")}))
+            "goal": result, "eval": tables, "per_style": per_style, "history": history}
+    print(json.dumps({k: v for k, v in info.items() if k not in ("eval", "history",
+                                                                 "per_style")}))
     (out / "toy_training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
