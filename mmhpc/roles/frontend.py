@@ -23,11 +23,11 @@ ABORT_GRACE_S = 0.5             # the dead-rank line reaches the launcher before
 
 class FrontendProcessor:
     """The InputProcessor as the disaggregated frontend uses it: images are counted (token
-    numbers, grids), not preprocessed; the decoded images wait in the client for dispatch."""
+    numbers, grids), not preprocessed; each decoded image rides its item (`MMItem.source`) to
+    dispatch, and goes with the request (nothing kept beside it)."""
 
-    def __init__(self, processor, client: RemoteEngineClient) -> None:
+    def __init__(self, processor) -> None:
         self._processor = processor
-        self._client = client
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._processor, name)
@@ -36,7 +36,7 @@ class FrontendProcessor:
         ids, items = self._processor.process(prompt, images, with_pixels=False)
         for item, image in zip(items, images):
             if item.embeddings is None:
-                self._client.remember_image(item.content_hash, image)
+                item.source = image
         return ids, items
 
 
@@ -48,7 +48,7 @@ def run(ctx, local=None) -> None:
 
     processor = InputProcessor(ctx.config.model.path)
     client = RemoteEngineClient(ctx, processor, local)
-    fp = FrontendProcessor(processor, client)
+    fp = FrontendProcessor(processor)
     app = build_app(ctx.config, client, fp)
     app.router.add_get("/debug/ranks", client.debug_ranks)
 

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,6 @@ from mmhpc.server.engine_client import EngineClient
 from mmhpc.server.protocol import APIError
 
 log = logging.getLogger(__name__)
-MAX_IMAGES_KEPT = 512
 PROMPT_TAIL = 4
 REFUSALS = {413: "request_too_large", 429: "rate_limit_exceeded"}
 
@@ -81,7 +79,6 @@ class RemoteEngineClient(EngineClient):
                                  names)
         self.embedding_rows = embedding_pool_rows(self.config)
         self.requests: dict[str, _Request] = {}
-        self.images: OrderedDict[str, Any] = OrderedDict()
         self.shutdown = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -110,12 +107,6 @@ class RemoteEngineClient(EngineClient):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def remember_image(self, content_hash: str, image) -> None:
-        self.images[content_hash] = image
-        self.images.move_to_end(content_hash)
-        while len(self.images) > MAX_IMAGES_KEPT:
-            self.images.popitem(last=False)
-
     # ---------------------------------------------------------------- EngineClient
     async def generate(self, request_id, prompt_token_ids, params, mm_items=(), deadline=None):
         if self.dead:
@@ -136,12 +127,11 @@ class RemoteEngineClient(EngineClient):
         keys = await self.placement.prefix_keys(prompt_token_ids, mm_items)
         hashes = dict(block_hashes=pack_hashes(keys),
                       hash_block_size=self.placement.router.block_size if keys else 0)
-        held = [self.images.get(it.content_hash) for it in mm_items]
         enc, pre, dec = self.placement.place(keys, [it.content_hash for it in mm_items])
         ids = list(prompt_token_ids)
 
         def messages() -> list[tuple[int, Any]]:        # on a worker thread: pixels copied
-            images = [self._image_item(it, img) for it, img in zip(mm_items, held)]
+            images = [self._image_item(it) for it in mm_items]
             if self.placement.aggregated:
                 return [(dec, GenerateRequest(request_id, ids, params, metas, images, deadline,
                                               self.rank, **hashes))]
@@ -237,7 +227,9 @@ class RemoteEngineClient(EngineClient):
             self._send(r, AbortRequest(rid, reason))
 
     @staticmethod
-    def _image_item(it, img) -> ImageItem:
+    def _image_item(it) -> ImageItem:
+        """What the encoding rank gets for `it`: an image's RGB pixels (the PIL image the
+        frontend decoded rides `it.source`), or the embeddings file to load again."""
         if it.embeddings is not None:
             # A pre-computed embeddings file (checked and hashed here): the rank that encodes
             # loads it again by path, or from its bytes when it was fetched; no tensor leaves.
@@ -250,8 +242,9 @@ class RemoteEngineClient(EngineClient):
                                  format="embedding_file", path=f.local_path)
             return ImageItem(it.content_hash, it.offset, it.num_tokens, f.data,
                              "embedding_bytes", path=f.source)
+        img = it.source
         if img is None:
-            raise ValueError(f"image {it.content_hash[:12]} is not held by the frontend")
+            raise ValueError(f"image {it.content_hash[:12]} came without its pixels")
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         return ImageItem(it.content_hash, it.offset, it.num_tokens, rgb.tobytes(), "rgb",
                          rgb.width, rgb.height)
