@@ -10,15 +10,16 @@ size, then draws it filled or as an outline 1.5-3 px wide on one of these backgr
 * ``grey``     one of ``toydata.BACKGROUNDS`` (the classic greys);
 * ``tint``     one flat muted colour (any hue, saturation <= 0.3, value 0.38-0.66);
 * ``gradient`` a linear blend of two muted colours at any angle;
-* ``texture``  two muted tones in stripes (any angle), a checkerboard or a grid of dots;
+* ``texture``  two muted tones in stripes (any angle), a checkerboard or a grid of dots
+               (the style's ``textures``);
 
 and ``noise`` adds Gaussian pixel noise (per channel) to the whole image. Muted backgrounds
 keep every object colour (saturated, white or black) apart from the background.
 
-STYLES lists them; ``HELDOUT_STYLE`` (``sketch``: outlines on gradients and textures) is
-never drawn in training (``TRAIN_STYLES``): it is the held-out test. Its two ingredients are
-each trained, apart: outlines only on flat or noisy backgrounds, gradients and textures only
-under filled shapes.
+STYLES lists them; ``HELDOUT_STYLE`` (``sketch``: outlines on gradients, checks and dots,
+light noise) is never drawn in training (``TRAIN_STYLES``): it is the held-out test. Its
+ingredients are trained, apart: outlines on flat, noisy and striped backgrounds; gradients,
+checks and dots only under filled shapes.
 
 Randomness comes from the caller's ``random.Random`` (and a numpy generator seeded from it), so
 a seed gives the same image on every machine.
@@ -43,6 +44,7 @@ class Style:
     noise: float = 0.0                # max sigma of the pixel noise (0: none), in 0-255 units
     turn: bool = True                 # any angle and aspect (False: the classic drawing)
     doc: str = ""
+    textures: tuple[str, ...] = ("stripes", "checks", "dots")   # kinds of "texture"
 
 
 STYLES = {s.name: s for s in (
@@ -54,8 +56,10 @@ STYLES = {s.name: s for s in (
     Style("textured", 1.0, ("texture",), doc="filled, on stripes, checks or dots"),
     Style("noisy", 0.5, ("grey", "tint"), noise=16.0,
           doc="filled or outlined, with pixel noise"),
-    Style("sketch", 0.0, ("gradient", "texture"), noise=6.0,
-          doc="outlines on gradients and textures (held out of training)"),
+    Style("hatched", 0.0, ("texture",), textures=("stripes",),
+          doc="outlines on stripes"),
+    Style("sketch", 0.0, ("gradient", "texture"), noise=6.0, textures=("checks", "dots"),
+          doc="outlines on gradients, checks and dots (held out of training)"),
 )}
 HELDOUT_STYLE = "sketch"
 TRAIN_STYLES = tuple(s for s in STYLES if s != HELDOUT_STYLE)
@@ -145,11 +149,12 @@ def _grid(side: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     return (yy + 0.5) / scale, (xx + 0.5) / scale
 
 
-def _texture(rng: random.Random, side: int, scale: float) -> np.ndarray:
-    """[side, side] bool: stripes, checks or dots (periods in image pixels, the image drawn
-    ``scale`` times larger)."""
+def _texture(rng: random.Random, kinds: tuple[str, ...], side: int,
+             scale: float) -> np.ndarray:
+    """[side, side] bool: stripes, checks or dots (one of ``kinds``; periods in image pixels,
+    the image drawn ``scale`` times larger)."""
     yy, xx = _grid(side, scale)
-    kind = rng.choice(("stripes", "checks", "dots"))
+    kind = rng.choice(kinds)
     a = rng.uniform(0.0, math.pi)
     u, v = xx * math.cos(a) + yy * math.sin(a), -xx * math.sin(a) + yy * math.cos(a)
     if kind == "stripes":
@@ -190,7 +195,7 @@ def background(rng: random.Random, style: Style, side: int, scale: int,
     if kind == "texture":
         delta = rng.uniform(18.0, 40.0) * rng.choice((-1, 1))
         c2 = np.clip(c1 + delta, 60.0, 190.0)
-        mask = Image.fromarray(_texture(rng, side, scale).astype(np.uint8) * 255, "L")
+        mask = Image.fromarray(_texture(rng, style.textures, side, scale).astype(np.uint8) * 255, "L")
         return Image.composite(Image.new("RGB", (side, side), _rgb(c2)),
                                Image.new("RGB", (side, side), _rgb(c1)), mask)
     raise ValueError(kind)
