@@ -89,7 +89,10 @@ def quiet(d, wait_s: float = 30.0) -> dict:
     steps = {r: s.get("num_steps") for r, s in ranks.items()}
     time.sleep(1.5)                                  # > 2 heartbeats: nothing runs any more
     after = d.ranks()
-    assert {r: s.get("num_steps") for r, s in after.items()} == steps, (ranks, after)
+    assert {r: s.get("num_steps") for r, s in after.items()} == steps, \
+        [(r, {k: s.get(k) for k in ("num_steps", "beat_time", "num_waiting_kv", "num_pending",
+                                    "num_aborted", "num_kv_pulls")}, time.time())
+         for snap in (ranks, after) for r, s in snap.items()]
     return ranks
 
 
