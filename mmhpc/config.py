@@ -34,6 +34,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85   # fraction of free device memory after weights
     num_blocks: Optional[int] = None   # overrides the memory budget (tests force preemption)
     enable_prefix_caching: bool = True
+    # Rows (one per image token) of the encode rank's embedding pool and of prefill's landing
+    # pool; None: 2 x model.max_model_len (the largest admissible request fits twice).
+    embedding_pool_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,6 +45,9 @@ class CacheConfig:
             raise ValueError("cache.gpu_memory_utilization must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"cache.num_blocks must be >= 2, got {self.num_blocks}")
+        if self.embedding_pool_rows is not None and self.embedding_pool_rows < 1:
+            raise ValueError(f"cache.embedding_pool_rows must be >= 1, "
+                             f"got {self.embedding_pool_rows}")
 
 
 @dataclass
@@ -77,6 +83,18 @@ class MediaConfig:
     max_image_pixels: int = 50_000_000 # decompression-bomb cap
     max_file_size_mb: float = 50.0     # pre-computed embedding files
     max_images_per_request: int = 16
+    # Decoded pixels (RGB bytes) the frontend holds: per request (413 above it) and for all
+    # requests being prepared or dispatched together (429 while full); decoding threads.
+    max_request_image_mb: float = 512.0
+    max_inflight_image_mb: float = 2048.0
+    max_decode_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_request_image_mb <= self.max_inflight_image_mb:
+            raise ValueError("media.max_request_image_mb must be in (0, "
+                             "media.max_inflight_image_mb]")
+        if self.max_decode_threads < 1:
+            raise ValueError("media.max_decode_threads must be >= 1")
 
 
 AUTO = "auto"
@@ -193,7 +211,7 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0             # 0: CPU
-    frontend_port: int = 8000
+    gpu_memory_gb: float = 0.0         # one GPU's memory; > 0: layouts are checked to hold the weights
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
     # the network other nodes reach this one on: an interface name (ib0, hsn0, eth0; a comma
@@ -205,9 +223,9 @@ class ClusterConfig:
             raise ValueError(f"cluster.nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        for k in ("frontend_port", "zmq_port_base"):
-            if not 0 <= getattr(self, k) < 65536:
-                raise ValueError(f"cluster.{k} must be in [0, 65535], got {getattr(self, k)}")
+        if not 0 <= self.zmq_port_base < 65536:
+            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], "
+                             f"got {self.zmq_port_base}")
 
     @property
     def world_size(self) -> int | None:
@@ -223,6 +241,8 @@ class TimeoutConfig:
     kv_lease_s: float = 60.0           # prefill frees unclaimed blocks after this
     heartbeat_s: float = 2.0
     dead_rank_s: float = 10.0
+    engine_stall_s: float = 120.0      # a rank whose engine loop is stuck this long is dead
+    collective_s: float = 600.0        # a TP/EP collective stuck this long raises
     startup_s: float = 600.0           # model load + the start-up exchange
 
     def __post_init__(self) -> None:
@@ -234,8 +254,19 @@ class TimeoutConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine serves the roles (mmhpc.engine.interface, docs/ENGINE.md)."""
+    backend: str = "native"            # native | transformers (HF model; agg, tp=1 only)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("native", "transformers"):
+            raise ValueError(f"engine.backend must be native|transformers, got {self.backend!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -245,6 +276,12 @@ class Config:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
     def __post_init__(self) -> None:
+        if self.engine.backend == "transformers":
+            d = self.deployment
+            if d.name != "agg" or d.aggregated.tp != 1:
+                raise ValueError("engine.backend=transformers serves deployment=agg with "
+                                 "deployment.aggregated.tp=1 only (it implements the "
+                                 "aggregated engine, not prefill/decode/encode, and no TP)")
         if self.deployment.frontend_shares_rank is None:   # auto
             self.deployment.frontend_shares_rank = (self.deployment.name == "agg"
                                                     or self.cluster.gpus_per_node > 0)

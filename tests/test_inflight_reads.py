@@ -30,7 +30,7 @@ def worker():
     in_flight: set[int] = set()
     released: list[int] = []
     ctx.nixl.done = lambda h: h not in in_flight           # the READ's progress, by hand
-    ctx.nixl._release = lambda h: released.append(h)
+    ctx.nixl.release = lambda h: released.append(h)
     yield w, in_flight, released
     ctx.nixl.close()
 
@@ -96,10 +96,10 @@ def test_timed_out_embedding_read_keeps_its_landing_rows(tmp_path):
                           layout=SimpleNamespace(frontend_rank=0))
     try:
         w = PrefillWorker(ctx)
-        w.landing = EmbeddingPool(w.hidden_size, w.engine.runner.dtype, device="cpu")
+        w.landing = EmbeddingPool(w.hidden_size, w.engine.dtype, 512, device="cpu")
         in_flight, released = set(), []
         ctx.nixl.done = lambda h: h not in in_flight
-        ctx.nixl._release = lambda h: released.append(h)
+        ctx.nixl.release = lambda h: released.append(h)
         total = w.landing.num_free_rows
         for handle in (9, 10):
             start = w.landing.alloc(8)

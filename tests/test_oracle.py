@@ -20,11 +20,11 @@ N = 6                                                  # new tokens per request
 class Oracle:
     """HF model + processor for one tiny checkpoint; builds matching engine inputs."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, **sizes):
         from transformers import AutoModelForImageTextToText, GenerationConfig
         from mmhpc.tools.tiny import hf_processor, tiny_checkpoint
         self.family = family
-        self.path = tiny_checkpoint(family)
+        self.path = tiny_checkpoint(family, **sizes)
         self.proc = hf_processor(self.path)
         self.hf = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32).eval()
         self.image_token_id = self.hf.config.image_token_id
@@ -59,16 +59,24 @@ class Oracle:
             else:
                 i += 1
         items, pv, start = [], inputs.get("pixel_values"), 0
-        grids = inputs.get("image_grid_thw")
+        grids, image_sizes = inputs.get("image_grid_thw"), inputs.get("image_sizes")
         for k, (offset, n) in enumerate(runs):
-            if grids is None:
+            size = None
+            if image_sizes is not None:                 # LLaVA-NeXT: [images, most tiles, ...]
+                from mmhpc.models.llava_next import num_tiles
+                size = tuple(int(x) for x in image_sizes[k])
+                cfg = self.hf.config
+                grid = None
+                pixels = pv[k, :num_tiles(*size, cfg.image_grid_pinpoints,
+                                          cfg.vision_config.image_size)]
+            elif grids is None:
                 pixels, grid = pv[k:k + 1], None
             else:
                 grid = tuple(int(x) for x in grids[k])
                 pixels = pv[start:start + grid[0] * grid[1] * grid[2]]
                 start += pixels.shape[0]
             h = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
-            items.append(MMItem(h, offset, n, grid_thw=grid, pixel_values=pixels))
+            items.append(MMItem(h, offset, n, grid_thw=grid, pixel_values=pixels, image_size=size))
         return ids, items
 
     def engine(self, **cache) -> LLMEngine:
@@ -100,9 +108,27 @@ def image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+_ORACLES: dict[str, Oracle] = {}
+
+
+def _oracle(family: str, **sizes) -> Oracle:
+    key = f"{family}{sorted(sizes.items())}"
+    if key not in _ORACLES:
+        _ORACLES[key] = Oracle(family, **sizes)
+    return _ORACLES[key]
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe",
+                                        "llava_next", "qwen2_5_vl"])
 def oracle(request):
-    return Oracle(request.param)
+    return _oracle(request.param)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def sampler_oracle(request):
+    """The sampler's cases: model-independent; the tiny Qwen3-VL(-MoE)'s greedy tokens happen
+    not to move under the repetition penalties, which the cases need to see them applied."""
+    return _oracle(request.param)
 
 
 CASES = {
@@ -121,6 +147,32 @@ def test_oracle_single(oracle, case):
     assert got["r"] == oracle.expected(inputs)
 
 
+# LLaVA-NeXT (Llama and Mistral LMs) and Qwen2.5-VL: text, one image, and two images of
+# different sizes and aspects (different tile grids and unpadding; full and partial windows),
+# each request alone, then all of them batched in one engine (the `oracle` fixture's cases run
+# them too, with the default tiny sizes).
+DENSE_VLM_FAMILIES = {"llava_next": ("llava_next", {}),
+                      "llava_next_mistral": ("llava_next", {"mistral": 1}),
+                      "qwen2_5_vl": ("qwen2_5_vl", {})}
+DENSE_VLM_CASES = {
+    "text": ("tell me a story about the sea", []),
+    "one_image": ("what is in the picture?", [(70, 50, 1)]),
+    "two_images": ("compare these two", [(112, 112, 2), (30, 84, 3)]),
+}
+
+
+@pytest.mark.parametrize("family", list(DENSE_VLM_FAMILIES))
+def test_oracle_dense_vlm(family):
+    name, sizes = DENSE_VLM_FAMILIES[family]
+    oracle = _oracle(name, **sizes)
+    requests, expected = {}, {}
+    for case, (text, sizes) in DENSE_VLM_CASES.items():
+        inputs = oracle.inputs(text, [image(*s) for s in sizes])
+        requests[case], expected[case] = oracle.request(inputs), oracle.expected(inputs)
+        assert run(oracle.engine(), {case: requests[case]})[case] == expected[case], case
+    assert run(oracle.engine(), requests) == expected
+
+
 def test_oracle_mixed_arrivals_with_preemption(oracle):
     texts = ["hello there", "a cat on a mat", "numbers one two three", "why is the sky blue"]
     requests, expected = {}, {}
@@ -129,8 +181,10 @@ def test_oracle_mixed_arrivals_with_preemption(oracle):
         inputs = oracle.inputs(texts[i % 4] + " " * (i % 2), [image(*s) for s in sizes])
         requests[f"r{i}"] = oracle.request(inputs)
         expected[f"r{i}"] = oracle.expected(inputs)
-    longest = max(len(ids) for ids, _ in requests.values()) + N
-    engine = oracle.engine(num_blocks=3 * (longest // 4 + 1))
+    lens = sorted(len(ids) + N for ids, _ in requests.values())
+    # room for three typical requests (LLaVA-NeXT's vary: anyres), and for the longest one
+    blocks = max(3 * (lens[len(lens) // 2] // 4 + 1), lens[-1] // 4 + 2)
+    engine = oracle.engine(num_blocks=blocks)
     arrivals = {2 * k: [f"r{i}" for i in range(4 * k, 4 * k + 4)] for k in range(4)}
     got = run(engine, requests, arrivals)
     assert engine.num_preemptions > 0
@@ -208,18 +262,18 @@ PENALTY_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PENALTY_CASES))
-def test_oracle_penalties(oracle, case):
+def test_oracle_penalties(sampler_oracle, case):
     """A penalized request batched beside a plain one: each equals its own HF generate, and
     the penalty changes the tokens (so the test sees it applied)."""
     ours, hf_kw = PENALTY_CASES[case]
     n = 12
-    inputs = oracle.inputs("say it again and again", [image(32, 32, 11)])
-    plain = oracle.expected(inputs, n)
-    want = oracle.expected(inputs, n, **hf_kw)
+    inputs = sampler_oracle.inputs("say it again and again", [image(32, 32, 11)])
+    plain = sampler_oracle.expected(inputs, n)
+    want = sampler_oracle.expected(inputs, n, **hf_kw)
     assert want != plain
-    engine = oracle.engine()
+    engine = sampler_oracle.engine()
     for rid, extra in (("plain", {}), ("penalized", ours)):
-        ids, items = oracle.request(inputs)
+        ids, items = sampler_oracle.request(inputs)
         engine.add_request(rid, ids, SamplingParams(max_tokens=n, ignore_eos=True, **extra), items)
     got: dict[str, list[int]] = {"plain": [], "penalized": []}
     while engine.has_unfinished_requests():

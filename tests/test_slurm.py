@@ -207,7 +207,7 @@ def test_url_file_roundtrip(tmp_path, monkeypatch):
 
 # ---- end to end: sbatch and submitit -------------------------------------------------------
 def _serve_overrides(deployment: list[str], port: int) -> list[str]:
-    return [*deployment, *MODEL, f"server.port={port}", f"cluster.frontend_port={port}"]
+    return [*deployment, *MODEL, f"server.port={port}"]
 
 
 def _leftovers(pattern: str, timeout_s: float = 10) -> list[str]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mmhpc.bench.inputs import ImageItems, build_prompt
+
 
 def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
     from transformers import AutoModelForImageTextToText
@@ -27,8 +29,14 @@ def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
     return model.eval()
 
 
-def hf_inputs(batch, items_of, image_token_id: int, family: str, device, dtype):
-    from mmhpc.bench.offline import build_prompt
+def takes_token_types(model) -> bool:
+    """Whether this transformers version's model wants `mm_token_type_ids` (5.2x Qwen)."""
+    import inspect
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype,
+              token_types: bool = False):
     ids, pixels, grids = [], [], []
     for r in batch:
         its = items_of(r)
@@ -39,14 +47,15 @@ def hf_inputs(batch, items_of, image_token_id: int, family: str, device, dtype):
               attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long, device=device))
     if pixels:
         kw["pixel_values"] = torch.cat(pixels).to(device=device, dtype=dtype)
-        if family == "qwen2_vl":
+        if kind == "qwen2_vl":
             kw["image_grid_thw"] = torch.tensor(grids, device=device)
+            if token_types:
+                kw["mm_token_type_ids"] = (kw["input_ids"] == image_token_id).int()
     return kw
 
 
 def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: list[int],
            max_requests: int | None, dtype_name: str = "auto") -> dict:
-    from mmhpc.bench.offline import ImageItems
     from mmhpc.models import resolve_dtype
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = resolve_dtype(dtype_name, device)
@@ -54,6 +63,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
     model = build_hf_model(model_path, hf_config, dtype, device)
     load_s = time.perf_counter() - t0
     images = ImageItems(model_dir, hf_config)
+    types = takes_token_types(model)
     cache: dict = {}
 
     def items_of(r):
@@ -66,7 +76,8 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
     gen = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
     with torch.inference_mode():                   # warm-up: kernels, allocator
         model.generate(**hf_inputs(requests[:1], items_of, images.image_token_id,
-                                   images.family, device, dtype), **{**gen, "max_new_tokens": 2,
+                                   images.kind, device, dtype, types),
+                       **{**gen, "max_new_tokens": 2,
                                                                      "min_new_tokens": 2})
     rows = []
     for bs in batch_sizes:
@@ -79,7 +90,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
             with torch.inference_mode():
                 for i in range(0, len(todo), bs):          # preprocessing is inside the timing
                     kw = hf_inputs(todo[i:i + bs], items_of, images.image_token_id,
-                                   images.family, device, dtype)
+                                   images.kind, device, dtype, types)
                     res = model.generate(**kw, **gen)
                     num_out += (res.shape[1] - kw["input_ids"].shape[1]) * res.shape[0]
             sync()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mmhpc.bench.inputs import ImageItems, build_prompt
 from mmhpc.bench.synthetic import make_requests, parse_size
 
 
@@ -41,39 +42,6 @@ def resolve_model_path(path: str) -> tuple[str, Path]:
     if is_arch(path):
         return path, arch_dir(path)
     return path, Path(path)
-
-
-class ImageItems:
-    """PIL image → MMItem (pixel values, placeholder count, grid) for one model."""
-
-    def __init__(self, model_dir: Path, hf_config):
-        from transformers import AutoImageProcessor
-        self.proc = AutoImageProcessor.from_pretrained(str(model_dir))
-        self.cfg = hf_config
-        self.family = hf_config.model_type
-        self.image_token_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
-
-    def __call__(self, image):
-        from mmhpc.engine.sequence import MMItem
-        from mmhpc.multimodal.processor import image_hash, preprocess_image
-        out = preprocess_image(self.proc, image, self.family)
-        pv = out["pixel_values"]
-        h = image_hash(image)                   # as the server's processor: the decoded RGB
-        if self.family == "llava":
-            from mmhpc.models.llava import image_tokens
-            return MMItem(h, 0, image_tokens(self.cfg, pv.shape[-2], pv.shape[-1]), None, pv)
-        from mmhpc.models.qwen2_vl import image_tokens
-        grid = tuple(int(x) for x in out["image_grid_thw"][0])
-        return MMItem(h, 0, image_tokens(self.cfg, grid), grid, pv)
-
-
-def build_prompt(items, text_ids: list[int], image_token_id: int) -> list[int]:
-    """[1] + each image's placeholders + text; sets each item's offset."""
-    ids = [1]
-    for it in items:
-        it.offset = len(ids)
-        ids += [image_token_id] * it.num_tokens
-    return ids + list(text_ids)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -313,7 +281,7 @@ def tiny_engine_tokens(family: str, env: dict | None = None) -> tuple[list[int],
     (20 + 7 i tokens), 4 seats (admissions and finishes mid-run). `env` is set for the run
     (e.g. MMHPC_FAST_PATH=0). Returns every request's greedy tokens, in order, and the CUDA
     runner's (decode-ahead hits, misses) or None. The check of the CUDA fast path against the
-    plain-torch path (tests/test_engine_gpu.py, bench/gpu_engine.py)."""
+    plain-torch path (tests/test_engine_gpu.py)."""
     from mmhpc.config import Config
     from mmhpc.engine.engine import LLMEngine
     from mmhpc.engine.sequence import SamplingParams

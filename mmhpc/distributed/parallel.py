@@ -7,7 +7,8 @@ plain nn.Linear / nn.Embedding with the same parameter names.
 - ColumnParallelLinear: output features split (weight and bias dim 0); `num_shards` < tp
   size replicates shards (KV heads fewer than ranks: rank r holds shard r // (tp / shards)).
 - RowParallelLinear: input features split (weight dim 1); partial sums all-reduced, then
-  the (replicated) bias added once.
+  the (replicated) bias added once (`reduce=False`: partial sums returned, e.g. to add to
+  another partial sum before one all-reduce).
 - VocabParallelEmbedding / ParallelLMHead: vocabulary split into ceil(V / tp) rows per rank
   (the last shard zero-padded); embeddings all-reduced, logits all-gathered and trimmed to V.
 """
@@ -60,14 +61,19 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce: bool = True):
         self.tp = get_tp()
+        if bias and not reduce:
+            raise ValueError("a row-parallel layer returning partial sums cannot add its bias")
         super().__init__(_divide(in_features, self.tp.size, "input features"), out_features, bias=bias)
         _mark(self.weight, 1, self.tp.rank, self.tp.size)
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
+        if not self.reduce:
+            return F.linear(x, self.weight)
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 

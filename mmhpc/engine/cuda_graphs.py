@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mmhpc.engine.gpu_forward import FastDecoder, FreshChunks, GpuAttnMeta
-from mmhpc.engine.model_runner import long_tensor
+from mmhpc.engine.step_inputs import StepInputs, long_tensor
 
 
 def graph_pieces(num_layers: int, chunk: int | None = None) -> list[tuple[int, int]]:
@@ -167,7 +167,6 @@ class CudaStepRunner:
         the largest step now, at start-up, instead of inside the first real steps; a budget
         that does not fit the card fails here, before any request. (vLLM's profile run does
         the same.)"""
-        from mmhpc.engine.model_runner import StepInputs
         cfg = self.runner.config
         T = num_tokens or cfg.scheduler.max_num_batched_tokens
         L = max(1, min(T, cfg.model.max_model_len))

@@ -1,4 +1,5 @@
-"""LLMEngine: one rank's engine. `step()` = schedule → encode new images → run → sample →
+"""LLMEngine: one rank's engine, the native backend of every role's protocol
+(mmhpc.engine.interface). `step()` = schedule → encode new images → run → sample →
 append + stop checks → RequestOutputs. No I/O; one thread owns it.
 
 Disaggregated roles reuse the same object:
@@ -42,6 +43,7 @@ class LLMEngine:
             processor = InputProcessor(config.model.path)
         self.processor = processor
         self.runner = ModelRunner(config, device=device, allocate_kv=not encode_only)
+        self._moe_layers = None     # the model's MoE layers, found on the first stats()
         self.encode_only = encode_only
         eos = list(processor.eos_token_ids)
         self.sampler = Sampler(eos, seed=config.model.seed)
@@ -85,9 +87,12 @@ class LLMEngine:
         self.requests[request_id] = _Request(seq, self._detok(seq), prefill_only)
         self.scheduler.add(seq)
 
-    def prompt_block_hashes(self, prompt_token_ids: list[int], mm_items=()) -> list[int]:
+    def prompt_block_hashes(self, prompt_token_ids: list[int], mm_items=()) -> list[int] | None:
         """The prefix-cache hashes of a prompt for `add_request(block_hashes=...)`; thread-safe
-        (pure): call it where the prompt is made (a preprocessing thread), not on the engine's."""
+        (pure): call it where the prompt is made (a preprocessing thread), not on the engine's.
+        None: prefix caching is off."""
+        if not self.scheduler.block_manager.enable_prefix_caching:
+            return None
         items = sorted(mm_items, key=lambda it: it.offset)
         return self.scheduler.block_manager.prompt_hashes(list(prompt_token_ids), items)
 
@@ -102,9 +107,15 @@ class LLMEngine:
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
-        return dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                    num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
-                    num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
+        out = dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                   num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+                   num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
+        if self._moe_layers is None:                     # found once: stats run every loop
+            from mmhpc.models.moe import moe_layers
+            self._moe_layers = moe_layers(self.runner.model)
+        if self._moe_layers:                             # MoE: tokens routed to each expert
+            out["tokens_per_expert"] = sum(m.tokens_per_expert for m in self._moe_layers).tolist()
+        return out
 
     # ---- disaggregated roles -----------------------------------------------------------------
 
@@ -158,9 +169,37 @@ class LLMEngine:
         if self.scheduler.activate_remote(request_id) is None:
             raise KeyError(f"no reserved request {request_id!r}")
 
+    # ---- what the roles read (mmhpc.engine.interface) -----------------------------------------
+
     @property
     def kv_cache(self):
         return self.runner.kv_cache
+
+    @property
+    def hidden_size(self) -> int:
+        return self.runner.model.text_config.hidden_size
+
+    @property
+    def deepstack_levels(self) -> int:
+        return getattr(self.runner.model, "deepstack_levels", 0)
+
+    @property
+    def dtype(self):
+        return self.runner.dtype
+
+    @property
+    def block_size(self) -> int | None:
+        return None if self.scheduler is None else self.scheduler.block_manager.block_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        text = self.runner.model.text_config
+        return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+    @property
+    def kv_block_bytes(self) -> int:
+        kv = self.runner.kv_cache      # [L, 2, num_blocks, H, block_size, D]
+        return kv[:, :, 0].numel() * kv.element_size()
 
     # ---- the step ----------------------------------------------------------------------------
 

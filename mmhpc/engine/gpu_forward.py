@@ -6,18 +6,22 @@ Decoder: q/k/v and gate/up weights are concatenated once (the module's own weigh
 of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
 split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks with no
-cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill
-step's last layer runs attention and the MLP on the sampled rows alone. No host sync inside:
+cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. Qwen3: an
+RMSNorm over each q/k head before rotary; MoE layers: `models.moe` (grouped GEMMs, no sync);
+DeepStack rows added after the first layers. A prefill step's last layer runs attention and
+the MLP on the sampled rows alone. No host sync inside:
 the caller passes host bounds (`max_seqlen_q`, `max_context_len`), so a decode step can be
 captured in a CUDA graph.
 
 Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
 and quick-GELU, the attention residual add fused into the second LayerNorm (which also
 pre-adds fc2's bias) and fc2 accumulating into the residual in place; the CLIP tower stops at
-the deepest layer LLaVA reads.
+the deepest layer LLaVA reads. Qwen2.5-VL's blocks: the same attention (its windows through
+FlashAttention's varlen kernel), RMSNorms with the residual add fused, one gate_up GEMM.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -25,6 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from mmhpc import kernels
+from mmhpc.models.layers import split_mm_embeds
+
+
+log = logging.getLogger(__name__)
+MOE_DECODE_ROWS = 4        # tokens up to which a MoE layer may take kernels.moe_decode
 
 
 @dataclass
@@ -93,10 +102,11 @@ class FastDecoder:
         self.fused = []
         for layer in decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            if m.act is not F.silu:
+            moe = hasattr(m, "experts")                      # gu_w None: the MoE path
+            if not moe and m.act is not F.silu:
                 raise ValueError("FastDecoder: only SiLU-gated MLPs")
             qkv_w, qkv_b = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
-            gu_w, _ = _fuse_rows([m.gate_proj, m.up_proj])
+            gu_w = None if moe else _fuse_rows([m.gate_proj, m.up_proj])[0]
             self.fused.append((qkv_w, qkv_b, gu_w))
         a0 = decoder.layers[0].self_attn
         self.q_size = a0.q_proj.weight.shape[0]
@@ -105,11 +115,69 @@ class FastDecoder:
         self.num_heads = self.q_size // self.head_dim
         self.num_kv_heads = self.kv_size // self.head_dim
         self.scale = a0.scale
+        self.qk_norm = getattr(a0, "qk_norm", False)
+        self.qk_kernel = False
         # one-row steps (batch-1 decode) take the Triton GEMV; TP ranks keep the modules' own
         # GEMM + collective
         from mmhpc.distributed.group import get_tp
         self.gemv = get_tp().size == 1 and os.environ.get("MMHPC_GEMV", "1") != "0"
         self.gemv_silu = os.environ.get("MMHPC_GEMV_SILU", "1") != "0"   # SiLU-mul in the GEMV
+        self.moe_decode = os.environ.get("MMHPC_MOE_DECODE", "0") == "1"   # see _moe
+        self.qk_kernel = self._qk_kernel_ok()                              # see _qk_norm
+
+    def _qk_norm(self, qkv: torch.Tensor, attn, T: int) -> None:
+        """Qwen3's RMSNorm over each q and k head of qkv [T, (Hq + 2 Hkv) D], in place: one
+        Triton launch (`fused.qk_norm_`) where it passed its start-up check, else two norms."""
+        D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, Hq + Hkv, D)
+        if self.qk_kernel:
+            from mmhpc.kernels.fused import qk_norm_
+            qk_norm_(qk, Hq, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps)
+            return
+        qk[:, :Hq] = kernels.rms_norm(qk[:, :Hq].reshape(T * Hq, D), attn.q_norm.weight,
+                                      attn.q_norm.eps).view(T, Hq, D)
+        qk[:, Hq:] = kernels.rms_norm(qk[:, Hq:].reshape(T * Hkv, D), attn.k_norm.weight,
+                                      attn.k_norm.eps).view(T, Hkv, D)
+
+    def _qk_kernel_ok(self) -> bool:
+        """Whether `fused.qk_norm_` runs here and equals the two-norm path (checked once on
+        random heads; a failure logs why and keeps the two norms). MMHPC_QK_NORM_KERNEL=0: off."""
+        attn = self.dec.layers[0].self_attn
+        w = attn.q_proj.weight
+        if not (self.qk_norm and w.is_cuda and kernels.HAS_TRITON
+                and os.environ.get("MMHPC_QK_NORM_KERNEL", "1") != "0"):
+            return False
+        try:
+            from mmhpc.kernels.fused import qk_norm_
+            T, D, Hq = 3, self.head_dim, self.num_heads
+            qkv = torch.randn(T, self.q_size + 2 * self.kv_size, device=w.device, dtype=w.dtype)
+            want = qkv.clone()
+            self.qk_kernel = False
+            self._qk_norm(want, attn, T)
+            got = qkv.clone()
+            qk_norm_(got[:, :self.q_size + self.kv_size].view(T, -1, D), Hq, attn.q_norm.weight,
+                     attn.k_norm.weight, attn.q_norm.eps)
+            ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            if not ok:
+                log.warning("qk_norm_ differs from the two-norm path: not used")
+            return ok
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot build here
+            log.warning("qk_norm_ unavailable (%s: %s): two norms instead", type(e).__name__, e)
+            return False
+
+    def _moe(self, moe, x: torch.Tensor) -> torch.Tensor:
+        """A MoE layer: at decode sizes (<= MOE_DECODE_ROWS tokens, one rank holding every
+        expert, MMHPC_MOE_DECODE=1) route here and run the experts as two GEMV-style kernels
+        (`kernels.moe_decode`); else the layer itself (sorted pairs, grouped GEMMs)."""
+        if not (self.moe_decode and x.shape[0] <= MOE_DECODE_ROWS and moe.tp.size == 1
+                and moe.shared_expert is None and not moe.spec.weight_on_input):
+            return moe(x)
+        from mmhpc.kernels.moe_decode import moe_decode
+        from mmhpc.models.moe import route
+        weights, ids = route(moe.router_logits(x), moe.spec)                # [T, k] each
+        flat = ids.flatten()
+        moe.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat))    # /metrics' counts
+        return moe_decode(x, moe.experts.gate_up_proj, moe.experts.down_proj, ids, weights)
 
     def _linear(self, x, w, b=None):
         return kernels.linear(x, w, b) if self.gemv else F.linear(x, w, b)
@@ -137,16 +205,15 @@ class FastDecoder:
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds=None) -> dict:
         dec = self.dec
         h = dec.embed_tokens(input_ids)                               # [T, hidden]
-        if mm_embeds is not None:
-            rows, values = mm_embeds
-            h[rows] = values.to(h.dtype)
+        rows, deep = split_mm_embeds(h, mm_embeds)                    # deep: [R, L, hidden]
         cos, sin = dec.rotary(positions, h.dtype)                     # [T, D]
-        return {"h": h, "residual": None, "cos": cos, "sin": sin}
+        return {"h": h, "residual": None, "cos": cos, "sin": sin, "rows": rows, "deep": deep}
 
     def layers(self, state: dict, lo: int, hi: int, meta: GpuAttnMeta,
                kv_cache: torch.Tensor) -> dict:
         """Decoder layers [lo, hi) on `state`, updated in place (and returned)."""
         h, residual, cos, sin = state["h"], state["residual"], state["cos"], state["sin"]
+        deep = state.get("deep")
         T = h.shape[0]
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qk = self.q_size + self.kv_size
@@ -162,6 +229,8 @@ class FastDecoder:
             q = qkv[:, :self.q_size].view(T, Hq, D)
             k = qkv[:, self.q_size:qk].view(T, Hkv, D)
             v = qkv[:, qk:].view(T, Hkv, D)
+            if self.qk_norm:                                          # per head, before rotary
+                self._qk_norm(qkv, layer.self_attn, T)
             cache = kv_cache[i]
             # rotary on q and k in place, k and v into their cache slots: one kernel (in the qkv
             # GEMV's epilogue it was slower: bench/RESULTS.md)
@@ -187,11 +256,14 @@ class FastDecoder:
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            if self.gemv and self.gemv_silu:                         # one launch at one row
-                a = kernels.linear_silu_and_mul(x, gu_w)
+            if gu_w is None:                                         # models.moe.MoE
+                h = self._moe(layer.mlp, x)
+            elif self.gemv and self.gemv_silu:                       # one launch at one row
+                h = self._proj(kernels.linear_silu_and_mul(x, gu_w), layer.mlp.down_proj)
             else:
-                a = kernels.silu_and_mul(F.linear(x, gu_w))
-            h = self._proj(a, layer.mlp.down_proj)
+                h = self._proj(kernels.silu_and_mul(F.linear(x, gu_w)), layer.mlp.down_proj)
+            if deep is not None and i < deep.shape[1] and h.shape[0] == state["h"].shape[0]:
+                h.index_add_(0, state["rows"], deep[:, i])            # DeepStack level i
         state["h"], state["residual"] = h, residual
         return state
 
@@ -294,41 +366,98 @@ def _clip_layer_forward(layer, returns_tuple: bool):
     return forward
 
 
-def _qwen_block_forward(block, cache: dict):
-    from mmhpc.kernels.fused import quick_gelu_, rotary_
-    attn, mlp = block.attn, block.mlp
+def _vision_attention(x, attn, cu_seqlens, rotary_pos_emb, position_embeddings,
+                      cache: dict) -> torch.Tensor:
+    """A Qwen ViT block's attention on its normed input x [N, C]: one qkv GEMM, rotary in
+    place on the q and k heads, attention within each segment of `cu_seqlens` (images; for
+    Qwen2.5-VL, windows in most blocks), proj -> [N, C]. Equal segments run as one SDPA
+    (flash or cuDNN), unequal ones through FlashAttention's varlen kernel, else one SDPA each."""
+    N, C = x.shape
     heads = attn.num_heads
-    head_dim = getattr(attn, "head_dim", None) or attn.qkv.weight.shape[1] // heads
+    head_dim = C // heads
     scale = getattr(attn, "scaling", None) or head_dim ** -0.5
-    quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
-    act = quick_gelu_ if quick else mlp.act
-
-    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
-                **kwargs):
-        N, C = hidden_states.shape
-        hidden_states = hidden_states.contiguous()
-        if position_embeddings is None:
-            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
-            position_embeddings = (emb.cos(), emb.sin())
-        cos, sin = position_embeddings
-        if cache.get("cu") is not cu_seqlens:                       # one host sync per image batch
-            cache["cu"], cache["lens"] = cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        lens = cache["lens"]
-        x = block.norm1(hidden_states)
-        qkv = attn.qkv(x)                                           # [N, 3C]
-        rotary_(qkv[:, :2 * C].view(N, 2 * heads, head_dim), cos.contiguous(), sin.contiguous())
-        qkv = qkv.view(N, 3, heads, head_dim)
-        if len(set(lens)) == 1:
-            n = len(lens)
-            q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            o = _sdpa(q, k, v, scale).transpose(1, 2).reshape(N, C)
+    if position_embeddings is None:
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+        position_embeddings = (emb.cos(), emb.sin())
+    cos, sin = (t.contiguous() for t in position_embeddings)      # [N, D]
+    lens, cu32, max_len = _segments(cache, cu_seqlens)
+    qkv = attn.qkv(x)                                               # [N, 3C]
+    _rotary_inplace(qkv[:, :2 * C].view(N, 2 * heads, head_dim), cos, sin)
+    qkv = qkv.view(N, 3, heads, head_dim)
+    if len(set(lens)) == 1:
+        n = len(lens)
+        q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = _sdpa(q, k, v, scale).transpose(1, 2).reshape(N, C)
+    else:
+        o = kernels.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu32, max_len, scale,
+                                     causal=False)                   # [N, H, D] or None
+        if o is not None:
+            o = o.reshape(N, C)
         else:
             outs = []
             for part in qkv.split(lens):
                 q, k, v = part.permute(1, 2, 0, 3)[:, None]          # [1, H, L, D]
                 outs.append(_sdpa(q, k, v, scale)[0].transpose(0, 1).reshape(-1, C))
             o = torch.cat(outs)
-        return _mlp_tail(attn.proj(o), hidden_states, block.norm2, mlp.fc1, mlp.fc2, act)
+    return attn.proj(o)
+
+
+def _segments(cache: dict, cu_seqlens: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
+    """(lengths, int32 cu_seqlens, longest) of a ViT call's segments; one host sync per
+    cu_seqlens tensor (Qwen2.5-VL alternates two in a call: windows and whole images)."""
+    for cu, seg in cache.get("segs", ()):
+        if cu is cu_seqlens:
+            return seg
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    seg = (lens, cu_seqlens.to(torch.int32), max(lens))
+    cache["segs"] = cache.get("segs", [])[-1:] + [(cu_seqlens, seg)]
+    return seg
+
+
+def _rotary_inplace(x, cos, sin) -> None:
+    """x [T, H, D] rotated in place: the Triton kernel on CUDA, plain torch elsewhere."""
+    if x.is_cuda and kernels.HAS_TRITON:
+        from mmhpc.kernels.fused import rotary_
+        rotary_(x, cos, sin)
+    else:
+        from mmhpc.models.layers import apply_rotary
+        x.copy_(apply_rotary(x.float(), cos.float(), sin.float()))
+
+
+def _qwen_block_forward(block, cache: dict):
+    from mmhpc.kernels.fused import quick_gelu_
+    attn, mlp = block.attn, block.mlp
+    fc1, fc2 = (mlp.fc1, mlp.fc2) if hasattr(mlp, "fc1") else (mlp.linear_fc1, mlp.linear_fc2)
+    act = getattr(mlp, "act", None) or mlp.act_fn                  # Qwen2-VL / Qwen3-VL names
+    act = quick_gelu_ if act.__class__.__name__ in ("QuickGELUActivation",) else act
+
+    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                **kwargs):
+        hidden_states = hidden_states.contiguous()
+        o = _vision_attention(block.norm1(hidden_states), attn, cu_seqlens, rotary_pos_emb,
+                              position_embeddings, cache)
+        return _mlp_tail(o, hidden_states, block.norm2, fc1, fc2, act)
+    return forward
+
+
+def _qwen2_5_block_forward(block, cache: dict):
+    """Qwen2.5-VL's ViT block: RMSNorm, attention (windows or the whole image), RMSNorm with
+    the residual add fused, one gate_up GEMM (biases), SiLU-and-mul, down_proj accumulating
+    into the residual (its bias added to the residual first)."""
+    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    gate_up_w, gate_up_b = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+    down = mlp.down_proj
+
+    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                **kwargs):
+        hidden_states = hidden_states.contiguous()                  # [N, C]
+        x = kernels.rms_norm(hidden_states, n1.weight, n1.variance_epsilon)
+        o = _vision_attention(x, attn, cu_seqlens, rotary_pos_emb, position_embeddings, cache)
+        x, h = kernels.rms_norm(o, n2.weight, n2.variance_epsilon, hidden_states)
+        a = kernels.silu_and_mul(F.linear(x, gate_up_w, gate_up_b))   # [N, I]
+        if down.bias is not None:
+            h.add_(down.bias)
+        return h.addmm_(a, down.weight.t())
     return forward
 
 
@@ -357,7 +486,8 @@ def prepare_vision(model) -> None:
         _patch_embed_as_matmul(visual.patch_embed)
         cache: dict = {}
         for block in visual.blocks:
-            block.forward = _qwen_block_forward(block, cache)
+            swiglu = hasattr(block.mlp, "gate_proj")                # Qwen2.5-VL
+            block.forward = (_qwen2_5_block_forward if swiglu else _qwen_block_forward)(block, cache)
 
 
 def _patch_embed_as_matmul(pe) -> None:

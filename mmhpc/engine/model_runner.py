@@ -7,23 +7,16 @@ table, and attention covers everything cached before them (chunked prefill, pref
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mmhpc.config import Config
 from mmhpc.distributed.group import get_tp
 from mmhpc.engine.kv_cache import allocate_kv_cache, num_blocks_for
 from mmhpc.engine.sequence import MMItem, Sequence
+from mmhpc.engine.step_inputs import StepInputs, long_tensor
 from mmhpc.models import load_model, resolve_dtype
 from mmhpc.models.layers import AttentionMetadata
-
-
-def long_tensor(values) -> torch.Tensor:
-    """int64 CPU tensor from a list of ints (or of equal-length lists): through numpy, ~4x
-    faster than `torch.tensor` on a list (2 ms for a 16,384-token step's positions)."""
-    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def default_device() -> torch.device:
@@ -54,7 +47,8 @@ class ModelRunner:
                                               self.device, tp_size)
         self.cuda_steps = None      # CUDA: Triton kernels + decode graphs (mmhpc.engine.cuda_graphs)
         self.launch_ahead = None    # CUDA, TP 1: queue decode step N+1 before waiting for N
-        if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0":
+        if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0" \
+                and getattr(self.model, "fast_path", True):     # False: plain torch on CUDA
             from mmhpc.engine.gpu_forward import prepare_vision
             prepare_vision(self.model)
             if allocate_kv:
@@ -143,7 +137,7 @@ class ModelRunner:
         return self.run_step(step), sample_seqs
 
     @torch.inference_mode()
-    def run_step(self, step: "StepInputs") -> torch.Tensor:
+    def run_step(self, step: StepInputs) -> torch.Tensor:
         """The model on one step's flat inputs; logits [N, V] float32 of the sampled rows."""
         if self.cuda_steps is not None:
             return self.cuda_steps.run_step(step)
@@ -161,15 +155,3 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=dev)])
         return logits.float()
 
-
-@dataclass
-class StepInputs:
-    """One step's model inputs, host-side: what the TP leader broadcasts to its followers."""
-    input_ids: list[int]                    # [T]
-    positions: torch.Tensor                 # [T] or [3, T] (M-RoPE)
-    slots: list[int]                        # [T] cache slot of each token
-    query_start: list[int]                  # [B + 1]
-    context_lens: list[int]                 # [B]
-    block_tables: list[list[int]]           # [B][blocks]
-    sample_rows: list[int]                  # rows whose logits are sampled
-    mm: tuple[torch.Tensor, torch.Tensor] | None = None   # rows [R], embeddings [R, hidden]

@@ -20,21 +20,25 @@ from __future__ import annotations
 import logging
 
 from mmhpc.config import Config
-from mmhpc.distributed.group import TPGroup, get_tp, init_tp_group
+from mmhpc.distributed.group import (COLLECTIVE_TIMEOUT_S, KEEPALIVE, TPGroup, get_tp,
+                                     init_tp_group)
 
 log = logging.getLogger(__name__)
 
 
-def start_tp(comm, info, host_addr: str) -> TPGroup:
+def start_tp(comm, info, host_addr: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TPGroup:
     """The TP group of `info`'s instance (a launch RankInfo); collective over `comm`. Ranks
-    in no instance (a frontend-only rank 0) get a size-1 group."""
+    in no instance (a frontend-only rank 0) get a size-1 group. `timeout_s`: a collective
+    stuck that long raises (timeouts.collective_s)."""
     color = -1
     if info.instance >= 0:
         roles = ("frontend", "encode", "prefill", "decode", "aggregated")
         color = roles.index(info.role) * 100_000 + info.instance
     device = "cpu" if info.device < 0 else f"cuda:{info.device}"
     tp = info.tp if info.instance >= 0 else 1
-    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device)
+    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device,
+                         ep=getattr(info, "ep", 1) if info.instance >= 0 else 1,
+                         timeout_s=timeout_s)
 
 
 def make_runner(config: Config, device=None, allocate_kv: bool = True):
@@ -60,6 +64,8 @@ def follow(config: Config, device=None, runner=None, ctx=None) -> None:
         step = tp.broadcast_object()
         if step is None:
             break
+        if step == KEEPALIVE:
+            continue
         if isinstance(step, FollowerTask):
             step.run(ctx, runner)
         else:
@@ -129,10 +135,6 @@ def pool_of(ctx):
     """This rank's registered KV pool descriptors (None: it has none)."""
     pool = getattr(ctx, "kv_pool_descs", None)
     return pool if pool is not None else getattr(getattr(ctx, "worker", None), "pool_descs", None)
-
-
-def num_kv_heads(text_config) -> int:
-    return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
 
 
 class KVPull(FollowerTask):
@@ -207,7 +209,7 @@ def start_kv_pull(ctx, engine, pool, request_id, src_pools, src_blocks, dst_bloc
                   deadline) -> list:
     """Decode leader: start this rank's READs (handles returned: poll each) and have the
     followers do theirs."""
-    task = KVPull(request_id, num_kv_heads(engine.runner.model.text_config), list(src_pools),
+    task = KVPull(request_id, engine.num_kv_heads, list(src_pools),
                   list(src_blocks), list(dst_blocks), deadline)
     get_tp().broadcast_object(task)
     return task.start(ctx, engine.kv_cache, pool)

@@ -41,24 +41,5 @@ class Heartbeat:
 
 @register
 @dataclass
-class ErrorNotice:
-    """A stage failed a request (or a rank is going down when request_id is None)."""
-    request_id: str | None
-    rank: int
-    stage: str
-    message: str
-
-
-@register
-@dataclass
-class AgentMetadata:
-    """NIXL metadata re-published after the start-up exchange (e.g. a pool registered late)."""
-    rank: int
-    agent: str
-    metadata: bytes
-
-
-@register
-@dataclass
 class Shutdown:
     reason: str = ""

@@ -16,9 +16,9 @@ class ImageItem:
     content_hash: str                  # embeddings: tensor_hash of the loaded float32 tensor
     offset: int
     num_tokens: int
-    data: bytes = b""                  # "encoded": file bytes, "rgb": RGB8, "embedding_bytes":
-                                       # the .pt/.pth/.bin/.safetensors file's bytes
-    format: str = "encoded"            # "encoded" | "rgb" | "embedding_file" | "embedding_bytes"
+    data: bytes = b""                  # "rgb": RGB8 pixels, "embedding_bytes": the
+                                       # .pt/.pth/.bin/.safetensors file's bytes
+    format: str = "rgb"                # "rgb" | "embedding_file" | "embedding_bytes"
     width: int = 0
     height: int = 0
     path: str = ""                     # "embedding_file": the file, inside allowed_local_path;

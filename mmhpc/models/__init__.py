@@ -1,16 +1,12 @@
-"""Model families, registered by config.json `model_type`. See README.md to add one."""
+"""Model families, registered by config.json `model_type` in registry.py. See README.md to
+add one."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
-# model_type → "module:Class"; the module also defines WEIGHT_RULES
-FAMILIES = {
-    "llava": "mmhpc.models.llava:LlavaForCausalLM",
-    "qwen2_vl": "mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
-}
+from mmhpc.models.registry import FAMILIES, Family, get_family, register  # noqa: F401
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -30,12 +26,15 @@ def load_hf_config(path: str | Path):
 
 def _init_random(model) -> None:
     """Small random weights (std 0.02, norms at 1) so that a random model's activations stay
-    finite in bf16 at full depth; default inits of large Linear layers overflow."""
+    finite in bf16 at full depth; default inits of large Linear layers overflow. A norm is a
+    module whose class name says so (CLIP's `pre_layrnorm`, Qwen's merger `ln_q`)."""
+    norms = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+             if "norm" in type(mod).__name__.lower()}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
-            elif "norm" in name and name.endswith("weight"):
+            elif name in norms or ("norm" in name and name.endswith("weight")):
                 p.fill_(1.0)
             else:
                 p.zero_()
@@ -45,16 +44,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                random_weights: bool = False, seed: int = 0, tp_rank: int = 0, tp_size: int = 1):
     """Build the family's module on `device` and fill it from the checkpoint (or randomly)."""
     hf_config = load_hf_config(path)
-    if hf_config.model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {hf_config.model_type!r}; known: {sorted(FAMILIES)}")
-    module_name, cls_name = FAMILIES[hf_config.model_type].split(":")
-    module = importlib.import_module(module_name)
+    family = get_family(hf_config.model_type)
+    model_class = family.model_class()
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = getattr(module, cls_name)(hf_config)
+            model = model_class(hf_config)
     finally:
         torch.set_default_dtype(prev)
     model.to(dtype)
@@ -66,5 +63,5 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             model.lm_head.weight = model.language_model.embed_tokens.weight
     else:
         from mmhpc.models.loader import load_weights
-        load_weights(model, path, module.WEIGHT_RULES, tp_rank, tp_size, tie_word_embeddings=tie)
+        load_weights(model, path, family.weight_rules(), tp_rank, tp_size, tie_word_embeddings=tie)
     return model.eval()

@@ -3,7 +3,9 @@
 Each family lists prefix rewrites from checkpoint names (HF 5.x `model.language_model.…`,
 legacy `language_model.model.…`) to its own parameter names. Tensors are read through
 `safe_open(...).get_slice`, so a tensor-parallel rank reads only its shard: a parameter that
-carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one.
+carries `tp_dim` is split along that dim into `tp_size` parts and rank `tp_rank` keeps one;
+one that carries `weight_loader(slice_) -> tensor` reads its own part (MoE experts: only
+this rank's experts).
 
 Progress: inside `reporting(label)` (the launcher wraps each role's set-up in it), every
 `load_weights` prints `mmhpc: LABEL: weights A of B (P%)` every PROGRESS_EVERY_S seconds (a bar
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,9 +103,13 @@ def _read_shard(slice_, param: torch.Tensor, shard) -> torch.Tensor:
 
 def _read(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     global bytes_read
-    shard = getattr(param, "tp_shard", None)
-    tensor = _read_shard(slice_, param, shard) if shard is not None \
-        else _read_dim(slice_, param, tp_rank, tp_size)
+    shard, own = getattr(param, "tp_shard", None), getattr(param, "weight_loader", None)
+    if own is not None:                  # the parameter reads its own part (MoE experts)
+        tensor = own(slice_)
+    elif shard is not None:
+        tensor = _read_shard(slice_, param, shard)
+    else:
+        tensor = _read_dim(slice_, param, tp_rank, tp_size)
     bytes_read += tensor.numel() * tensor.element_size()
     return tensor
 
@@ -117,6 +124,31 @@ def _read_dim(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.
     return slice_[tuple(index)]
 
 
+_EXPERT_KEY = re.compile(r"^((?:.*\.)?experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _load_expert(key: str, rules: list[tuple[str, str]], params: dict, f) -> str | None:
+    """A per-expert checkpoint tensor (`...experts.{e}.gate_proj.weight`, as Qwen3-MoE
+    checkpoints store them) into the fused expert parameter that holds expert e on this rank
+    (moe.FusedExperts.load_expert); others' experts are not read. Returns the parameter's name."""
+    name = key
+    for src, dst in rules:
+        if name.startswith(src):
+            name = dst + name[len(src):]
+            break
+    m = _EXPERT_KEY.match(name)
+    if m is None:
+        return None
+    prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+    name = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    owner = getattr(params.get(name), "load_expert", None)
+    if owner is None:
+        return None
+    global bytes_read
+    bytes_read += owner(expert, proj, f.get_slice(key))
+    return name
+
+
 def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]],
                  tp_rank: int = 0, tp_size: int = 1, tie_word_embeddings: bool = False) -> None:
     path = Path(path)
@@ -128,16 +160,24 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
     loaded: set[str] = set()
     progress = _Progress(_label, _bytes_to_read(path, files, rules, params, tp_size)) \
         if _label else None
-    for key, slice_, name in _mapped_slices(path, files, rules, params):
-        param = params[name]
-        tensor = _read(slice_, param, tp_rank, tp_size)
-        if progress:
-            progress.add(tensor.numel() * tensor.element_size())
-        if tensor.shape != param.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
-        loaded.add(name)
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for key in f.keys():
+                name = map_name(key, rules, params)
+                if name is None:
+                    name = _load_expert(key, rules, params, f)     # one expert's tensor
+                    if name is not None:
+                        loaded.add(name)
+                    continue
+                param = params[name]
+                tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
+                if progress:
+                    progress.add(tensor.numel() * tensor.element_size())
+                if tensor.shape != param.shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor.to(param.dtype))
+                loaded.add(name)
     if progress:
         progress.finish()
     if tie_word_embeddings and "lm_head.weight" not in loaded:

@@ -67,12 +67,13 @@ def image_tokens(config, grid_thw) -> int:
 
 class Qwen2VLForCausalLM(nn.Module):
     uses_mrope = True
+    vision_cls = staticmethod(_vision_cls)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.text_config = config.text_config
-        self.visual = _vision_cls()._from_config(config.vision_config)
+        self.visual = self.vision_cls()._from_config(config.vision_config)
         self.language_model = Decoder(config.text_config, qkv_bias=True)
         self.lm_head = ParallelLMHead(config.text_config.hidden_size, config.text_config.vocab_size)
 
@@ -81,13 +82,17 @@ class Qwen2VLForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def encode(self, mm_items) -> list[torch.Tensor]:
-        """All items' patches in one ViT call (cu_seqlens keeps images apart)."""
+        """All items' patches in one ViT call (cu_seqlens keeps images apart). A ViT with
+        DeepStack features (Qwen3-VL) gives `[n, (1 + L) * hidden]` bundles."""
         dtype = next(self.visual.parameters()).dtype
         device = self.lm_head.weight.device
         pixels = cat_to_device([it.pixel_values for it in mm_items], device, dtype)
         grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
         out = self.visual(pixels, grid_thw=grid)
         embeds = getattr(out, "pooler_output", out)                 # 5.x output vs bare tensor
+        deep = getattr(out, "deepstack_features", None)
+        if deep:
+            embeds = torch.cat([embeds, *deep], dim=1)              # [N, (1 + L) * hidden]
         return list(embeds.split([image_tokens(self.config, it.grid_thw) for it in mm_items]))
 
     def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:

@@ -3,7 +3,8 @@
 Loads only the tokenizer and the image processor config of a Hugging Face checkpoint (no
 weights). The ids match HF's own processor (`AutoProcessor(text=..., images=...)`) token for
 token: each placeholder token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL) becomes
-`num_tokens` copies of itself, starting at `MMItem.offset`.
+`num_tokens` copies of itself, starting at `MMItem.offset`; Llama-4's `<|image|>` becomes the
+image's whole tiled span (mmhpc/multimodal/tiles.py), `grid_thw = (1, rows, cols)`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mmhpc.engine.sequence import MMItem
-
-FAMILIES = ("llava", "qwen2_vl")
+from mmhpc.models.registry import processor_kind
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -163,10 +163,10 @@ def _torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def preprocess_image(image_processor, image, family: str) -> dict:
+def preprocess_image(image_processor, image, kind: str) -> dict:
     """The processor's outputs for one image (pixel_values, and image_grid_thw for Qwen2-VL),
-    through `fast_pixel_values` where it applies."""
-    fast = fast_pixel_values(image_processor, image) if family == "llava" else None
+    through `fast_pixel_values` where it applies. kind: the family's `processor` kind."""
+    fast = fast_pixel_values(image_processor, image) if kind == "llava" else None
     if fast is not None:
         return {"pixel_values": fast}
     return image_processor(images=[image], return_tensors="pt")
@@ -176,30 +176,52 @@ class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
-    `grid_thw` for Qwen2-VL) or a tensor of pre-computed embeddings `[n, hidden]` (then
-    `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
-    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
-    entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
+    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the
+    image processor's output dict, and HF's own processor expands the prompt) or a tensor of
+    pre-computed embeddings `[n, hidden]` (then `num_tokens = n`; for Qwen2-VL the M-RoPE grid
+    defaults to one row of n merged tokens, or pass `{"embeddings": tensor, "grid_thw": (t, h,
+    w)}` with h, w in patches; a "file" entry, the media.Embeddings they were loaded from,
+    becomes `MMItem.source`).
     """
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, kind: str | None = None):
+        """kind: registry.PROCESSOR_KINDS; default: the family's (an unregistered one: "hf")."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.path = Path(model_path)
         config = _read_json(self.path / "config.json")
         self.family: str = config.get("model_type", "")
-        if self.family not in FAMILIES:
-            raise ValueError(f"{self.path}: model_type {self.family!r} is not one of {FAMILIES}")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.image_processor = AutoImageProcessor.from_pretrained(self.path)
+        self.kind: str = kind or processor_kind(self.family)
+        if self.kind == "hf":
+            self.hf_processor = hf_processor(self.path)
+            self.tokenizer = self.hf_processor.tokenizer
+            self.image_processor = self.hf_processor.image_processor
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.image_processor = None if self.kind == "llama4" \
+                else AutoImageProcessor.from_pretrained(self.path)   # llama4's needs torchvision
         proc_cfg = _read_json(self.path / "processor_config.json")
-        if self.family == "llava":
+        self.tiles = None
+        if self.kind == "hf":       # the prompt's placeholder; its expansion's token below
+            self.image_token = self.hf_processor.image_token
+            self.image_token_id = (getattr(self.tokenizer, "image_token_id", None)
+                                   or config.get("image_token_id", config.get("image_token_index")))
+        elif self.kind == "llama4":
+            from mmhpc.multimodal import tiles
+            self.tiles = tiles.TileConfig.from_files(
+                _read_json(self.path / "preprocessor_config.json"), proc_cfg)
+            self.image_token = "<|image|>"
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            self.span_tokens = {t: self.tokenizer.convert_tokens_to_ids(t) for t in tiles.SPECIAL}
+        elif self.kind in ("llava", "llava_next"):
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
             self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
             self.feature_strategy = proc_cfg.get(
                 "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
             self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
+            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT's tiles
+            self.tile_size = config["vision_config"].get("image_size")
         else:
             self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
             self.image_token_id = config.get("image_token_id")
@@ -234,7 +256,19 @@ class InputProcessor:
 
     # ---------------------------------------------------------------- images
     def num_image_tokens(self, width: int, height: int) -> int:
-        if self.family == "llava":
+        if self.kind == "hf":
+            from PIL import Image
+            return self._hf_num_tokens(Image.new("RGB", (width, height)))
+        if self.kind == "llava_next":
+            from mmhpc.models.llava_next import num_image_tokens
+            n = num_image_tokens(height, width, self.grid_pinpoints, self.tile_size,
+                                 self.patch_size, self.num_additional_tokens)
+            return n - 1 if self.feature_strategy == "default" else n
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            return tiles.span_length(*tiles.tile_grid(height, width, self.tiles),
+                                     self.tiles.tokens_per_tile)
+        if self.kind == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
             h = _get(crop, "height") or _get(size, "height") or _get(size, "shortest_edge")
@@ -253,10 +287,37 @@ class InputProcessor:
                                min_pixels=min_pixels, max_pixels=max_pixels)
         return h // self.patch_size, w // self.patch_size
 
+    @property
+    def _no_embeddings(self) -> str:
+        return (f"{self.family}: pre-computed image embeddings are not supported "
+                "(HF's processor takes images)")
+
+    def _hf_num_tokens(self, image) -> int:
+        """Image tokens of one image: HF's processor expands a prompt of its placeholder."""
+        ids = self.hf_processor(text=[self.image_token], images=[image])["input_ids"][0]
+        return sum(1 for t in ids if t == self.image_token_id)
+
+    def _hf_pixels(self, image) -> dict:
+        return dict(self.image_processor(images=[image], return_tensors="pt"))
+
     def _image_item(self, image) -> MMItem:
-        out = preprocess_image(self.image_processor, image, self.family)
+        if self.kind == "hf":
+            return MMItem(image_hash(image), -1, self._hf_num_tokens(image),
+                          pixel_values=self._hf_pixels(image))
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=tiles.span_length(rows, cols, self.tiles.tokens_per_tile),
+                          grid_thw=(1, rows, cols), pixel_values=pixel_values)
+        out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
-        if self.family == "llava":
+        if self.kind == "llava_next":
+            # pixel_values: [1, num_tiles, 3, S, S] (the base view first)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=self.num_image_tokens(image.width, image.height),
+                          pixel_values=pixel_values[0], image_size=(image.height, image.width))
+        if self.kind == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
             n = (h // self.patch_size) * (w // self.patch_size) + self.num_additional_tokens
@@ -275,10 +336,17 @@ class InputProcessor:
             grid = tuple(int(x) for x in item["grid_thw"]) if item.get("grid_thw") else None
             source = item.get("file")
             item = item["embeddings"]
+        if self.kind == "hf":
+            raise ValueError(self._no_embeddings)
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
-        if self.family == "qwen2_vl":
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = grid or (1, 1, 1)
+            if tiles.span_length(grid[1], grid[2], self.tiles.tokens_per_tile) != n:
+                raise ValueError(f"grid_thw {grid} (1, tile rows, tile cols) does not span {n} tokens")
+        if self.kind == "qwen2_vl":
             m = self.merge_size
             grid = grid or (1, m, n * m)
             if grid[0] * grid[1] * grid[2] // m**2 != n:
@@ -298,10 +366,15 @@ class InputProcessor:
 
     def _counted_item(self, image) -> MMItem:
         """Placeholder count and grid only (no pixel values): the encode stage preprocesses."""
+        if self.kind == "hf":
+            return MMItem(image_hash(image), -1, self._hf_num_tokens(image))
         grid = None
-        if self.family == "qwen2_vl":
+        if self.kind == "qwen2_vl":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
+        elif self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = (1, *tiles.tile_grid(image.height, image.width, self.tiles))
         return MMItem(content_hash=image_hash(image), offset=-1,
                       num_tokens=self.num_image_tokens(image.width, image.height), grid_thw=grid)
 
@@ -309,6 +382,8 @@ class InputProcessor:
                 ) -> tuple[list[int], list[MMItem]]:
         """Tokenize `prompt` and expand its image placeholders, one per image, in order.
         `with_pixels=False`: images get counts and grids only (a disaggregated frontend)."""
+        if self.kind == "hf":
+            return self._hf_process(prompt, list(images or []), with_pixels)
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         images = list(images or [])
@@ -322,13 +397,77 @@ class InputProcessor:
         for pos, item in zip(positions, items):
             out += ids[start:pos]
             item.offset = len(out)
-            out += [self.image_token_id] * item.num_tokens
+            out += self.placeholder_ids(item)
             start = pos + 1
         out += ids[start:]
         return out, items
 
+    def placeholder_ids(self, item: MMItem) -> list[int]:
+        """The prompt tokens an item occupies (Llama-4: its tiled span)."""
+        if self.tiles is None:
+            return [self.image_token_id] * item.num_tokens
+        from mmhpc.multimodal import tiles
+        return tiles.span_ids(item.grid_thw[1], item.grid_thw[2], self.tiles.tokens_per_tile,
+                              self.span_tokens)
+
+    def _hf_process(self, prompt: str, images: list[Any], with_pixels: bool
+                    ) -> tuple[list[int], list[MMItem]]:
+        """HF's processor expands the prompt (as its own `generate` inputs); each image's
+        tokens are one run of `image_token_id`, in order."""
+        if not all(_is_image(im) for im in images):
+            raise ValueError(self._no_embeddings)
+        ids = self.hf_processor(text=[prompt], images=images or None)["input_ids"][0]
+        ids = [int(t) for t in ids]
+        runs: list[list[int]] = []                       # [offset, num_tokens]
+        for i, t in enumerate(ids):
+            if t == self.image_token_id:
+                if runs and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([i, 1])
+        if len(runs) != len(images):
+            raise ValueError(f"the prompt has {len(runs)} image(s) after expansion but "
+                             f"{len(images)} image(s) were given (adjacent images cannot be "
+                             "told apart)")
+        items = [MMItem(image_hash(im), off, n,
+                        pixel_values=self._hf_pixels(im) if with_pixels else None)
+                 for (off, n), im in zip(runs, images)]
+        return ids, items
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def hf_processor(path: str | Path):
+    """HF's own processor for a checkpoint (the oracle's input side).
+
+    `AutoProcessor` needs torchvision for the Qwen families (their video processors); where
+    torchvision is missing, an image-only processor (video_processor=None) stands in.
+    """
+    import transformers
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except ImportError:
+        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if processor_kind(model_type) != "qwen2_vl":
+            raise
+    from transformers import AutoImageProcessor, AutoTokenizer
+    base = {"qwen2_vl": transformers.Qwen2VLProcessor,
+            "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(model_type,
+                                                                transformers.Qwen3VLProcessor)
+
+    class ImageOnlyQwen2VLProcessor(base):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return ImageOnlyQwen2VLProcessor(image_processor=AutoImageProcessor.from_pretrained(path),
+                                     tokenizer=tokenizer, video_processor=None,
+                                     chat_template=tokenizer.chat_template)
 
 
 def _get(d: Any, key: str) -> Any:

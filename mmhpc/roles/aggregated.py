@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
+from mmhpc.engine.interface import make_engine
 from mmhpc.messages.common import AbortRequest, Shutdown
 from mmhpc.messages.to_aggregated import GenerateRequest
 from mmhpc.messages.to_frontend import RequestFailed
-from mmhpc.roles.encode import media_item
+from mmhpc.multimodal.image_items import media_item
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,10 @@ log = logging.getLogger(__name__)
 class AggregatedWorker(Worker):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(ctx.config, device=ctx.device, detokenize=False)
+        self.engine = make_engine(ctx.config, "aggregated", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
-        self.hidden_size = self.engine.runner.model.text_config.hidden_size
+        self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
         self.requests: dict[str, GenerateRequest] = {}
 
     def handle(self, src: int, msg) -> None:
@@ -50,11 +51,12 @@ class AggregatedWorker(Worker):
                 self._fail(req, "deadline passed", timeout=True)
         if self.engine.has_unfinished_requests():
             self.stream_step(self.engine, self.requests, "aggregated", "engine error")
-        self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests))
+        self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests), **self.counts)
 
     def _add(self, req: GenerateRequest) -> None:
         try:
-            items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+            items = [media_item(self.processor, img, self.ctx.config, self.hidden_size,
+                                self.deepstack)
                      for img in req.images]
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
                                     block_hashes=frontend_hashes(req, self.engine))

@@ -2,7 +2,7 @@
 
 Protocol: register every pool a peer may read (KV cache, embedding buffer) BEFORE taking
 `metadata()`; memory registered later is unknown to peers that loaded the earlier metadata
-(re-publish with `metadata()` + AgentMetadata, then peers call `add_peer` again). A transfer
+(re-publish `metadata()`, then peers call `add_peer` again). A transfer
 is posted by `read`/`write` and completed by `wait(handle, timeout)` (raises TimeoutError and
 releases the request, never waits forever) or polled with `done(handle)`. The remote side
 learns completion through the `notif` bytes (`get_notifs()`).
@@ -158,10 +158,10 @@ class NixlAgent:
     def done(self, x: XferHandle) -> bool:
         state = self._agent.check_xfer_state(x.handle)
         if state == "ERR":
-            self._release(x)
+            self.release(x)
             raise NixlError(f"{x.op} from {x.peer} ({x.nbytes} bytes) failed")
         if state == "DONE":
-            self._release(x)
+            self.release(x)
             return True
         return False
 
@@ -171,14 +171,15 @@ class NixlAgent:
         while not self.done(x):
             now = time.monotonic()
             if now > deadline:
-                self._release(x)
+                self.release(x)
                 raise TimeoutError(f"NIXL {x.op} from {x.peer} of {x.nbytes} bytes not done "
                                    f"after {timeout:.3g}s")
             # spin briefly (small transfers finish in µs), then yield the CPU
             if now - x.started > spin_s:
                 time.sleep(0.0002)
 
-    def _release(self, x: XferHandle) -> None:
+    def release(self, x: XferHandle) -> None:
+        """Give up a transfer (done or not): NIXL frees it; bytes may still land after."""
         if x.handle is not None:
             try:
                 x.handle.release()

@@ -9,7 +9,6 @@ loop owns an `AsyncMailbox`.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import zmq
@@ -113,8 +112,16 @@ class AsyncMailbox(_Base):
 
     def send(self, dest: int, msg: Any) -> None:
         """Non-blocking: a PUSH with room queues at once (never awaits)."""
+        self.send_frame(dest, self._frame(msg))
+
+    def frame(self, msg: Any) -> bytes:
+        """The wire form of `msg` from this rank: make a large one off the event loop (a
+        worker thread) and `send_frame` it on the loop."""
+        return self._frame(msg)
+
+    def send_frame(self, dest: int, frame: bytes) -> None:
         try:
-            self._socket_to(dest).send(self._frame(msg), flags=zmq.NOBLOCK)
+            self._socket_to(dest).send(frame, flags=zmq.NOBLOCK, copy=len(frame) < (1 << 16))
         except zmq.Again:
             raise PeerUnavailable(f"rank {self.rank}: send queue to rank {dest} is full") from None
 
@@ -123,13 +130,3 @@ class AsyncMailbox(_Base):
         if not await self._pull.poll(ms):
             return None
         return codec.decode_envelope(await self._pull.recv(copy=True))
-
-
-def wait_until(pred, timeout: float, interval: float = 0.001) -> bool:
-    """Poll `pred` until true or `timeout` seconds pass."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
-    return True
