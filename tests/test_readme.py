@@ -80,6 +80,7 @@ RUNNERS = {
     "sbatch --nodes=4 slurm/serve.sbatch": "test_slurm.py::test_readme_slurm_lines",
     "mpirun -n 4 python -m mmhpc deployment=e_p_d model.path=": "test_layout_lines_...",
     ".venv/bin/python -m mmhpc.bench offline": "test_bench_flags",
+    "sbatch --nodes=2 --ntasks-per-node=9 slurm/serve.sbatch": "test_moe_lines",
 }
 
 
@@ -123,6 +124,20 @@ def test_readme_h200_example_fills_the_nodes():
     assert out.startswith("deployment=e_p_d world_size=32 nodes=4 ranks_per_node=8")
     assert "frontend+encode" in out and out.count(" decode ") == 27
     assert "(shares its GPU 0; no device of its own)" in out
+
+
+def test_moe_lines():
+    """The Maverick block (2 x 8 H200, no such nodes here): its dry-run as written, and the
+    sbatch line's overrides laid out for its 2 x 9 tasks give the same table."""
+    sbatch, dry = commands(block("Several nodes", "sbatch --nodes=2 --ntasks-per-node=9"))
+    r = run(argv(dry))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("deployment=e_p_d world_size=18 nodes=2 ranks_per_node=9")
+    words = argv(sbatch)
+    overrides = words[words.index("slurm/serve.sbatch") + 1:]
+    same = run([sys.executable, "-m", "mmhpc", *overrides, "--dry-run", "--world-size", "18"])
+    table = lambda out: out.split("\naddress of this node")[0]   # noqa: E731
+    assert table(same.stdout) == table(r.stdout), same.stderr[-2000:]
 
 
 def test_make_targets():
