@@ -215,6 +215,9 @@ def test_slurm_of_two_nodes_answers_and_scancel_drains(cluster, tmp_path, image)
         slurm.start()
     except SlurmUnavailable as e:
         pytest.skip(str(e))
+    except BaseException:
+        slurm.stop()                  # the daemons that did start (munged, ...)
+        raise
     env = dict(os.environ, **slurm.env(), MMHPC_SRUN_MPI="pmi2", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
 
