@@ -69,3 +69,25 @@ def test_serve_client_against_mmhpc(tiny_llava, tmp_path):
         assert json.loads(out.read_text())["completed"] == 4
     finally:
         st.stop()
+
+
+@pytest.mark.slow
+def test_dense_vlm_gpu_smoke(tmp_path):
+    """bench/dense_vlm_gpu.py's CPU smoke mode (the tiny LLaVA-NeXT and Qwen2.5-VL): decode
+    steps timed; our vision path (Qwen2.5-VL: the fused blocks' plain-torch fallbacks) equals
+    HF's on a 1920 x 1080 image and is timed beside it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(root / "bench" / "dense_vlm_gpu.py"), "--smoke"],
+                   cwd=root, env=env, check=True, timeout=600, capture_output=True)
+    res = json.loads((tmp_path / "dense_vlm_gpu.json").read_text())
+    for family in ("llava_next", "qwen2_5_vl"):
+        r = res[family]
+        assert "error" not in r, r.get("error")
+        assert r["decode_b1_ms_wall"] > 0
+        v = r["vision_1080p"]
+        assert v["check"] == "ok" and v["mmhpc_ms"] > 0 and v["hf_ms"] > 0, v

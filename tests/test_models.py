@@ -117,3 +117,79 @@ def test_random_weights_build_without_files(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     model = load_model(tmp_path, random_weights=True)
     assert model.lm_head.weight.shape == (256, 64)
+
+
+def _hf_inputs(path, sizes):
+    """HF's processor output for one user turn with images of `sizes` (w, h) and the same
+    prompt as engine input: ids and one MMItem per image (from our InputProcessor)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmhpc.multimodal.processor import InputProcessor
+    from mmhpc.tools.tiny import hf_processor
+    rng = np.random.default_rng(len(sizes))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    proc = hf_processor(path)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "what is it?"}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}],
+                                      add_generation_prompt=True, tokenize=False)
+    ref = dict(proc(text=[prompt], images=images, return_tensors="pt"))
+    ids, items = InputProcessor(path).process(prompt, images)
+    assert ids == ref["input_ids"][0].tolist()
+    return ref, ids, items
+
+
+def _mm_rows(items):
+    rows = torch.cat([torch.arange(it.offset, it.offset + it.num_tokens) for it in items])
+    return rows
+
+
+# (family, tiny sizes, image sizes (w, h)): two images of different sizes and aspects, so
+# LLaVA-NeXT's tile grids and unpadding differ (and Qwen2.5-VL's windows: full and partial)
+DENSE_VLM_CASES = {
+    "llava_next": ("llava_next", {}, [(48, 40), (28, 84)]),
+    "llava_next_mistral": ("llava_next", {"mistral": 1}, [(200, 33), (32, 32)]),
+    "qwen2_5_vl": ("qwen2_5_vl", {}, [(112, 112), (84, 56)]),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_VLM_CASES))
+def test_dense_vlm_matches_hf_forward(case):
+    from transformers import AutoModelForImageTextToText
+
+    from mmhpc.tools.tiny import tiny_checkpoint
+    family, sizes, image_sizes = DENSE_VLM_CASES[case]
+    path = tiny_checkpoint(family, **sizes)
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path)
+    ref, ids, items = _hf_inputs(path, image_sizes)
+    with torch.no_grad():
+        want = hf(**ref).logits[0]
+        emb = torch.cat(ours.encode(items))
+        if ours.uses_mrope:
+            pos, _ = ours.mrope_positions(ids, [it.grid_thw for it in items])
+        else:
+            pos = torch.arange(len(ids))
+        for chunks in ([len(ids)], [7] * (len(ids) // 7) + [len(ids) % 7]):
+            got = _run(ours, ids, pos, (_mm_rows(items), emb), [c for c in chunks if c],
+                       block_size=16)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        warm = ours.warm_up_items(300, 3)                   # the GPU runner's start-up batch
+        assert [e.shape[0] for e in ours.encode(warm)] == [it.num_tokens for it in warm]
+
+
+def test_qwen2_5_vl_mrope_positions_match_hf():
+    from transformers import AutoModelForImageTextToText
+
+    from mmhpc.tools.tiny import tiny_checkpoint
+    path = tiny_checkpoint("qwen2_5_vl")
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ref, ids, items = _hf_inputs(path, [(112, 112), (84, 56), (28, 28)])
+    t = ref["input_ids"]
+    try:
+        want, want_delta = hf.model.get_rope_index(t, (t == hf.config.image_token_id).int(),
+                                                   ref["image_grid_thw"])
+    except TypeError:                                          # older signature
+        want, want_delta = hf.model.get_rope_index(t, ref["image_grid_thw"])
+    pos, delta = mrope_positions(ids, [it.grid_thw for it in items], hf.config)
+    assert torch.equal(pos, want[:, 0]) and delta == int(want_delta)

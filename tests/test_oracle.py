@@ -20,11 +20,11 @@ N = 6                                                  # new tokens per request
 class Oracle:
     """HF model + processor for one tiny checkpoint; builds matching engine inputs."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, **sizes):
         from transformers import AutoModelForImageTextToText, GenerationConfig
         from mmhpc.tools.tiny import hf_processor, tiny_checkpoint
         self.family = family
-        self.path = tiny_checkpoint(family)
+        self.path = tiny_checkpoint(family, **sizes)
         self.proc = hf_processor(self.path)
         self.hf = AutoModelForImageTextToText.from_pretrained(self.path, dtype=torch.float32).eval()
         self.image_token_id = self.hf.config.image_token_id
@@ -59,16 +59,24 @@ class Oracle:
             else:
                 i += 1
         items, pv, start = [], inputs.get("pixel_values"), 0
-        grids = inputs.get("image_grid_thw")
+        grids, image_sizes = inputs.get("image_grid_thw"), inputs.get("image_sizes")
         for k, (offset, n) in enumerate(runs):
-            if grids is None:
+            size = None
+            if image_sizes is not None:                 # LLaVA-NeXT: [images, most tiles, ...]
+                from mmhpc.models.llava_next import num_tiles
+                size = tuple(int(x) for x in image_sizes[k])
+                cfg = self.hf.config
+                grid = None
+                pixels = pv[k, :num_tiles(*size, cfg.image_grid_pinpoints,
+                                          cfg.vision_config.image_size)]
+            elif grids is None:
                 pixels, grid = pv[k:k + 1], None
             else:
                 grid = tuple(int(x) for x in grids[k])
                 pixels = pv[start:start + grid[0] * grid[1] * grid[2]]
                 start += pixels.shape[0]
             h = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
-            items.append(MMItem(h, offset, n, grid_thw=grid, pixel_values=pixels))
+            items.append(MMItem(h, offset, n, grid_thw=grid, pixel_values=pixels, image_size=size))
         return ids, items
 
     def engine(self, **cache) -> LLMEngine:
@@ -119,6 +127,34 @@ def test_oracle_single(oracle, case):
     inputs = oracle.inputs(text, [image(*s) for s in sizes])
     got = run(oracle.engine(), {"r": oracle.request(inputs)})
     assert got["r"] == oracle.expected(inputs)
+
+
+# LLaVA-NeXT (Llama and Mistral LMs) and Qwen2.5-VL: text, one image, and two images of
+# different sizes and aspects (different tile grids and unpadding; full and partial windows),
+# each request alone, then all of them batched in one engine.
+DENSE_VLM_FAMILIES = {"llava_next": ("llava_next", {}),
+                      "llava_next_mistral": ("llava_next", {"mistral": 1}),
+                      "qwen2_5_vl": ("qwen2_5_vl", {})}
+DENSE_VLM_CASES = {
+    "text": ("tell me a story about the sea", []),
+    "one_image": ("what is in the picture?", [(70, 50, 1)]),
+    "two_images": ("compare these two", [(112, 112, 2), (30, 84, 3)]),
+}
+_DENSE_ORACLES: dict[str, Oracle] = {}
+
+
+@pytest.mark.parametrize("family", list(DENSE_VLM_FAMILIES))
+def test_oracle_dense_vlm(family):
+    if family not in _DENSE_ORACLES:
+        name, sizes = DENSE_VLM_FAMILIES[family]
+        _DENSE_ORACLES[family] = Oracle(name, **sizes)
+    oracle = _DENSE_ORACLES[family]
+    requests, expected = {}, {}
+    for case, (text, sizes) in DENSE_VLM_CASES.items():
+        inputs = oracle.inputs(text, [image(*s) for s in sizes])
+        requests[case], expected[case] = oracle.request(inputs), oracle.expected(inputs)
+        assert run(oracle.engine(), {case: requests[case]})[case] == expected[case], case
+    assert run(oracle.engine(), requests) == expected
 
 
 def test_oracle_mixed_arrivals_with_preemption(oracle):

@@ -25,9 +25,11 @@ def _messages(num_images: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "llava_next", "qwen2_5_vl"])
 def family_path(request, tiny_llava, tiny_qwen2_vl):
-    return {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}[request.param]
+    from mmhpc.tools.tiny import tiny_checkpoint
+    return {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}.get(request.param) \
+        or tiny_checkpoint(request.param)
 
 
 @pytest.mark.parametrize("name,sizes", CASES, ids=[c[0] for c in CASES])
@@ -50,6 +52,12 @@ def test_matches_hf_processor(family_path, rng_image, name, sizes):
     if ours.family == "llava":
         pv = torch.cat([it.pixel_values for it in items])           # [n, 3, H, W]
         assert torch.equal(pv, ref["pixel_values"])
+    elif ours.family == "llava_next":       # [images, most tiles, 3, S, S], zero-padded
+        for k, it in enumerate(items):
+            n = it.pixel_values.shape[0]
+            assert torch.equal(it.pixel_values, ref["pixel_values"][k, :n])
+            assert not ref["pixel_values"][k, n:].any()
+        assert [list(it.image_size) for it in items] == ref["image_sizes"].tolist()
     else:
         pv = torch.cat([it.pixel_values for it in items])           # [patches, C*T*P*P]
         assert torch.equal(pv, ref["pixel_values"])
@@ -108,3 +116,22 @@ def test_solid_colour_images(tiny_llava, tiny_qwen2_vl):
         prompt = p.apply_chat_template(_messages(1))
         ids, _ = p.process(prompt, [img])
         assert ids == hf(text=[prompt], images=[img], return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_anyres_counts_match_hf(rng_image):
+    """LLaVA-NeXT: the frontend's count (no pixels) for images of many sizes and aspects
+    (every pinpoint chosen; unpadding of rows and of columns) equals HF's processor."""
+    from mmhpc.tools.tiny import tiny_checkpoint
+    path = tiny_checkpoint("llava_next")
+    ours, hf = InputProcessor(path), hf_processor(path)
+    prompt = ours.apply_chat_template(_messages(1))
+    seen = set()
+    for i, (w, h) in enumerate([(32, 32), (64, 32), (32, 64), (64, 64), (96, 30), (30, 96),
+                                (1920, 1080), (1080, 1920), (17, 200), (200, 17), (33, 65),
+                                (500, 499), (7, 7)]):
+        image = rng_image(i, w, h)
+        want = hf(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        ids, items = ours.process(prompt, [image], with_pixels=False)
+        assert ids == want, (w, h)
+        seen.add(items[0].num_tokens)
+    assert len(seen) >= 6                                 # counts do depend on size and aspect

@@ -214,22 +214,28 @@ def deployment(request):
     assert rc == 0 or (name.startswith("e_") and rc in (15, 143, -15)), "".join(dep.lines[-40:])
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
-def test_tp_oracle_over_http(deployment):
-    dep, path, hf = deployment
+def assert_oracle_over_http(url: str, model: str, hf: HF, cases) -> None:
+    """Every (text, image sizes) case sent at once (batched steps); each one's tokens equal
+    its own HF generate's."""
     results: dict[int, list[str]] = {}
 
     def one(i: int) -> None:
-        text, sizes = CASES[i]
-        results[i] = chat_tokens(dep.url, path.name, text, [_image(*s) for s in sizes])
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(CASES))]
-    for t in threads:                 # concurrent: batched steps across the TP group
+        text, sizes = cases[i]
+        results[i] = chat_tokens(url, model, text, [_image(*s) for s in sizes])
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
         t.start()
     expected = {i: hf.expected(text, [_image(*s) for s in sizes])
-                for i, (text, sizes) in enumerate(CASES)}
+                for i, (text, sizes) in enumerate(cases)}
     for t in threads:
         t.join(180)
     assert results == expected
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_tp_oracle_over_http(deployment):
+    dep, path, hf = deployment
+    assert_oracle_over_http(dep.url, path.name, hf, CASES)   # batched across the TP group
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")

@@ -25,6 +25,12 @@ class ImageItems:
         if self.kind == "llava":
             from mmhpc.models.llava import image_tokens
             return MMItem(h, 0, image_tokens(self.cfg, pv.shape[-2], pv.shape[-1]), None, pv)
+        if self.kind == "llava_next":           # pv: [1, tiles, 3, S, S]
+            from mmhpc.models.llava_next import num_image_tokens
+            vc = self.cfg.vision_config
+            n = num_image_tokens(image.height, image.width, self.cfg.image_grid_pinpoints,
+                                 vc.image_size, vc.patch_size)
+            return MMItem(h, 0, n, None, pv[0], image_size=(image.height, image.width))
         from mmhpc.models.qwen2_vl import image_tokens
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         return MMItem(h, 0, image_tokens(self.cfg, grid), grid, pv)

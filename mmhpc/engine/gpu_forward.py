@@ -14,7 +14,8 @@ captured in a CUDA graph.
 Vision: CLIP / Qwen2-VL ViT blocks run with one qkv GEMM, flash/cuDNN SDPA, in-place rotary
 and quick-GELU, the attention residual add fused into the second LayerNorm (which also
 pre-adds fc2's bias) and fc2 accumulating into the residual in place; the CLIP tower stops at
-the deepest layer LLaVA reads.
+the deepest layer LLaVA reads. Qwen2.5-VL's blocks: the same attention (its windows through
+FlashAttention's varlen kernel), RMSNorms with the residual add fused, one gate_up GEMM.
 """
 from __future__ import annotations
 
@@ -294,41 +295,97 @@ def _clip_layer_forward(layer, returns_tuple: bool):
     return forward
 
 
-def _qwen_block_forward(block, cache: dict):
-    from mmhpc.kernels.fused import quick_gelu_, rotary_
-    attn, mlp = block.attn, block.mlp
+def _vision_attention(x, attn, cu_seqlens, rotary_pos_emb, position_embeddings,
+                      cache: dict) -> torch.Tensor:
+    """A Qwen ViT block's attention on its normed input x [N, C]: one qkv GEMM, rotary in
+    place on the q and k heads, attention within each segment of `cu_seqlens` (images; for
+    Qwen2.5-VL, windows in most blocks), proj -> [N, C]. Equal segments run as one SDPA
+    (flash or cuDNN), unequal ones through FlashAttention's varlen kernel, else one SDPA each."""
+    N, C = x.shape
     heads = attn.num_heads
-    head_dim = getattr(attn, "head_dim", None) or attn.qkv.weight.shape[1] // heads
+    head_dim = C // heads
     scale = getattr(attn, "scaling", None) or head_dim ** -0.5
-    quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
-    act = quick_gelu_ if quick else mlp.act
-
-    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
-                **kwargs):
-        N, C = hidden_states.shape
-        hidden_states = hidden_states.contiguous()
-        if position_embeddings is None:
-            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
-            position_embeddings = (emb.cos(), emb.sin())
-        cos, sin = position_embeddings
-        if cache.get("cu") is not cu_seqlens:                       # one host sync per image batch
-            cache["cu"], cache["lens"] = cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        lens = cache["lens"]
-        x = block.norm1(hidden_states)
-        qkv = attn.qkv(x)                                           # [N, 3C]
-        rotary_(qkv[:, :2 * C].view(N, 2 * heads, head_dim), cos.contiguous(), sin.contiguous())
-        qkv = qkv.view(N, 3, heads, head_dim)
-        if len(set(lens)) == 1:
-            n = len(lens)
-            q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            o = _sdpa(q, k, v, scale).transpose(1, 2).reshape(N, C)
+    if position_embeddings is None:
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+        position_embeddings = (emb.cos(), emb.sin())
+    cos, sin = (t.contiguous() for t in position_embeddings)      # [N, D]
+    lens, cu32, max_len = _segments(cache, cu_seqlens)
+    qkv = attn.qkv(x)                                               # [N, 3C]
+    _rotary_inplace(qkv[:, :2 * C].view(N, 2 * heads, head_dim), cos, sin)
+    qkv = qkv.view(N, 3, heads, head_dim)
+    if len(set(lens)) == 1:
+        n = len(lens)
+        q, k, v = qkv.view(n, N // n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = _sdpa(q, k, v, scale).transpose(1, 2).reshape(N, C)
+    else:
+        o = kernels.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu32, max_len, scale,
+                                     causal=False)                   # [N, H, D] or None
+        if o is not None:
+            o = o.reshape(N, C)
         else:
             outs = []
             for part in qkv.split(lens):
                 q, k, v = part.permute(1, 2, 0, 3)[:, None]          # [1, H, L, D]
                 outs.append(_sdpa(q, k, v, scale)[0].transpose(0, 1).reshape(-1, C))
             o = torch.cat(outs)
-        return _mlp_tail(attn.proj(o), hidden_states, block.norm2, mlp.fc1, mlp.fc2, act)
+    return attn.proj(o)
+
+
+def _segments(cache: dict, cu_seqlens: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
+    """(lengths, int32 cu_seqlens, longest) of a ViT call's segments; one host sync per
+    cu_seqlens tensor (Qwen2.5-VL alternates two in a call: windows and whole images)."""
+    for cu, seg in cache.get("segs", ()):
+        if cu is cu_seqlens:
+            return seg
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    seg = (lens, cu_seqlens.to(torch.int32), max(lens))
+    cache["segs"] = cache.get("segs", [])[-1:] + [(cu_seqlens, seg)]
+    return seg
+
+
+def _rotary_inplace(x, cos, sin) -> None:
+    """x [T, H, D] rotated in place: the Triton kernel on CUDA, plain torch elsewhere."""
+    if x.is_cuda and kernels.HAS_TRITON:
+        from mmhpc.kernels.fused import rotary_
+        rotary_(x, cos, sin)
+    else:
+        from mmhpc.models.layers import apply_rotary
+        x.copy_(apply_rotary(x.float(), cos.float(), sin.float()))
+
+
+def _qwen_block_forward(block, cache: dict):
+    from mmhpc.kernels.fused import quick_gelu_
+    attn, mlp = block.attn, block.mlp
+    quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
+    act = quick_gelu_ if quick else mlp.act
+
+    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                **kwargs):
+        hidden_states = hidden_states.contiguous()
+        o = _vision_attention(block.norm1(hidden_states), attn, cu_seqlens, rotary_pos_emb,
+                              position_embeddings, cache)
+        return _mlp_tail(o, hidden_states, block.norm2, mlp.fc1, mlp.fc2, act)
+    return forward
+
+
+def _qwen2_5_block_forward(block, cache: dict):
+    """Qwen2.5-VL's ViT block: RMSNorm, attention (windows or the whole image), RMSNorm with
+    the residual add fused, one gate_up GEMM (biases), SiLU-and-mul, down_proj accumulating
+    into the residual (its bias added to the residual first)."""
+    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    gate_up_w, gate_up_b = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+    down = mlp.down_proj
+
+    def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                **kwargs):
+        hidden_states = hidden_states.contiguous()                  # [N, C]
+        x = kernels.rms_norm(hidden_states, n1.weight, n1.variance_epsilon)
+        o = _vision_attention(x, attn, cu_seqlens, rotary_pos_emb, position_embeddings, cache)
+        x, h = kernels.rms_norm(o, n2.weight, n2.variance_epsilon, hidden_states)
+        a = kernels.silu_and_mul(F.linear(x, gate_up_w, gate_up_b))   # [N, I]
+        if down.bias is not None:
+            h.add_(down.bias)
+        return h.addmm_(a, down.weight.t())
     return forward
 
 
@@ -357,7 +414,8 @@ def prepare_vision(model) -> None:
         _patch_embed_as_matmul(visual.patch_embed)
         cache: dict = {}
         for block in visual.blocks:
-            block.forward = _qwen_block_forward(block, cache)
+            swiglu = hasattr(block.mlp, "gate_proj")                # Qwen2.5-VL
+            block.forward = (_qwen2_5_block_forward if swiglu else _qwen_block_forward)(block, cache)
 
 
 def _patch_embed_as_matmul(pe) -> None:

@@ -82,6 +82,7 @@ class MMItem:
     num_tokens: int
     grid_thw: tuple[int, int, int] | None = None   # Qwen2-VL (t, h, w) in patches
     pixel_values: Any = None          # processor output for this item (torch tensor)
+    image_size: tuple[int, int] | None = None      # LLaVA-NeXT: the image's (height, width)
     embeddings: Any = None            # [num_tokens, hidden] (torch tensor), set by encode
     source: Any = None                # pre-computed embeddings: the file they came from (the
                                       # frontend's media.Embeddings), to ship it to other ranks

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 HAS_TRITON = _triton is not None
 
 __all__ = ["HAS_TRITON", "paged_decode_attention", "paged_prefill_attention",
-           "fresh_prefill_attention", "write_kv",
+           "fresh_prefill_attention", "varlen_attention", "write_kv",
            "rotary_write_kv", "rms_norm", "silu_and_mul", "linear", "linear_silu_and_mul",
            "reference"]
 
@@ -53,20 +53,28 @@ def fresh_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, scale):
     cu_seqlens_q [B+1] int32 -> [T, Hq, D]. On CUDA in 16-bit floats: FlashAttention-2's
     varlen kernel through torch (about twice the Triton kernel's rate, bench/RESULTS.md);
     None elsewhere or when torch lacks it (the caller runs `paged_prefill_attention`)."""
+    if os.environ.get("MMHPC_PREFILL_FLASH", "1") == "0":
+        return None
+    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, scale, causal=True)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """Attention within each segment [cu[i], cu[i+1]) of the rows (causal or not): q [T, Hq, D],
+    k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> [T, Hq, D]. FlashAttention-2's varlen kernel
+    through torch on CUDA in 16-bit floats; None elsewhere or when torch lacks it."""
     global _flash_error
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256) or _flash_error \
-            or os.environ.get("MMHPC_PREFILL_FLASH", "1") == "0":
+            and q.shape[-1] <= 256) or _flash_error:
         return None
     try:
         return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q, 0.0, True, False,
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False,
             scale=scale)[0]
     except (RuntimeError, AttributeError, TypeError) as e:   # e.g. a torch built without flash
         _flash_error = str(e).splitlines()[0]
         logging.getLogger(__name__).warning(
             "FlashAttention varlen unavailable (%s): fresh prefill chunks take the Triton "
-            "kernel", _flash_error)
+            "kernel, ViT windows one SDPA each", _flash_error)
         return None
 
 

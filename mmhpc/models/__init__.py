@@ -26,12 +26,15 @@ def load_hf_config(path: str | Path):
 
 def _init_random(model) -> None:
     """Small random weights (std 0.02, norms at 1) so that a random model's activations stay
-    finite in bf16 at full depth; default inits of large Linear layers overflow."""
+    finite in bf16 at full depth; default inits of large Linear layers overflow. A norm is a
+    module whose class name says so (CLIP's `pre_layrnorm`, Qwen's merger `ln_q`)."""
+    norms = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+             if "norm" in type(mod).__name__.lower()}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
-            elif "norm" in name and name.endswith("weight"):
+            elif name in norms or ("norm" in name and name.endswith("weight")):
                 p.fill_(1.0)
             else:
                 p.zero_()

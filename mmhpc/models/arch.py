@@ -14,6 +14,30 @@ from pathlib import Path
 PREFIX = "arch:"
 
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# CLIP ViT-L/14 at 336 px (LLaVA-1.5's and LLaVA-1.6's tower) and its image processor
+_CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
+                   intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                   patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_CLIP_336_PREPROCESSOR = dict(
+    do_resize=True, size={"shortest_edge": 336}, do_center_crop=True,
+    crop_size={"height": 336, "width": 336}, do_rescale=True, rescale_factor=1 / 255,
+    do_normalize=True, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, do_convert_rgb=True,
+    resample=3)
+# Qwen2-VL-7B's and Qwen2.5-VL-7B's language model, special tokens and image processor
+_QWEN_7B_TEXT = dict(
+    bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
+    vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655,
+    video_token_id=151656, hidden_act="silu", hidden_size=3584, intermediate_size=18944,
+    max_window_layers=28, num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
+    rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768, tie_word_embeddings=False,
+    torch_dtype="bfloat16", use_sliding_window=False, vocab_size=152064,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+_QWEN_PREPROCESSOR = dict(
+    image_processor_type="Qwen2VLImageProcessor", do_resize=True, min_pixels=3136,
+    max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+    image_mean=_CLIP_MEAN, image_std=_CLIP_STD, do_rescale=True, rescale_factor=1 / 255,
+    do_normalize=True, do_convert_rgb=True, resample=3)
 
 ARCHS: dict[str, dict] = {
     # llava-hf/llava-1.5-7b-hf
@@ -28,36 +52,53 @@ ARCHS: dict[str, dict] = {
                              num_attention_heads=32, num_key_value_heads=32,
                              max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32064,
                              hidden_act="silu", rope_theta=10000.0, torch_dtype="float16"),
-            vision_config=dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
-                               intermediate_size=4096, num_attention_heads=16,
-                               num_hidden_layers=24, patch_size=14, projection_dim=768,
-                               hidden_act="quick_gelu", layer_norm_eps=1e-5)),
-        preprocessor=dict(image_processor_type="CLIPImageProcessor", do_resize=True,
-                          size={"shortest_edge": 336}, do_center_crop=True,
-                          crop_size={"height": 336, "width": 336}, do_rescale=True,
-                          rescale_factor=1 / 255, do_normalize=True, image_mean=_CLIP_MEAN,
-                          image_std=_CLIP_STD, do_convert_rgb=True, resample=3),
+            vision_config=_CLIP_L_336),
+        preprocessor=dict(image_processor_type="CLIPImageProcessor", **_CLIP_336_PREPROCESSOR),
         eos_token_ids=[2]),
     # Qwen/Qwen2-VL-7B-Instruct
     "qwen2-vl-7b": dict(
         config=dict(
             architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl",
-            bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652,
-            vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655,
-            video_token_id=151656, hidden_act="silu", hidden_size=3584,
-            intermediate_size=18944, max_position_embeddings=32768, max_window_layers=28,
-            num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
-            rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768,
-            tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False,
-            vocab_size=152064, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+            max_position_embeddings=32768, **_QWEN_7B_TEXT,
             vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3,
                                hidden_size=3584, patch_size=14, spatial_merge_size=2,
                                temporal_patch_size=2)),
-        preprocessor=dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True,
-                          min_pixels=3136, max_pixels=12845056, patch_size=14,
-                          temporal_patch_size=2, merge_size=2, image_mean=_CLIP_MEAN,
-                          image_std=_CLIP_STD, do_rescale=True, rescale_factor=1 / 255,
-                          do_normalize=True, do_convert_rgb=True, resample=3),
+        preprocessor=dict(processor_class="Qwen2VLProcessor", **_QWEN_PREPROCESSOR),
+        eos_token_ids=[151645, 151643]),
+    # llava-hf/llava-v1.6-mistral-7b-hf: CLIP-L/336 tower, anyres over 336 px tiles,
+    # Mistral-7B-Instruct-v0.2 (no sliding window, rope_theta 1e6)
+    "llava-v1.6-mistral-7b-hf": dict(
+        config=dict(
+            architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+            image_token_index=32000, pad_token_id=0, projector_hidden_act="gelu",
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+            image_grid_pinpoints=_PINPOINTS_336, use_image_newline_parameter=True,
+            tie_word_embeddings=False, vocab_size=32064, torch_dtype="bfloat16",
+            text_config=dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8,
+                             max_position_embeddings=32768, rms_norm_eps=1e-5, vocab_size=32064,
+                             hidden_act="silu", rope_theta=1000000.0, sliding_window=None,
+                             torch_dtype="bfloat16"),
+            vision_config=_CLIP_L_336),
+        preprocessor=dict(image_processor_type="LlavaNextImageProcessor",
+                          processor_class="LlavaNextProcessor", aspect_ratio_setting="anyres",
+                          image_grid_pinpoints=_PINPOINTS_336, do_pad=True,
+                          **_CLIP_336_PREPROCESSOR),
+        eos_token_ids=[2]),
+    # Qwen/Qwen2.5-VL-7B-Instruct: windowed ViT (112 px windows; full attention in blocks
+    # 7, 15, 23, 31), RMSNorm + SwiGLU blocks; the Qwen2 decoder with M-RoPE
+    "Qwen2.5-VL-7B-Instruct": dict(
+        config=dict(
+            architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+            max_position_embeddings=128000, **_QWEN_7B_TEXT,
+            vision_config=dict(depth=32, hidden_act="silu", hidden_size=1280,
+                               intermediate_size=3420, num_heads=16, in_chans=3,
+                               out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                               spatial_patch_size=14, window_size=112,
+                               fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+                               temporal_patch_size=2)),
+        preprocessor=dict(processor_class="Qwen2_5_VLProcessor", **_QWEN_PREPROCESSOR),
         eos_token_ids=[151645, 151643]),
 }
 

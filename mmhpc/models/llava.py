@@ -59,6 +59,11 @@ class LlavaForCausalLM(nn.Module):
     @torch.inference_mode()
     def encode(self, mm_items) -> list[torch.Tensor]:
         """Pixel values of all items in one batch → [num_tokens, hidden] per item."""
+        return list(self.tile_features(mm_items).unbind(0))
+
+    def tile_features(self, mm_items) -> torch.Tensor:
+        """Every item's pixel values ([3, S, S] or [n, 3, S, S]) through the tower and the
+        projector in one batch → [num_tiles, tokens, hidden], in item order."""
         dtype = next(self.vision_tower.parameters()).dtype
         pixels = [it.pixel_values if it.pixel_values.dim() == 4 else it.pixel_values[None]
                   for it in mm_items]
@@ -70,8 +75,7 @@ class LlavaForCausalLM(nn.Module):
         feats = [out.hidden_states[i % total] for i in layers]     # drops unread deep layers
         if strategy == "default":                                   # drop CLS
             feats = [f[:, 1:] for f in feats]
-        embeds = self.multi_modal_projector(torch.cat(feats, dim=-1))   # [N, tokens, hidden]
-        return list(embeds.unbind(0))
+        return self.multi_modal_projector(torch.cat(feats, dim=-1))     # [N, tokens, hidden]
 
     def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:
         """Blank images (the tower's input size) filling `max_tokens` placeholder tokens: the

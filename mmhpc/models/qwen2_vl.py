@@ -67,12 +67,13 @@ def image_tokens(config, grid_thw) -> int:
 
 class Qwen2VLForCausalLM(nn.Module):
     uses_mrope = True
+    vision_cls = staticmethod(_vision_cls)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.text_config = config.text_config
-        self.visual = _vision_cls()._from_config(config.vision_config)
+        self.visual = self.vision_cls()._from_config(config.vision_config)
         self.language_model = Decoder(config.text_config, qkv_bias=True)
         self.lm_head = ParallelLMHead(config.text_config.hidden_size, config.text_config.vocab_size)
 

@@ -13,10 +13,12 @@ from typing import Any
 
 # InputProcessor's ways of turning one image into placeholders (multimodal/processor.py):
 #   "llava":    a fixed-size image (CLIP crop), num_tokens from the patch grid;
+#   "llava_next": anyres: a base view + the best-fitting pinpoint's tiles, unpadded, one
+#               image_newline per row; num_tokens from (height, width), image_size kept;
 #   "qwen2_vl": a dynamic grid (smart_resize), num_tokens = t*h*w / merge**2, grid_thw kept;
 #   "hf":       Hugging Face's own processor (AutoProcessor) expands the prompt; each image's
 #               tokens are one run of the image token. Any VLM; pixels only (no embeddings).
-PROCESSOR_KINDS = ("llava", "qwen2_vl", "hf")
+PROCESSOR_KINDS = ("llava", "llava_next", "qwen2_vl", "hf")
 
 
 @dataclass(frozen=True)
@@ -87,4 +89,8 @@ register(Family("llava", model="mmhpc.models.llava:LlavaForCausalLM", processor=
                 tiny="mmhpc.tools.tiny:LLAVA"))
 register(Family("qwen2_vl", model="mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
                 processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_VL"))
+register(Family("llava_next", model="mmhpc.models.llava_next:LlavaNextForCausalLM",
+                processor="llava_next", tiny="mmhpc.tools.tiny:LLAVA_NEXT"))
+register(Family("qwen2_5_vl", model="mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_5_VL"))
 register(Family("gemma3", model=None, processor="hf", tiny="mmhpc.tools.tiny:GEMMA3"))

@@ -175,8 +175,9 @@ class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
-    `grid_thw` for Qwen2-VL; kind "hf": `pixel_values` is the image processor's output dict,
-    and HF's own processor expands the prompt) or a tensor of pre-computed embeddings `[n, hidden]` (then
+    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the image
+    processor's output dict, and HF's own processor expands the prompt) or a tensor of
+    pre-computed embeddings `[n, hidden]` (then
     `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
     or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
     entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
@@ -202,13 +203,15 @@ class InputProcessor:
             self.image_token = self.hf_processor.image_token
             self.image_token_id = (getattr(self.tokenizer, "image_token_id", None)
                                    or config.get("image_token_id", config.get("image_token_index")))
-        elif self.kind == "llava":
+        elif self.kind in ("llava", "llava_next"):
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
             self.patch_size = proc_cfg.get("patch_size") or config["vision_config"]["patch_size"]
             self.feature_strategy = proc_cfg.get(
                 "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
             self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
+            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT
+            self.tile_size = config["vision_config"].get("image_size")
         else:
             self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
             self.image_token_id = config.get("image_token_id")
@@ -246,6 +249,11 @@ class InputProcessor:
         if self.kind == "hf":
             from PIL import Image
             return self._hf_num_tokens(Image.new("RGB", (width, height)))
+        if self.kind == "llava_next":
+            from mmhpc.models.llava_next import num_image_tokens
+            n = num_image_tokens(height, width, self.grid_pinpoints, self.tile_size,
+                                 self.patch_size, self.num_additional_tokens)
+            return n - 1 if self.feature_strategy == "default" else n
         if self.kind == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
@@ -284,6 +292,12 @@ class InputProcessor:
                           num_tokens=self._hf_num_tokens(image), pixel_values=self._hf_pixels(image))
         out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
+        if self.kind == "llava_next":
+            # pixel_values: [1, num_tiles, 3, S, S] (base view first)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=self.num_image_tokens(image.width, image.height),
+                          pixel_values=pixel_values[0],
+                          image_size=(image.height, image.width))
         if self.kind == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
@@ -392,19 +406,21 @@ class InputProcessor:
 def hf_processor(path: str | Path):
     """HF's own processor for a checkpoint (the oracle's input side).
 
-    `AutoProcessor` needs torchvision for Qwen2-VL (its video processor); where torchvision is
-    missing, an image-only Qwen2VLProcessor (video_processor=None) stands in.
+    `AutoProcessor` needs torchvision for Qwen2-VL / Qwen2.5-VL (their video processor); where
+    torchvision is missing, an image-only processor (video_processor=None) stands in.
     """
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
-        if json.loads((Path(path) / "config.json").read_text())["model_type"] != "qwen2_vl":
+        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+    base = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen2VLProcessor
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None

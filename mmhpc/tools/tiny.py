@@ -1,13 +1,14 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl --out DIR [--layers N ...]` writes a
-complete Hugging Face checkpoint directory: config.json, model.safetensors,
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llava_next|qwen2_5_vl|... --out DIR
+[--layers N ...]` writes a complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
-Token ids (both families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6).
+Token ids (all families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
+(llava, llava_next: 3 = `<image>`; qwen2_vl, qwen2_5_vl: see QWEN2_VL_SPECIALS,
+`<|image_pad|>` = 6).
 """
 from __future__ import annotations
 
@@ -179,18 +180,29 @@ def _qwen_tokenizer(tok) -> dict:
 
 
 # ------------------------------------------------------------------------------- models
-def _llava(s: dict[str, int], vocab_size: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_and_llama(s: dict[str, int], vocab_size: int):
+    """The CLIP tower and Llama (or, with s["mistral"], Mistral) configs of the LLaVA families."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
 
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
         num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
         image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_hidden"])
-    text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    kw = dict(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+              num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+              num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if s.get("mistral"):            # llava-v1.6-mistral: no sliding window, rope_theta 1e6
+        text = MistralConfig(sliding_window=None, rope_theta=1e6, **kw)
+    else:
+        text = LlamaConfig(**kw)
+    return vision, text
+
+
+def _llava(s: dict[str, int], vocab_size: int):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _clip_and_llama(s, vocab_size)
     num_tokens = (s["image_size"] // s["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=3, image_seq_length=num_tokens,
@@ -200,6 +212,26 @@ def _llava(s: dict[str, int], vocab_size: int):
     return LlavaForConditionalGeneration(config)
 
 
+def _llava_next(s: dict[str, int], vocab_size: int):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision, text = _clip_and_llama(s, vocab_size)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=3,
+        image_grid_pinpoints=_pinpoints(s), projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return LlavaNextForConditionalGeneration(config)
+
+
+LLAVA_NEXT_TILES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]     # llava-v1.6's, in tiles
+
+
+def _pinpoints(s: dict[str, int]) -> list[list[int]]:
+    return [[h * s["image_size"], w * s["image_size"]] for h, w in LLAVA_NEXT_TILES]
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2       # Qwen2-VL: [16, 24, 24] for head_dim 128
     t = half // 4
@@ -207,26 +239,47 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _qwen2_vl(s: dict[str, int], vocab_size: int):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict:
     head_dim = s["hidden"] // s["heads"]
-    text = dict(
+    return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="qwen2_vl_text")
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type=model_type)
+
+
+_QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
+                    vision_end_token_id=5, tie_word_embeddings=False)
+
+
+def _qwen2_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_vl_text")
     vision = dict(
         depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
         num_heads=s["vision_hidden"] // 16, mlp_ratio=2, patch_size=s["patch_size"],
         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
-        vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     return Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen2_5_vl(s: dict[str, int], vocab_size: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = _qwen_text(s, vocab_size, "qwen2_5_vl_text")
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        out_hidden_size=s["hidden"], patch_size=s["patch_size"], spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, window_size=s["window"], hidden_act="silu",
+        fullatt_block_indexes=list(range(1, s["vision_layers"], 2)))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def _gemma3_image_tokens(s: dict[str, int]) -> int:
@@ -266,10 +319,12 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1:
+            if p.dim() == 1 and "image_newline" not in name:
                 continue                     # norms keep 1 / biases keep 0 from HF's init
             if "embed_tokens" in name:
                 std = embed_std
+            elif "image_newline" in name:
+                std = 1.0
             elif "lm_head" in name:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
@@ -287,29 +342,47 @@ def _image_common() -> dict[str, Any]:
                 do_normalize=True, image_mean=mean, image_std=std, resample=3)
 
 
-def _llava_files(s: dict[str, int]) -> dict[str, dict]:
+def _llava_like_files(s: dict[str, int], name: str, **extra) -> dict[str, dict]:
+    """CLIP-cropped tiles of image_size; name: the processor class prefix (Llava, LlavaNext)."""
     size = s["image_size"]
-    image = dict(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor",
+    image = dict(image_processor_type=("CLIPImageProcessor" if name == "Llava"
+                                       else f"{name}ImageProcessor"),
+                 processor_class=f"{name}Processor",
                  size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                 do_center_crop=True, **_image_common())
-    processor = dict(processor_class="LlavaProcessor", patch_size=s["patch_size"],
+                 do_center_crop=True, **_image_common(), **extra)
+    processor = dict(processor_class=f"{name}Processor", patch_size=s["patch_size"],
                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
                      image_token="<image>")
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
-def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
+def _llava_files(s: dict[str, int]) -> dict[str, dict]:
+    return _llava_like_files(s, "Llava")
+
+
+def _llava_next_files(s: dict[str, int]) -> dict[str, dict]:
+    return _llava_like_files(s, "LlavaNext", do_pad=True, image_grid_pinpoints=_pinpoints(s))
+
+
+def _qwen_files(s: dict[str, int], name: str) -> dict[str, dict]:
     unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
     min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
     vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
-    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor",
-                 **vision)
-    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor",
+    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=name, **vision)
+    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=name,
                  do_sample_frames=False, **vision)
     return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
-            "processor_config.json": dict(processor_class="Qwen2VLProcessor")}
+            "processor_config.json": dict(processor_class=name)}
+
+
+def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
+    return _qwen_files(s, "Qwen2VLProcessor")
+
+
+def _qwen2_5_vl_files(s: dict[str, int]) -> dict[str, dict]:
+    return _qwen_files(s, "Qwen2_5_VLProcessor")
 
 
 def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
@@ -406,7 +479,7 @@ def tiny_checkpoint(family: str, **sizes: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------ families
-def _llava_check(s: dict[str, int]) -> None:
+def _llava_check(s: dict[str, int]) -> None:       # llava, llava_next: CLIP tiles
     if s["image_size"] % s["patch_size"]:
         raise ValueError("llava: patch_size must divide image_size")
 
@@ -429,6 +502,24 @@ QWEN2_VL = TinyFamily(
     specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
     model=_qwen2_vl, processor_files=_qwen2_vl_files,
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
+    check=_qwen2_vl_check)
+
+LLAVA_NEXT = TinyFamily(
+    # image_size is the tower's (a tile's) side; pinpoints are LLAVA_NEXT_TILES tiles;
+    # mistral=1: a Mistral language model.
+    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, mistral=0),
+    specials=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE, tokenizer=_llama_tokenizer,
+    model=_llava_next, processor_files=_llava_next_files, eos_token_id=2,
+    check=_llava_check)
+
+QWEN2_5_VL = TinyFamily(
+    # windows of `window` px (2 x 2 merged tokens at 56), full attention in every second
+    # block, as Qwen2.5-VL-7B's 7, 15, 23, 31 of 32.
+    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=4,
+               vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0, window=56),
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
+    model=_qwen2_5_vl, processor_files=_qwen2_5_vl_files, eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 
 
