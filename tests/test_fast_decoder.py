@@ -33,10 +33,12 @@ def _positions(model, ids: torch.Tensor, start: int) -> torch.Tensor:
     return pos.expand(3, -1).contiguous() if getattr(model, "uses_mrope", False) else pos
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_fast_decoder_matches_plain_decoder(family, tiny_llava, tiny_qwen2_vl):
-    path = tiny_llava if family == "llava" else tiny_qwen2_vl
-    model = load_model(path, torch.float32, "cpu")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_fast_decoder_matches_plain_decoder(family):
+    """Qwen3-VL: QK-norm, and image rows with DeepStack blocks in the prefill step; the MoE:
+    routing + grouped GEMMs (`gpu_moe`) against the plain layer's loop over experts."""
+    from mmhpc.tools.tiny import tiny_checkpoint
+    model = load_model(tiny_checkpoint(family), torch.float32, "cpu")
     dec = model.language_model
     shape = kv_cache_shape(model.text_config, 32, BLOCK)
     caches = {"plain": torch.zeros(shape), "whole": torch.zeros(shape), "pieces": torch.zeros(shape)}
@@ -45,6 +47,8 @@ def test_fast_decoder_matches_plain_decoder(family, tiny_llava, tiny_qwen2_vl):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, dec.config.vocab_size - 8, (13,), generator=g)
     steps = [prompt] + [torch.randint(3, 200, (1,), generator=g) for _ in range(4)]
+    width = dec.config.hidden_size * (1 + getattr(model, "deepstack_levels", 0))
+    mm = (torch.arange(2, 7), torch.randn(5, width, generator=g))      # prefill's image rows
     start = 0
     for ids in steps:
         n = len(ids)
@@ -52,13 +56,14 @@ def test_fast_decoder_matches_plain_decoder(family, tiny_llava, tiny_qwen2_vl):
         pos = _positions(model, ids, start)
         with torch.inference_mode():
             meta = AttentionMetadata(slots, [0, n], [start + n], [table], BLOCK)
-            ref = dec(ids, pos, meta, caches["plain"])
+            rows = mm if start == 0 else None
+            ref = dec(ids, pos, meta, caches["plain"], rows)
             gmeta = GpuAttnMeta(slots, torch.tensor([table], dtype=torch.int32),
                                 torch.tensor([start + n], dtype=torch.int32),
                                 torch.tensor([0, n], dtype=torch.int32), n, start + n,
                                 decode=n == 1)
-            whole = fast(ids, pos, gmeta, caches["whole"])
-            state = fast.begin(ids, pos)
+            whole = fast(ids, pos, gmeta, caches["whole"], rows)
+            state = fast.begin(ids, pos, rows)
             for lo, hi in graph_pieces(fast.num_layers, 1):
                 fast.layers(state, lo, hi, gmeta, caches["pieces"])
             pieces = fast.end(state)

@@ -91,6 +91,37 @@ def test_embeddings_files():
         assert code_of(lambda: load_embeddings(data, name, HIDDEN, 100)) == "invalid_embeddings"
 
 
+def test_deepstack_embeddings_files():
+    """A DeepStack model (2 levels): `deepstack_embeddings` [L, n, hidden] beside
+    `mm_embeddings` (.pt dict: a tensor or a list; .safetensors), or one [n, 3 * hidden] tensor,
+    all load to the same bundle; a file without them is a 400 that names them."""
+    from safetensors.torch import save
+    t, deep = torch.randn(5, HIDDEN), torch.randn(2, 5, HIDDEN)
+    bundle = torch.cat([t, deep[0], deep[1]], dim=1)
+    files = [(_saved({"mm_embeddings": t, "deepstack_embeddings": deep}), "x.pt"),
+             (_saved({"mm_embeddings": t, "deepstack_embeddings": list(deep)}), "x.pt"),
+             (save({"mm_embeddings": t, "deepstack_embeddings": deep}), "x.safetensors"),
+             (save({"mm_embeddings": bundle}), "x.safetensors"), (_saved(bundle), "x.pt")]
+    for data, name in files:
+        assert torch.equal(load_embeddings(data, name, HIDDEN, 100, deepstack=2).tensor, bundle)
+    with pytest.raises(APIError) as e:
+        load_embeddings(_saved({"mm_embeddings": t}), "x.pt", HIDDEN, 100, deepstack=2)
+    assert e.value.status == 400 and e.value.code == "missing_deepstack"
+    assert "deepstack_embeddings" in e.value.body()["error"]["message"]
+    assert code_of(lambda: load_embeddings(save({"mm_embeddings": t}), "x.safetensors", HIDDEN,
+                                           100, deepstack=2)) == "missing_deepstack"
+    bad = [{"mm_embeddings": t, "deepstack_embeddings": deep[:1]},
+           {"mm_embeddings": t, "deepstack_embeddings": deep.long()},
+           {"mm_embeddings": t, "deepstack_embeddings": "no"},
+           {"mm_embeddings": bundle, "deepstack_embeddings": deep}]
+    for obj in bad:
+        assert code_of(lambda: load_embeddings(_saved(obj), "x.pt", HIDDEN, 100,
+                                               deepstack=2)) == "invalid_embeddings"
+    # a model without DeepStack refuses the blocks rather than ignoring them
+    assert code_of(lambda: load_embeddings(_saved({"mm_embeddings": t, "deepstack_embeddings":
+                                                   deep}), "x.pt", HIDDEN, 100)) == "invalid_embeddings"
+
+
 def test_pickle_payload_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     data = _saved({"mm_embeddings": torch.randn(2, HIDDEN), "x": CodeRunningPickle(str(marker))})

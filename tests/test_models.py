@@ -193,3 +193,50 @@ def test_qwen2_5_vl_mrope_positions_match_hf():
         want, want_delta = hf.model.get_rope_index(t, ref["image_grid_thw"])
     pos, delta = mrope_positions(ids, [it.grid_thw for it in items], hf.config)
     assert torch.equal(pos, want[:, 0]) and delta == int(want_delta)
+def _qwen3(tmp, family):
+    """A tiny Qwen3-VL(-MoE) from the project's builder (DeepStack: 2 levels over 3 layers)."""
+    from transformers import AutoModelForImageTextToText
+    from mmhpc.tools.tiny import build_tiny
+    path = build_tiny(family, tmp, vocab=300)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_vl_matches_hf_forward(tmp_path, family):
+    """QK-norm, interleaved M-RoPE, DeepStack (two images of different sizes, prefill in
+    chunks that split an image) and, for the MoE, top-k renormalised experts."""
+    hf = _qwen3(tmp_path, family)
+    ours = load_model(tmp_path)
+    img = hf.config.image_token_id
+    grids = [(1, 4, 6), (1, 2, 4)]                    # 6 and 2 tokens, 16-px patches
+    ids = [9, 5, 4] + [img] * 6 + [5, 9, 4] + [img] * 2 + [5, 11, 13]
+    pixels = [torch.randn(24, 3 * 2 * 16 * 16), torch.randn(8, 3 * 2 * 16 * 16)]
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        ref = hf(input_ids=t, pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids),
+                 mm_token_type_ids=(t == img).int()).logits[0]
+        embs = ours.encode([MMItem("a", 3, 6, grid_thw=grids[0], pixel_values=pixels[0]),
+                            MMItem("b", 12, 2, grid_thw=grids[1], pixel_values=pixels[1])])
+        assert [e.shape for e in embs] == [(6, 3 * 64), (2, 3 * 64)]     # (1 + 2 levels) x hidden
+        rows = torch.cat([torch.arange(3, 9), torch.arange(12, 14)])
+        pos, _ = mrope_positions(ids, grids, ours.config)
+        for chunks in ([len(ids)], [5, 4, 6, 2]):
+            got = _run(ours, ids, pos, (rows, torch.cat(embs)), chunks)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        # without its DeepStack blocks the image is another one: the blocks are used
+        plain = _run(ours, ids, pos, (rows, torch.cat(embs)[:, :64]), [len(ids)])
+        assert (plain - ref).abs().max() > 1e-2
+
+
+def test_moe_experts_load_in_either_layout(tmp_path):
+    """Released Qwen3-VL-MoE checkpoints store fused experts [E, in, out]; HF 5.x saves
+    [E, out, in]: both load to the same model."""
+    from safetensors.torch import load_file, save_file
+    _qwen3(tmp_path, "qwen3_vl_moe")
+    want = dict(load_model(tmp_path).named_parameters())
+    f = tmp_path / "model.safetensors"
+    tensors = {k: (v.transpose(1, 2).contiguous() if ".experts." in k else v)
+               for k, v in load_file(f).items()}
+    save_file(tensors, f, metadata={"format": "pt"})
+    got = dict(load_model(tmp_path).named_parameters())
+    assert all(torch.equal(got[k], want[k]) for k in want)

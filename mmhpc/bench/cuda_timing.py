@@ -40,3 +40,18 @@ def graph_time_ms(fns, replays: int = 20) -> float:
     ms = cuda_time(graph.replay, replays, warmup=0)
     del graph
     return ms / len(fns)
+
+
+def gemv_read_tbps(n: int = 32768, k: int = 8192) -> float:
+    """HBM read rate (TB/s) of one large bf16 GEMV over three rotating weights (no cache
+    reuse), best of 3 (it varies on an H200): the unit of the decode floors."""
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    i = [0]
+
+    def gemv():
+        i[0] = (i[0] + 1) % 3
+        torch.nn.functional.linear(x, ws[i[0]])
+    ms = min(cuda_time(gemv, 50) for _ in range(3))
+    del ws
+    return n * k * 2 / ms / 1e9

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from mmhpc.bench.cuda_timing import cuda_time
+from mmhpc.bench.cuda_timing import cuda_time, gemv_read_tbps
 
 
 def _sync() -> None:
@@ -28,17 +28,7 @@ def ceilings() -> dict:
     the best of it, the LLaVA-7B layer GEMVs back to back over 13 GB and a sum over 4 GB
     (`read_ceiling_TBps`: what HBM gives a pure read). Plus the bf16 matmul rate."""
     F = torch.nn.functional
-    n, k = 32768, 8192
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    i = [0]
-
-    def gemv():
-        i[0] = (i[0] + 1) % 3
-        F.linear(x, ws[i[0]])
-    ms = min(cuda_time(gemv, 50) for _ in range(3))      # best of 3: it varies on an H200
-    reads = {"gemv_32768x8192": round(n * k * 2 / ms / 1e9, 3)}
-    del ws
+    reads = {"gemv_32768x8192": round(gemv_read_tbps(32768, 8192), 3)}
     shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]   # qkv, o, gate_up, down
     layers = [[torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
               for _ in range(32)]

@@ -29,7 +29,14 @@ def build_hf_model(model_path: str, hf_config, dtype: torch.dtype, device):
     return model.eval()
 
 
-def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype):
+def takes_token_types(model) -> bool:
+    """Whether this transformers version's model wants `mm_token_type_ids` (5.2x Qwen)."""
+    import inspect
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype,
+              token_types: bool = False):
     ids, pixels, grids = [], [], []
     for r in batch:
         its = items_of(r)
@@ -42,6 +49,8 @@ def hf_inputs(batch, items_of, image_token_id: int, kind: str, device, dtype):
         kw["pixel_values"] = torch.cat(pixels).to(device=device, dtype=dtype)
         if kind == "qwen2_vl":
             kw["image_grid_thw"] = torch.tensor(grids, device=device)
+            if token_types:
+                kw["mm_token_type_ids"] = (kw["input_ids"] == image_token_id).int()
     return kw
 
 
@@ -54,6 +63,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
     model = build_hf_model(model_path, hf_config, dtype, device)
     load_s = time.perf_counter() - t0
     images = ImageItems(model_dir, hf_config)
+    types = takes_token_types(model)
     cache: dict = {}
 
     def items_of(r):
@@ -66,7 +76,8 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
     gen = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
     with torch.inference_mode():                   # warm-up: kernels, allocator
         model.generate(**hf_inputs(requests[:1], items_of, images.image_token_id,
-                                   images.kind, device, dtype), **{**gen, "max_new_tokens": 2,
+                                   images.kind, device, dtype, types),
+                       **{**gen, "max_new_tokens": 2,
                                                                      "min_new_tokens": 2})
     rows = []
     for bs in batch_sizes:
@@ -79,7 +90,7 @@ def run_hf(model_path: str, model_dir: Path, hf_config, requests, batch_sizes: l
             with torch.inference_mode():
                 for i in range(0, len(todo), bs):          # preprocessing is inside the timing
                     kw = hf_inputs(todo[i:i + bs], items_of, images.image_token_id,
-                                   images.kind, device, dtype)
+                                   images.kind, device, dtype, types)
                     res = model.generate(**kw, **gen)
                     num_out += (res.shape[1] - kw["input_ids"].shape[1]) * res.shape[0]
             sync()

@@ -173,6 +173,10 @@ class LLMEngine:
         return self.runner.model.text_config.hidden_size
 
     @property
+    def deepstack_levels(self) -> int:
+        return getattr(self.runner.model, "deepstack_levels", 0)
+
+    @property
     def dtype(self):
         return self.runner.dtype
 

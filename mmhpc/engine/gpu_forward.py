@@ -6,8 +6,10 @@ Decoder: q/k/v and gate/up weights are concatenated once (the module's own weigh
 of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+residual), one
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
 split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks with no
-cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. A prefill
-step's last layer runs attention and the MLP on the sampled rows alone. No host sync inside:
+cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. Qwen3: an
+RMSNorm over each q/k head before rotary; MoE layers: routing and grouped GEMMs (`gpu_moe`);
+DeepStack rows added after the first layers. A prefill step's last layer runs attention and
+the MLP on the sampled rows alone. No host sync inside:
 the caller passes host bounds (`max_seqlen_q`, `max_context_len`), so a decode step can be
 captured in a CUDA graph.
 
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from mmhpc import kernels
+from mmhpc.engine.gpu_moe import moe_forward
+from mmhpc.models.layers import split_mm_embeds
 
 
 @dataclass
@@ -94,10 +98,11 @@ class FastDecoder:
         self.fused = []
         for layer in decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            if m.act is not F.silu:
+            moe = hasattr(m, "experts")                      # gu_w None: the MoE path
+            if not moe and m.act is not F.silu:
                 raise ValueError("FastDecoder: only SiLU-gated MLPs")
             qkv_w, qkv_b = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
-            gu_w, _ = _fuse_rows([m.gate_proj, m.up_proj])
+            gu_w = None if moe else _fuse_rows([m.gate_proj, m.up_proj])[0]
             self.fused.append((qkv_w, qkv_b, gu_w))
         a0 = decoder.layers[0].self_attn
         self.q_size = a0.q_proj.weight.shape[0]
@@ -106,6 +111,7 @@ class FastDecoder:
         self.num_heads = self.q_size // self.head_dim
         self.num_kv_heads = self.kv_size // self.head_dim
         self.scale = a0.scale
+        self.qk_norm = getattr(a0, "qk_norm", False)
         # one-row steps (batch-1 decode) take the Triton GEMV; TP ranks keep the modules' own
         # GEMM + collective
         from mmhpc.distributed.group import get_tp
@@ -138,16 +144,15 @@ class FastDecoder:
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds=None) -> dict:
         dec = self.dec
         h = dec.embed_tokens(input_ids)                               # [T, hidden]
-        if mm_embeds is not None:
-            rows, values = mm_embeds
-            h[rows] = values.to(h.dtype)
+        rows, deep = split_mm_embeds(h, mm_embeds)                    # deep: [R, L, hidden]
         cos, sin = dec.rotary(positions, h.dtype)                     # [T, D]
-        return {"h": h, "residual": None, "cos": cos, "sin": sin}
+        return {"h": h, "residual": None, "cos": cos, "sin": sin, "rows": rows, "deep": deep}
 
     def layers(self, state: dict, lo: int, hi: int, meta: GpuAttnMeta,
                kv_cache: torch.Tensor) -> dict:
         """Decoder layers [lo, hi) on `state`, updated in place (and returned)."""
         h, residual, cos, sin = state["h"], state["residual"], state["cos"], state["sin"]
+        deep = state.get("deep")
         T = h.shape[0]
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qk = self.q_size + self.kv_size
@@ -163,6 +168,12 @@ class FastDecoder:
             q = qkv[:, :self.q_size].view(T, Hq, D)
             k = qkv[:, self.q_size:qk].view(T, Hkv, D)
             v = qkv[:, qk:].view(T, Hkv, D)
+            if self.qk_norm:                                          # per head, before rotary
+                a = layer.self_attn
+                qkv[:, :self.q_size] = kernels.rms_norm(
+                    q.reshape(T * Hq, D), a.q_norm.weight, a.q_norm.eps).view(T, -1)
+                qkv[:, self.q_size:qk] = kernels.rms_norm(
+                    k.reshape(T * Hkv, D), a.k_norm.weight, a.k_norm.eps).view(T, -1)
             cache = kv_cache[i]
             # rotary on q and k in place, k and v into their cache slots: one kernel (in the qkv
             # GEMV's epilogue it was slower: bench/RESULTS.md)
@@ -188,11 +199,14 @@ class FastDecoder:
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            if self.gemv and self.gemv_silu:                         # one launch at one row
-                a = kernels.linear_silu_and_mul(x, gu_w)
+            if gu_w is None:
+                h = moe_forward(layer.mlp, x)
+            elif self.gemv and self.gemv_silu:                       # one launch at one row
+                h = self._proj(kernels.linear_silu_and_mul(x, gu_w), layer.mlp.down_proj)
             else:
-                a = kernels.silu_and_mul(F.linear(x, gu_w))
-            h = self._proj(a, layer.mlp.down_proj)
+                h = self._proj(kernels.silu_and_mul(F.linear(x, gu_w)), layer.mlp.down_proj)
+            if deep is not None and i < deep.shape[1] and h.shape[0] == state["h"].shape[0]:
+                h.index_add_(0, state["rows"], deep[:, i])            # DeepStack level i
         state["h"], state["residual"] = h, residual
         return state
 
@@ -356,15 +370,16 @@ def _rotary_inplace(x, cos, sin) -> None:
 def _qwen_block_forward(block, cache: dict):
     from mmhpc.kernels.fused import quick_gelu_
     attn, mlp = block.attn, block.mlp
-    quick = mlp.act.__class__.__name__ in ("QuickGELUActivation",)
-    act = quick_gelu_ if quick else mlp.act
+    fc1, fc2 = (mlp.fc1, mlp.fc2) if hasattr(mlp, "fc1") else (mlp.linear_fc1, mlp.linear_fc2)
+    act = getattr(mlp, "act", None) or mlp.act_fn                  # Qwen2-VL / Qwen3-VL names
+    act = quick_gelu_ if act.__class__.__name__ in ("QuickGELUActivation",) else act
 
     def forward(hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
                 **kwargs):
         hidden_states = hidden_states.contiguous()
         o = _vision_attention(block.norm1(hidden_states), attn, cu_seqlens, rotary_pos_emb,
                               position_embeddings, cache)
-        return _mlp_tail(o, hidden_states, block.norm2, mlp.fc1, mlp.fc2, act)
+        return _mlp_tail(o, hidden_states, block.norm2, fc1, fc2, act)
     return forward
 
 

@@ -70,6 +70,7 @@ class TransformersEngine:
             model = AutoModelForImageTextToText.from_pretrained(config.model.path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.hidden_size: int = self.model.config.get_text_config().hidden_size
+        self.deepstack_levels = 0           # embeddings only (mmhpc.engine.interface)
         self._inputs = set(inspect.signature(self.model.forward).parameters)
         self._state_owner = getattr(self.model, "model", self.model)
         # transformers >= 5.2x names the cache argument `cache` (`past_key_values` before)

@@ -21,11 +21,15 @@ class EncodeEngine(Protocol):
     """encode: images → embeddings (the role copies them into its registered pool)."""
 
     processor: Any              # multimodal.processor.InputProcessor: image_item, embedding_item
-    hidden_size: int            # embedding width: the pool's row size
+    hidden_size: int            # embedding width
+    deepstack_levels: int       # L: per-layer feature blocks after the embeddings in a row
+                                # (Qwen3-VL's DeepStack; 0: none); the pool's row size is
+                                # hidden_size * (1 + L)
     dtype: torch.dtype          # the pool's element type
 
     def encode(self, mm_items: list[MMItem]) -> list[MMItem]:
-        """Embeddings [num_tokens, hidden] of every item (one batch), set on them in place."""
+        """Embeddings [num_tokens, hidden * (1 + L)] of every item (one batch), set on them in
+        place."""
 
 
 @runtime_checkable
@@ -34,6 +38,7 @@ class GenerateEngine(Protocol):
 
     processor: Any
     hidden_size: int
+    deepstack_levels: int       # as EncodeEngine's: image rows are hidden * (1 + L) wide
     dtype: torch.dtype
     block_size: int | None      # the prefix-cache block size; None: no prefix caching
 

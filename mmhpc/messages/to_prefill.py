@@ -37,9 +37,10 @@ class EmbeddingsReady:
     without the image."""
     request_id: str
     content_hash: str
-    descs: NixlDescs                   # [num_tokens, hidden] rows, contiguous
+    descs: NixlDescs                   # [num_tokens, hidden_size] rows, contiguous
     num_tokens: int
-    hidden_size: int
+    hidden_size: int                   # row width: hidden x (1 + DeepStack levels), Qwen3-VL's
+                                       # per-layer features in the same rows
     dtype: str                         # "float32" | "bfloat16" | "float16"
     encode_rank: int
     grid_thw: list[int] | None = None  # (t, h, w) in patches, before spatial merge

@@ -103,6 +103,56 @@ ARCHS: dict[str, dict] = {
 }
 
 
+
+
+def _qwen3_vl(text: dict, moe: bool) -> dict:
+    """A Qwen3-VL(-MoE) release's config: its text sizes over the shared ViT (27 layers,
+    DeepStack from layers 8, 16, 24), tokens, interleaved M-RoPE and image processor."""
+    arch = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
+    return dict(
+        config=dict(
+            architectures=[arch], model_type="qwen3_vl_moe" if moe else "qwen3_vl",
+            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+            vision_end_token_id=151653, tie_word_embeddings=False,
+            text_config=dict(
+                attention_bias=False, bos_token_id=151643, eos_token_id=151645, head_dim=128,
+                tie_word_embeddings=False,                # the text config's default ties
+                hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+                vocab_size=151936, rope_theta=5000000, dtype="bfloat16",
+                rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                              "rope_type": "default"}, **text),
+            vision_config=dict(
+                deepstack_visual_indexes=[8, 16, 24], depth=27, hidden_act="gelu_pytorch_tanh",
+                hidden_size=1152, in_channels=3, intermediate_size=4304, num_heads=16,
+                num_position_embeddings=2304, out_hidden_size=text["hidden_size"],
+                patch_size=16, spatial_merge_size=2, temporal_patch_size=2)),
+        preprocessor=dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True,
+                          size={"longest_edge": 16777216, "shortest_edge": 65536},
+                          patch_size=16, temporal_patch_size=2, merge_size=2,
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_rescale=True,
+                          rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+                          resample=3),
+        eos_token_ids=[151645, 151643])
+
+
+def _qwen3_moe_text(hidden: int, layers: int, heads: int, expert_size: int) -> dict:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=4, intermediate_size=3 * hidden, num_experts=128,
+                num_experts_per_tok=8, moe_intermediate_size=expert_size, decoder_sparse_step=1,
+                mlp_only_layers=[], norm_topk_prob=True)
+
+
+ARCHS.update({
+    # Qwen/Qwen3-VL-8B-Instruct
+    "qwen3-vl-8b": _qwen3_vl(dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                  num_attention_heads=32, num_key_value_heads=8), moe=False),
+    # Qwen/Qwen3-VL-30B-A3B-Instruct: 30.5 B parameters, 3.0 B active
+    "qwen3-vl-30b-a3b": _qwen3_vl(_qwen3_moe_text(2048, 48, 32, 768), moe=True),
+    # Qwen/Qwen3-VL-235B-A22B-Instruct
+    "qwen3-vl-235b-a22b": _qwen3_vl(_qwen3_moe_text(4096, 94, 64, 1536), moe=True),
+})
+
+
 def is_arch(path) -> bool:
     return str(path).startswith(PREFIX)
 

@@ -1,5 +1,6 @@
-"""Decoder building blocks in plain torch: RMSNorm, rotary (1-D and M-RoPE), paged attention,
-and the Llama/Qwen2 decoder both families share (they differ in q/k/v bias and rope only).
+"""Decoder building blocks in plain torch: RMSNorm, rotary (1-D and M-RoPE, sectioned or
+interleaved), paged attention, and the Llama/Qwen2/Qwen3 decoder the families share (they
+differ in q/k/v bias, QK-norm, rope, the MLP of a layer and DeepStack inputs).
 
 Paged KV cache per rank: `[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`.
 A token's slot is `block_id * block_size + offset`; the runner computes the slots.
@@ -121,6 +122,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         params = rope_params(text_config)
         self.mrope_section = params.get("mrope_section")
+        self.mrope_interleaved = bool(params.get("mrope_interleaved"))     # Qwen3-VL
         if params["rope_type"] == "default":
             theta = params["rope_theta"]
             inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -133,13 +135,26 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(device=positions.device, dtype=torch.float32)
         freqs = positions[..., None].float() * inv_freq          # [T, D/2] or [3, T, D/2]
-        if positions.dim() == 2:                                   # M-RoPE: t/h/w sections
+        if positions.dim() == 2 and self.mrope_interleaved:       # t h w t h w ... t t
+            freqs = mrope_interleave(freqs, self.mrope_section)
+        elif positions.dim() == 2:                                 # M-RoPE: t/h/w sections
             chunks = freqs.split(self.mrope_section, dim=-1)
             freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)                    # [T, D]
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+
+def mrope_interleave(freqs: torch.Tensor, section: list[int]) -> torch.Tensor:
+    """Qwen3-VL's interleaved M-RoPE: frequency j takes axis h where j % 3 == 1 and
+    j < 3 * section[1], axis w where j % 3 == 2 and j < 3 * section[2], else t.
+    freqs: [3, T, D/2] → [T, D/2]."""
+    out = freqs[0].clone()
+    for axis in (1, 2):
+        idx = slice(axis, 3 * section[axis], 3)
+        out[..., idx] = freqs[axis, ..., idx]
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +239,10 @@ def _act(name: str):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False):
+    """GQA over the paged cache; `qk_norm`: an RMSNorm over each head of q and k before rotary
+    (Qwen3)."""
+
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False, qk_norm: bool = False):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -243,12 +261,18 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, h, bias=o_bias)
         self.num_heads //= tp                                     # this rank's heads
         self.num_kv_heads //= kv_shards
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = qk_norm
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, layer_cache) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(layer_cache, k, v, meta)
         o = paged_attention(q, layer_cache, meta, self.scale)     # [T, H, D]
@@ -271,10 +295,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False):
+    def __init__(self, cfg, qkv_bias: bool, o_bias: bool = False, mlp_bias: bool = False,
+                 qk_norm: bool = False, mlp: nn.Module | None = None):
         super().__init__()
-        self.self_attn = Attention(cfg, qkv_bias, o_bias)
-        self.mlp = MLP(cfg, mlp_bias)
+        self.self_attn = Attention(cfg, qkv_bias, o_bias, qk_norm)
+        self.mlp = mlp if mlp is not None else MLP(cfg, mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -284,27 +309,49 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Llama-style decoder over the paged cache. Parameter names match HF's text model."""
+    """Llama-style decoder over the paged cache. Parameter names match HF's text model.
 
-    def __init__(self, cfg, qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False):
+    `make_mlp(layer_index)`: a layer's MLP where it is not the dense `MLP` (MoE layers; None
+    keeps the dense one). DeepStack (Qwen3-VL): image rows may carry `1 + L` hidden-wide
+    blocks, `[R, (1 + L) * hidden]`: the first is the input embedding, block 1 + i is added
+    to the rows' hidden states after layer i."""
+
+    def __init__(self, cfg, qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False,
+                 qk_norm: bool = False, make_mlp=None):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias, mlp_bias)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, qkv_bias, o_bias, mlp_bias, qk_norm, make_mlp and make_mlp(i))
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg, self.layers[0].self_attn.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, mm_embeds=None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)                            # [T, hidden]
-        if mm_embeds is not None:
-            rows, values = mm_embeds                                # [R], [R, hidden]
-            h[rows] = values.to(h.dtype)
+        rows, deep = split_mm_embeds(h, mm_embeds)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, meta, kv_cache[i])
+            if deep is not None and i < deep.shape[1]:
+                h.index_add_(0, rows, deep[:, i])
         return self.norm(h)
+
+
+def split_mm_embeds(h: torch.Tensor, mm_embeds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Write image rows' input embeddings into h ([T, hidden], in place) and return
+    (rows [R], DeepStack blocks [R, L, hidden] or None) from mm_embeds (rows [R],
+    values [R, (1 + L) * hidden]) or None."""
+    if mm_embeds is None:
+        return None, None
+    rows, values = mm_embeds
+    hidden = h.shape[1]
+    values = values.to(h.dtype)
+    h[rows] = values[:, :hidden]
+    if values.shape[1] == hidden:
+        return rows, None
+    return rows, values[:, hidden:].unflatten(1, (-1, hidden))
 
 
 def kv_cache_shape(text_config, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple:

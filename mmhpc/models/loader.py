@@ -90,6 +90,8 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
                     continue
                 param = params[name]
                 tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
+                if getattr(param, "may_be_transposed", False) and tensor.shape != param.shape:
+                    tensor = tensor.transpose(-1, -2)    # fused experts saved [E, in, out]
                 if tensor.shape != param.shape:
                     raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
                 with torch.no_grad():

@@ -82,13 +82,17 @@ class Qwen2VLForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def encode(self, mm_items) -> list[torch.Tensor]:
-        """All items' patches in one ViT call (cu_seqlens keeps images apart)."""
+        """All items' patches in one ViT call (cu_seqlens keeps images apart). A ViT with
+        DeepStack features (Qwen3-VL) gives `[n, (1 + L) * hidden]` bundles."""
         dtype = next(self.visual.parameters()).dtype
         device = self.lm_head.weight.device
         pixels = cat_to_device([it.pixel_values for it in mm_items], device, dtype)
         grid = torch.tensor([list(it.grid_thw) for it in mm_items], dtype=torch.long, device=device)
         out = self.visual(pixels, grid_thw=grid)
         embeds = getattr(out, "pooler_output", out)                 # 5.x output vs bare tensor
+        deep = getattr(out, "deepstack_features", None)
+        if deep:
+            embeds = torch.cat([embeds, *deep], dim=1)              # [N, (1 + L) * hidden]
         return list(embeds.split([image_tokens(self.config, it.grid_thw) for it in mm_items]))
 
     def warm_up_items(self, max_tokens: int, max_items: int = 64) -> list:

@@ -94,3 +94,7 @@ register(Family("llava_next", model="mmhpc.models.llava_next:LlavaNextForCausalL
 register(Family("qwen2_5_vl", model="mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
                 processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_5_VL"))
 register(Family("gemma3", model=None, processor="hf", tiny="mmhpc.tools.tiny:GEMMA3"))
+register(Family("qwen3_vl", model="mmhpc.models.qwen3_vl:Qwen3VLForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN3_VL"))
+register(Family("qwen3_vl_moe", model="mmhpc.models.qwen3_vl:Qwen3VLMoeForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN3_VL_MOE"))

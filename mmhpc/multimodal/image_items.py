@@ -17,8 +17,9 @@ def decode_image(item: ImageItem):
 
 
 def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
-                        max_tokens: int) -> MMItem:
-    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32, by the
+                        max_tokens: int, deepstack: int = 0) -> MMItem:
+    """A pre-computed embeddings file → MMItem with `embeddings` [n, hidden] float32 (a
+    DeepStack model's: [n, (1 + deepstack) * hidden], media.load_embeddings), by the
     frontend's own rules: a local file re-checked against media.allowed_local_path and the
     size cap, loaded without pickle code, shape / dtype / hidden size checked, its grid (or the
     default) taken as the frontend did. The content hash must be the frontend's: a file that
@@ -31,7 +32,7 @@ def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
         raise ValueError(f"embeddings file is {len(item.data)} bytes; the limit is {cap}")
     else:
         data = item.data
-    emb = load_embeddings(data, item.path, hidden_size, max_tokens)
+    emb = load_embeddings(data, item.path, hidden_size, max_tokens, deepstack=deepstack)
     mm = processor.embedding_item(emb.processor_input())
     if mm.content_hash != item.content_hash:
         raise ValueError(f"embeddings file {item.path!r} changed since the frontend read it")
@@ -42,12 +43,13 @@ def load_embedding_item(processor, item: ImageItem, media_cfg, hidden_size: int,
     return mm
 
 
-def media_item(processor, item: ImageItem, config, hidden_size: int) -> MMItem:
+def media_item(processor, item: ImageItem, config, hidden_size: int,
+               deepstack: int = 0) -> MMItem:
     """An ImageItem → MMItem ready for the engine: an image preprocessed (pixel values, grid)
     or an embeddings file loaded (see load_embedding_item). Offset from the item."""
     if item.format in EMBEDDING_FORMATS:
         return load_embedding_item(processor, item, config.media, hidden_size,
-                                   config.model.max_model_len)
+                                   config.model.max_model_len, deepstack)
     mm = processor.image_item(decode_image(item))
     mm.offset = item.offset
     return mm

@@ -406,19 +406,22 @@ class InputProcessor:
 def hf_processor(path: str | Path):
     """HF's own processor for a checkpoint (the oracle's input side).
 
-    `AutoProcessor` needs torchvision for Qwen2-VL / Qwen2.5-VL (their video processor); where
+    `AutoProcessor` needs torchvision for the Qwen families (their video processors); where
     torchvision is missing, an image-only processor (video_processor=None) stands in.
     """
+    import transformers
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
         model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        if processor_kind(model_type) != "qwen2_vl":
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
-    base = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
+    base = {"qwen2_vl": transformers.Qwen2VLProcessor,
+            "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(model_type,
+                                                               transformers.Qwen3VLProcessor)
 
     class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):

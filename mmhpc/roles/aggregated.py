@@ -29,6 +29,7 @@ class AggregatedWorker(Worker):
         self.engine = make_engine(ctx.config, "aggregated", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
         self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
         self.requests: dict[str, GenerateRequest] = {}
 
     def handle(self, src: int, msg) -> None:
@@ -54,7 +55,8 @@ class AggregatedWorker(Worker):
 
     def _add(self, req: GenerateRequest) -> None:
         try:
-            items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+            items = [media_item(self.processor, img, self.ctx.config, self.hidden_size,
+                                self.deepstack)
                      for img in req.images]
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
                                     block_hashes=frontend_hashes(req, self.engine))

@@ -1,13 +1,21 @@
 """A slab of embedding rows in one NIXL-registered tensor, with a first-fit row allocator.
 
-Encode writes image embeddings here (peers READ them); prefill lands its READs here. The
-tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
+Encode writes image embedding bundles here (peers READ them); prefill lands its READs here.
+The tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
+A row is `row_width(engine)` wide: an image's DeepStack features ride in its embedding rows,
+so one registration and one READ move them all.
 """
 from __future__ import annotations
 
 import torch
 
 DEFAULT_POOL_MB = 64
+
+
+def row_width(engine) -> int:
+    """One image token's row of an embedding bundle: the hidden size, times 1 + the engine's
+    DeepStack levels (Qwen3-VL's per-layer features travel in the same row)."""
+    return engine.hidden_size * (1 + engine.deepstack_levels)
 
 
 class EmbeddingPool:

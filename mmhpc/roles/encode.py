@@ -23,7 +23,7 @@ from mmhpc.messages.to_encode import EncodeRequest, ImageItem, ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed
 from mmhpc.messages.to_prefill import EmbeddingsReady
 from mmhpc.multimodal.image_items import EMBEDDING_FORMATS, decode_image, load_embedding_item
-from mmhpc.roles.embed_pool import EmbeddingPool
+from mmhpc.roles.embed_pool import EmbeddingPool, row_width
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ class EncodeWorker(Worker):
         self.engine = make_engine(ctx.config, "encode", device=ctx.device)
         self.processor = self.engine.processor
         self.hidden_size = self.engine.hidden_size
-        self.pool = EmbeddingPool(self.hidden_size, self.engine.dtype, device=ctx.device)
+        self.deepstack = self.engine.deepstack_levels
+        self.row_width = row_width(self.engine)         # embeddings + DeepStack blocks
+        self.pool = EmbeddingPool(self.row_width, self.engine.dtype, device=ctx.device)
         self.pool_descs = ctx.nixl.register(self.pool.tensor)
         self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -111,7 +113,8 @@ class EncodeWorker(Worker):
     def _mm_item(self, it: ImageItem) -> MMItem:
         if it.format in EMBEDDING_FORMATS:
             return load_embedding_item(self.processor, it, self.ctx.config.media,
-                                       self.hidden_size, self.ctx.config.model.max_model_len)
+                                       self.hidden_size, self.ctx.config.model.max_model_len,
+                                       self.deepstack)
         item = self.processor.image_item(decode_image(it))
         if item.num_tokens != it.num_tokens:
             raise ValueError(f"image has {item.num_tokens} tokens here, the frontend counted "
@@ -119,7 +122,7 @@ class EncodeWorker(Worker):
         return item
 
     def _store(self, content_hash: str, item: MMItem) -> None:
-        emb = item.embeddings                                     # [n, hidden]
+        emb = item.embeddings                                     # [n, row_width]
         start = self.pool.alloc(emb.shape[0])
         while start is None and self._evict_one():
             start = self.pool.alloc(emb.shape[0])
@@ -151,7 +154,7 @@ class EncodeWorker(Worker):
             view = self.pool.rows(e.start, e.num_rows)
             self.send(req.prefill_rank, EmbeddingsReady(
                 req.request_id, it.content_hash, self.ctx.nixl.descs(view), e.num_rows,
-                self.hidden_size, self.dtype, self.rank, e.grid_thw,
+                self.row_width, self.dtype, self.rank, e.grid_thw,
                 getattr(self.processor, "merge_size", 1)))
 
     def _unpin(self, request_id: str, hashes: list[str] | None) -> None:

@@ -27,7 +27,7 @@ from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
 from mmhpc.multimodal.image_items import media_item
-from mmhpc.roles.embed_pool import EmbeddingPool
+from mmhpc.roles.embed_pool import EmbeddingPool, row_width
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,13 @@ class PrefillWorker(Worker):
         self.engine = make_engine(ctx.config, "prefill", device=ctx.device, detokenize=False)
         self.processor = self.engine.processor
         self.hidden_size = self.engine.hidden_size
+        self.deepstack = self.engine.deepstack_levels
         self.pool_descs = ctx.nixl.register(self.engine.kv_cache)
         ctx.kv_pool_descs = self.pool_descs     # TP: every rank's pool rides KVReady.pools
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
-            self.landing = EmbeddingPool(self.hidden_size, self.engine.dtype, device=ctx.device)
+            self.landing = EmbeddingPool(row_width(self.engine), self.engine.dtype,
+                                         device=ctx.device)
             ctx.nixl.register(self.landing.tensor)
         self.requests: dict[str, PrefillRequest] = {}    # waiting for embeddings or in engine
         self.deadlines: dict[str, float] = {}            # stage deadline per request
@@ -89,7 +91,8 @@ class PrefillWorker(Worker):
         self.deadlines[rid] = stage_deadline(req.deadline, stage_s)
         if req.encode_rank < 0:
             try:
-                items = [media_item(self.processor, img, self.ctx.config, self.hidden_size)
+                items = [media_item(self.processor, img, self.ctx.config, self.hidden_size,
+                                    self.deepstack)
                          for img in req.images]
             except Exception as e:  # noqa: BLE001
                 self._fail(rid, f"cannot prepare image: {type(e).__name__}: {e}")
@@ -101,6 +104,11 @@ class PrefillWorker(Worker):
         release = ReleaseEmbeddings(rid, [msg.content_hash])
         if rid in self.aborted or self.landing is None:
             self.send(msg.encode_rank, release)
+            return
+        if msg.hidden_size != self.landing.tensor.shape[1]:
+            self.send(msg.encode_rank, release)
+            self._fail(rid, f"encode sent {msg.hidden_size}-wide embedding rows; this model's "
+                            f"are {self.landing.tensor.shape[1]} wide")
             return
         start = self.landing.alloc(msg.num_tokens)
         if start is None:

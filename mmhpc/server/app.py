@@ -25,7 +25,7 @@ from mmhpc.config import Config
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.server import protocol as P
 from mmhpc.server.engine_client import EngineClient
-from mmhpc.server.media import Embeddings, MediaLoader, text_hidden_size
+from mmhpc.server.media import Embeddings, MediaLoader, deepstack_levels, text_hidden_size
 from mmhpc.server.metrics import Metrics
 from mmhpc.server.protocol import APIError
 
@@ -65,7 +65,8 @@ class Frontend:
         self.aliases = model_aliases(config)
         self.max_model_len = config.model.max_model_len
         self.media = MediaLoader(config.media, text_hidden_size(config.model.path),
-                                 max_tokens=self.max_model_len)
+                                 max_tokens=self.max_model_len,
+                                 deepstack=deepstack_levels(config.model.path))
         self.metrics = Metrics()
         self.ready = False
         self.draining = False

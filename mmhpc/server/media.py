@@ -9,7 +9,10 @@ Safety rules (each has a row in tests/test_hostile.py):
 - local files (file:// or a bare path) only below `media.allowed_local_path`, after realpath.
 - images: JPEG/PNG/WebP/GIF only; the pixel count is read from the header BEFORE decoding.
 - embeddings (.pt/.pth/.bin/.safetensors): size-capped, `torch.load(weights_only=True)` (no
-  pickle code runs), shape [n, hidden] or [1, n, hidden], floating, finite → float32.
+  pickle code runs), shape [n, hidden] or [1, n, hidden], floating, finite → float32. A
+  DeepStack model (Qwen3-VL, L levels) needs its L feature blocks too: `deepstack_embeddings`
+  [L, n, hidden] beside `mm_embeddings`, or `mm_embeddings` [n, (1 + L) * hidden] (vLLM's
+  layout); the loaded tensor is that bundle.
 Decoding runs in worker threads, never on the event loop. Hashing is the processor's job
 (once, over decoded content).
 """
@@ -50,8 +53,9 @@ def media_error(message: str, param: Optional[str] = None, code: str = "invalid_
 
 @dataclass
 class Embeddings:
-    """A pre-computed embeddings file: `tensor` [num_tokens, hidden] float32, plus the file's
-    other entries (e.g. image_grid_thw) as auxiliary data."""
+    """A pre-computed embeddings file: `tensor` [num_tokens, (1 + L) * hidden] float32 (L:
+    the model's DeepStack levels, mostly 0), plus the file's other entries (e.g.
+    image_grid_thw) as auxiliary data."""
     tensor: Any
     aux: dict = field(default_factory=dict)
     source: str = ""
@@ -87,6 +91,15 @@ def text_hidden_size(model_path: str | os.PathLike) -> Optional[int]:
         return None
     text = cfg.get("text_config") or {}
     return text.get("hidden_size") or cfg.get("hidden_size")
+
+
+def deepstack_levels(model_path: str | os.PathLike) -> int:
+    """The DeepStack levels L of a checkpoint's config.json (Qwen3-VL; 0: none or unreadable)."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len((cfg.get("vision_config") or {}).get("deepstack_visual_indexes") or ())
 
 
 # ----------------------------------------------------------------------------- addresses
@@ -132,9 +145,10 @@ class MediaLoader:
     """Turns the URLs of a request into PIL images / Embeddings, or raises APIError(400)."""
 
     def __init__(self, cfg: MediaConfig, hidden_size: Optional[int] = None,
-                 max_tokens: int = 1 << 20) -> None:
+                 max_tokens: int = 1 << 20, deepstack: int = 0) -> None:
         self.cfg = cfg
         self.hidden_size = hidden_size
+        self.deepstack = deepstack
         self.max_tokens = max_tokens
         self.image_cap = int(cfg.max_image_mb * (1 << 20))
         self.file_cap = int(cfg.max_file_size_mb * (1 << 20))
@@ -176,7 +190,7 @@ class MediaLoader:
                               param, code="unsupported_url_scheme")
         if is_emb:
             emb = await asyncio.to_thread(load_embeddings, data, name, self.hidden_size,
-                                          self.max_tokens, param)
+                                          self.max_tokens, param, self.deepstack)
             if scheme in ("http", "https"):
                 emb.data = data
             else:
@@ -341,8 +355,9 @@ def decode_image(data: bytes, max_pixels: int, param: Optional[str] = None) -> I
 
 
 def load_embeddings(data: bytes, name: str, hidden_size: Optional[int], max_tokens: int,
-                    param: Optional[str] = None) -> Embeddings:
-    """A .pt/.pth/.bin (torch.save, weights_only) or .safetensors file → Embeddings."""
+                    param: Optional[str] = None, deepstack: int = 0) -> Embeddings:
+    """A .pt/.pth/.bin (torch.save, weights_only) or .safetensors file → Embeddings; a
+    DeepStack model's (`deepstack` levels) as the [n, (1 + L) * hidden] bundle."""
     import torch
     aux: dict = {}
     if name.lower().endswith(".safetensors"):
@@ -383,9 +398,16 @@ def load_embeddings(data: bytes, name: str, hidden_size: Optional[int], max_toke
     if tensor.dim() != 2 or tensor.shape[0] < 1:
         raise media_error(f"embeddings must have shape [n, hidden] or [1, n, hidden], got "
                           f"{list(tensor.shape)}", param, code="invalid_embeddings")
-    if hidden_size is not None and tensor.shape[1] != hidden_size:
+    if deepstack:
+        tensor = _with_deepstack(tensor, aux.pop("deepstack_embeddings", None), hidden_size,
+                                 deepstack, param)
+    elif "deepstack_embeddings" in aux:
+        raise media_error("embeddings file has deepstack_embeddings, but this model has no "
+                          "DeepStack", param, code="invalid_embeddings")
+    if hidden_size is not None and tensor.shape[1] != hidden_size * (1 + deepstack):
+        levels = f" x (1 + {deepstack} DeepStack levels)" if deepstack else ""
         raise media_error(f"embeddings hidden size {tensor.shape[1]} != the model's "
-                          f"{hidden_size}", param, code="invalid_embeddings")
+                          f"{hidden_size}{levels}", param, code="invalid_embeddings")
     if tensor.shape[0] > max_tokens:
         raise media_error(f"{tensor.shape[0]} embedding rows exceed the context length "
                           f"{max_tokens}", param, code="invalid_embeddings")
@@ -393,3 +415,30 @@ def load_embeddings(data: bytes, name: str, hidden_size: Optional[int], max_toke
     if not torch.isfinite(tensor).all():
         raise media_error("embeddings contain NaN or Inf", param, code="invalid_embeddings")
     return Embeddings(tensor, aux, name)
+
+
+def _with_deepstack(tensor, deep, hidden_size: Optional[int], levels: int, param):
+    """The [n, (1 + L) * hidden] bundle of a DeepStack model's file: `mm_embeddings` already
+    that wide, or [n, hidden] and `deepstack_embeddings` [L, n, hidden] (a tensor, or a list
+    of L [n, hidden] tensors in a .pt dict)."""
+    import torch
+    n, width = tensor.shape
+    if hidden_size is None or width == hidden_size * (1 + levels):
+        if deep is not None:
+            raise media_error("embeddings file has both a full-width mm_embeddings and "
+                              "deepstack_embeddings", param, code="invalid_embeddings")
+        return tensor
+    if deep is None:
+        raise media_error(f"this model injects DeepStack features ({levels} levels) into its "
+                          f"first decoder layers: the embeddings file needs "
+                          f"'deepstack_embeddings' [{levels}, {n}, {width}] beside "
+                          f"'mm_embeddings', or mm_embeddings [{n}, {(1 + levels) * width}]",
+                          param, code="missing_deepstack")
+    if isinstance(deep, (list, tuple)) and all(isinstance(d, torch.Tensor) for d in deep):
+        deep = torch.stack(deep) if deep else torch.empty(0)
+    if not isinstance(deep, torch.Tensor) or not deep.is_floating_point() \
+            or tuple(deep.shape) != (levels, n, width):
+        shape = list(deep.shape) if isinstance(deep, torch.Tensor) else type(deep).__name__
+        raise media_error(f"deepstack_embeddings must be floating [{levels}, {n}, {width}], "
+                          f"got {shape}", param, code="invalid_embeddings")
+    return torch.cat([tensor.to(torch.float32), *deep.to(torch.float32).unbind(0)], dim=1)

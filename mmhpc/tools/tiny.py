@@ -1,6 +1,6 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llava_next|qwen2_5_vl|... --out DIR
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llava_next|qwen2_5_vl|qwen3_vl|... --out DIR
 [--layers N ...]` writes a complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
@@ -282,6 +282,34 @@ def _qwen2_5_vl(s: dict[str, int], vocab_size: int):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
+    """Qwen3-VL (QK-norm, interleaved M-RoPE, DeepStack from the first `vision_layers - 1` ViT
+    layers); `moe`: every layer's MLP sparse (`experts`, `top_k`)."""
+    import transformers as tf
+
+    head_dim = s["hidden"] // s["heads"]
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=head_dim,
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                    moe_intermediate_size=s["intermediate"], decoder_sparse_step=1)
+    vision = dict(
+        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
+        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
+        patch_size=s["patch_size"], spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        out_hidden_size=s["hidden"], num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(tf, name + "Config")(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return getattr(tf, name + "ForConditionalGeneration")(config)
+
+
 def _gemma3_image_tokens(s: dict[str, int]) -> int:
     side = s["image_size"] // s["patch_size"] // 2     # the projector pools 2 x 2 patches
     return side * side
@@ -329,6 +357,8 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
+            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
+                std = 1.0 / p.shape[-1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -364,14 +394,15 @@ def _llava_next_files(s: dict[str, int]) -> dict[str, dict]:
     return _llava_like_files(s, "LlavaNext", do_pad=True, image_grid_pinpoints=_pinpoints(s))
 
 
-def _qwen_files(s: dict[str, int], name: str) -> dict[str, dict]:
+def _qwen_files(s: dict[str, int], name: str, video: str = "Qwen2VLVideoProcessor"
+                ) -> dict[str, dict]:
     unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
     min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
     vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
     image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=name, **vision)
-    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=name,
+    video = dict(video_processor_type=video, processor_class=name,
                  do_sample_frames=False, **vision)
     return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
             "processor_config.json": dict(processor_class=name)}
@@ -383,6 +414,10 @@ def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
 
 def _qwen2_5_vl_files(s: dict[str, int]) -> dict[str, dict]:
     return _qwen_files(s, "Qwen2_5_VLProcessor")
+
+
+def _qwen3_vl_files(s: dict[str, int]) -> dict[str, dict]:
+    return _qwen_files(s, "Qwen3VLProcessor", video="Qwen3VLVideoProcessor")
 
 
 def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
@@ -520,6 +555,21 @@ QWEN2_5_VL = TinyFamily(
                vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0, window=56),
     specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
     model=_qwen2_5_vl, processor_files=_qwen2_5_vl_files, eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+
+_QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                       vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
+                       vocab=640, seed=0)
+QWEN3_VL = TinyFamily(
+    sizes=_QWEN3_VL_SIZES, specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=_qwen3_vl,
+    processor_files=_qwen3_vl_files, eos_token_id=[2, 0],
+    check=_qwen2_vl_check)
+QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expert layout loads)
+    sizes={**_QWEN3_VL_SIZES, "intermediate": 48, "experts": 8, "top_k": 2},
+    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
+    processor_files=_qwen3_vl_files, eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 
 
