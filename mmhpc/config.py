@@ -193,6 +193,7 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0             # 0: CPU
+    gpu_memory_gb: float = 0.0         # one GPU's memory; > 0: layouts are checked to hold the weights
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
 

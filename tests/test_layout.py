@@ -133,6 +133,18 @@ GOLDEN_CASES = [
                           "deployment.encode.instances=4", "deployment.prefill.instances=4",
                           "deployment.prefill.tp=2", "deployment.decode.tp=2"], None),
     ("agg_tp2_world8.txt", ["deployment.aggregated.instances=4", "deployment.aggregated.tp=2"], 8),
+    # the seeds' Llama-4 Maverick E/P/D (bf16: an instance needs 8 GPUs), encode sharing GPUs
+    ("maverick_e_p_d_h200_2nodes.txt", ["cluster=h200", "cluster.nodes=2", "model=llama4_maverick",
+                                        "deployment=e_p_d", "deployment.encode.instances=2",
+                                        "deployment.decode.instances=1", "deployment.prefill.tp=8",
+                                        "deployment.prefill.ep=8", "deployment.decode.tp=8",
+                                        "deployment.decode.ep=8"], 18),
+    ("maverick_e_p_d_gb200_4nodes.txt", ["cluster=gb200", "cluster.nodes=4", "model=llama4_maverick",
+                                         "deployment=e_p_d", "deployment.encode.instances=4",
+                                         "deployment.decode.instances=1",
+                                         "deployment.prefill.tp=8", "deployment.prefill.ep=8",
+                                         "deployment.decode.tp=8", "deployment.decode.ep=8",
+                                         "deployment.allow_cross_node_instances=true"], 20),
 ]
 
 
@@ -191,3 +203,35 @@ def test_gpu_cluster_frontend_takes_no_gpu():
     alone = dry_run_layout(compose_config(["cluster=h200", "deployment=e_p_d",
                                            "deployment.frontend_shares_rank=false"]), None)
     assert alone[0].device == -1 and "GPU 0 of node 0 is idle" in alone.table()
+
+
+def test_ranks_that_cannot_hold_the_weights_say_what_they_need():
+    """Maverick (bf16, ~800 GB) on tp=4 H200 ranks: one line with the tp that fits."""
+    cfg = compose_config(["cluster=h200", "cluster.nodes=2", "model=llama4_maverick",
+                          "deployment=e_p_d", "deployment.prefill.tp=4", "deployment.prefill.ep=4",
+                          "deployment.decode.instances=1", "deployment.decode.tp=8",
+                          "deployment.decode.ep=8"])
+    with pytest.raises(LayoutError, match=r"deployment.prefill: a rank of tp=4 holds 200.\d GB .* "
+                                          r"it needs 8 ranks an instance \(deployment.prefill.tp=8\)"):
+        dry_run_layout(cfg, 14)
+    # Scout (~218 GB) fits tp=4 ranks; ep must divide its 16 experts
+    dry_run_layout(compose_config(["cluster=h200", "model=llama4_scout", "deployment.aggregated.tp=4",
+                                   "deployment.aggregated.ep=4", "deployment.aggregated.instances=2"]), 8)
+    with pytest.raises(LayoutError, match=r"does not divide the model's 12 experts: use ep in \[1, 2, 4\]"):
+        make_layout(8, 8, DeploymentConfig(aggregated=GroupConfig(1, 8, 8)), num_heads=40,
+                    num_kv_heads=8, num_experts=12)
+
+
+def test_shared_gpus_place_big_instances_first():
+    """More ranks a node than GPUs: tp=8 instances get one GPU a rank, encode shares."""
+    lay = dry_run_layout(compose_config(["cluster=h200", "cluster.nodes=2", "model=llama4_maverick",
+                                         "deployment=e_p_d", "deployment.encode.instances=2",
+                                         "deployment.decode.instances=1", "deployment.prefill.tp=8",
+                                         "deployment.prefill.ep=8", "deployment.decode.tp=8",
+                                         "deployment.decode.ep=8"]), 18)
+    for role in ("prefill", "decode"):
+        (ranks,) = lay.instances(role)
+        assert sorted(lay[r].device for r in ranks) == list(range(8))
+        assert len({lay[r].node for r in ranks}) == 1 and {lay[r].ep for r in ranks} == {8}
+    assert lay.instances("encode") == [[8], [17]] and lay[8].device == lay[17].device == 0
+    assert lay[0].role == "prefill" and lay[0].hosts_frontend

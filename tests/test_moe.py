@@ -141,6 +141,32 @@ def test_rank_reads_only_its_experts(tp, ep, tmp_path):
         torch.testing.assert_close(names["experts.gate_up_proj"].detach(), expect)
 
 
+@pytest.mark.parametrize("tp,ep", [(1, 1), (4, 2)])
+def test_per_expert_checkpoint_loads_like_fused(tp, ep, tmp_path):
+    """Qwen3-MoE's per-expert keys (experts.{e}.gate_proj.weight ...) fill the fused
+    parameters as the fused checkpoint does; a rank reads only its experts' parts."""
+    w = _checkpoint(QWEN3)
+    gu, down = w.pop("experts.gate_up_proj"), w.pop("experts.down_proj")     # [E, 2I, H], [E, H, I]
+    for e in range(E):
+        w[f"experts.{e}.gate_proj.weight"] = gu[e, :I].contiguous()
+        w[f"experts.{e}.up_proj.weight"] = gu[e, I:].contiguous()
+        w[f"experts.{e}.down_proj.weight"] = down[e].contiguous()
+    (tmp_path / "per").mkdir()
+    save_file(w, str(tmp_path / "per" / "model.safetensors"))
+    fused = {**{k: v for k, v in w.items() if ".experts." not in "." + k},
+             "experts.gate_up_proj": gu, "experts.down_proj": down}
+    save_file(fused, str(tmp_path / "model.safetensors"))
+    for rank in range(tp):
+        a = _build(QWEN3, tmp_path, TPGroup(rank, tp, ep=ep))
+        before = loader.bytes_read
+        b = _build(QWEN3, tmp_path / "per", TPGroup(rank, tp, ep=ep))
+        expert_bytes = loader.bytes_read - before - sum(
+            v.numel() * 4 for k, v in w.items() if not k.startswith("experts."))
+        assert expert_bytes == (gu.numel() + down.numel()) * 4 // tp
+        for n, p in a.named_parameters():
+            torch.testing.assert_close(p, dict(b.named_parameters())[n], rtol=0, atol=0)
+
+
 def _owner(module, name):
     *path, attr = name.split(".")
     for p in path:

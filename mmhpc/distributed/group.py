@@ -116,9 +116,10 @@ def _free_port(host: str) -> int:
 
 
 def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: str,
-                  device: str = "cpu") -> TPGroup:
+                  device: str = "cpu", ep: int = 1) -> TPGroup:
     """Collective over `comm` (every rank calls it; `color` < 0: in no instance). Returns the
-    rank's TPGroup (made current); size 1 groups create no process group."""
+    rank's TPGroup (made current; `ep`: its expert-parallel groups); size 1 groups create no
+    process group."""
     from mpi4py import MPI
     sub = comm.Split(color if color >= 0 else MPI.UNDEFINED, rank_in_instance)
     if sub == MPI.COMM_NULL or tp == 1:
@@ -139,7 +140,7 @@ def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: s
                             timeout=IDLE_TIMEOUT)
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" \
         else dist.group.WORLD
-    set_tp(TPGroup(rank_in_instance, tp, dist.group.WORLD, cpu_group, device, True))
+    set_tp(TPGroup(rank_in_instance, tp, dist.group.WORLD, cpu_group, device, True, ep=ep))
     return get_tp()
 
 

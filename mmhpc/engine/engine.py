@@ -106,9 +106,14 @@ class LLMEngine:
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
-        return dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                    num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
-                    num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
+        out = dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                   num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+                   num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
+        from mmhpc.models.moe import expert_counts
+        counts = expert_counts(self.runner.model)        # MoE: tokens routed to each expert
+        if counts is not None:
+            out["tokens_per_expert"] = counts.tolist()
+        return out
 
     # ---- disaggregated roles -----------------------------------------------------------------
 

@@ -60,7 +60,8 @@ class GenerateEngine(Protocol):
     def has_unfinished_requests(self) -> bool: ...
 
     def stats(self) -> dict:
-        """num_running, num_waiting, num_free_blocks, num_total_blocks, ... (Heartbeat)."""
+        """num_running, num_waiting, num_free_blocks, num_total_blocks, ... (Heartbeat); MoE
+        models add tokens_per_expert ([E], summed over layers: /metrics)."""
 
 
 @runtime_checkable

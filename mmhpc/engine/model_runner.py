@@ -47,7 +47,8 @@ class ModelRunner:
                                               self.device, tp_size)
         self.cuda_steps = None      # CUDA: Triton kernels + decode graphs (mmhpc.engine.cuda_graphs)
         self.launch_ahead = None    # CUDA, TP 1: queue decode step N+1 before waiting for N
-        if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0":
+        if self.device.type == "cuda" and os.environ.get("MMHPC_FAST_PATH", "1") != "0" \
+                and getattr(self.model, "fast_path", True):     # False: plain torch on CUDA
             from mmhpc.engine.gpu_forward import prepare_vision
             prepare_vision(self.model)
             if allocate_kv:

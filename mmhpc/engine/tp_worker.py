@@ -34,7 +34,8 @@ def start_tp(comm, info, host_addr: str) -> TPGroup:
         color = roles.index(info.role) * 100_000 + info.instance
     device = "cpu" if info.device < 0 else f"cuda:{info.device}"
     tp = info.tp if info.instance >= 0 else 1
-    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device)
+    return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device,
+                         ep=getattr(info, "ep", 1) if info.instance >= 0 else 1)
 
 
 def make_runner(config: Config, device=None, allocate_kv: bool = True):

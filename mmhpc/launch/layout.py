@@ -13,6 +13,12 @@ Rules, applied in this order:
    instance larger than a node takes whole empty nodes, only with
    `deployment.allow_cross_node_instances=true`.
 4. The deployment must fill the world exactly.
+5. More ranks per node than GPUs (`ranks_per_node > gpus_per_node`: ranks share GPUs,
+   local rank % GPUs): instances are placed largest tp first (group order among equals), so
+   a big TP/EP instance gets one GPU per rank and the small ones (encode) share what is
+   left; a cross-node instance then takes `gpus_per_node` ranks of each node it spans.
+   E.g. Maverick E/P/D on 2 nodes x 8 H200 with 9 ranks a node: node 0 = frontend +
+   prefill tp=8, node 1 = decode tp=8 + encode (beside decode's rank on GPU 0).
 
 Examples (one node): agg on 1 rank: rank 0 = frontend + aggregated. ep_d (default, frontend
 alone) on 3 ranks: 0 frontend | 1 prefill (encodes its images) | 2 decode; with
@@ -48,6 +54,7 @@ class RankInfo:
     local_rank: int
     device: int                # CUDA device index; -1: CPU
     hosts_frontend: bool = False
+    ep: int = 1                # expert-parallel groups of the instance (MoE layers)
 
     @property
     def is_instance_leader(self) -> bool:
@@ -56,8 +63,9 @@ class RankInfo:
     def __repr__(self) -> str:
         role = f"{FRONTEND}+{self.role}" if self.hosts_frontend and self.role != FRONTEND \
             else self.role
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
         return (f"rank={self.rank}({self.world_size}) role={role} inst={self.instance} "
-                f"tp_rank={self.rank_in_instance}/{self.tp} node={self.node} "
+                f"tp_rank={self.rank_in_instance}/{self.tp}{ep} node={self.node} "
                 f"local={self.local_rank} dev={self.device if self.device >= 0 else 'cpu'}")
 
 
@@ -102,13 +110,17 @@ class Layout:
 
     def table(self) -> str:
         head = ("rank", "node", "local", "device", "role", "instance", "tp_rank")
+        with_ep = any(r.ep > 1 for r in self.ranks)       # "ep_group": experts' group/ep
+        head += ("ep_group",) if with_ep else ()
         rows = [head]
         for r in self.ranks:
             role = f"{FRONTEND}+{r.role}" if r.hosts_frontend and r.role != FRONTEND else r.role
             rows.append((str(r.rank), str(r.node), str(r.local_rank),
                          "cpu" if r.device < 0 else str(r.device), role,
                          "-" if r.instance < 0 else str(r.instance),
-                         "-" if r.instance < 0 else f"{r.rank_in_instance}/{r.tp}"))
+                         "-" if r.instance < 0 else f"{r.rank_in_instance}/{r.tp}")
+                        + ((f"{r.rank_in_instance // (r.tp // r.ep)}/{r.ep}" if r.ep > 1 else "-",)
+                           if with_ep else ()))
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         return (f"deployment={self.deployment} world_size={self.world_size} "
@@ -137,15 +149,20 @@ def describe(dep: DeploymentConfig) -> str:
     parts = [] if dep.frontend_shares_rank else ["1 frontend"]
     for g in dep.groups:
         gc = dep.group(g)
-        parts.append(f"{gc.instances} {g}" + (f"×tp{gc.tp}" if g in _TP_GROUPS or gc.tp > 1 else ""))
+        parts.append(f"{gc.instances} {g}" + (f"×tp{gc.tp}" if g in _TP_GROUPS or gc.tp > 1 else "")
+                     + (f"ep{gc.ep}" if gc.ep > 1 else ""))
     return " + ".join(parts)
 
 
 def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConfig, *,
                 gpus_per_node: int = 0, num_heads: int | None = None,
-                num_kv_heads: int | None = None) -> Layout:
+                num_kv_heads: int | None = None, num_experts: int | None = None,
+                params: tuple[int, int] = (0, 0), bytes_per_param: int = 2,
+                gpu_memory_gb: float = 0.0) -> Layout:
     """Every rank's role; raises LayoutError (one line) when the deployment cannot fit. A group
-    with `instances: auto` takes the ranks the others leave (`Layout.deployment_config`)."""
+    with `instances: auto` takes the ranks the others leave (`Layout.deployment_config`).
+    `num_experts`: the model's routed experts per MoE layer (0: a dense model). `params`
+    (text, vision) and `gpu_memory_gb` > 0: each instance's ranks must hold its weights."""
     try:
         dep = deployment.fill(world_size)
     except ValueError as e:
@@ -160,6 +177,9 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     # More ranks than GPUs on a node: ranks share GPUs round-robin (local rank % GPUs), e.g.
     # E/P/D's 4 ranks on one GPU; a TP instance still needs one GPU per rank (checked below).
     _check_heads(dep, num_heads, num_kv_heads)
+    _check_experts(dep, num_experts)
+    if gpu_memory_gb > 0 and params[0]:
+        _check_memory(dep, params, bytes_per_param, gpu_memory_gb, num_heads, num_kv_heads)
 
     need = dep.num_ranks
     if need != world_size:
@@ -179,44 +199,51 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
 
     num_nodes = world_size // ranks_per_node
     free = [ranks_per_node] * num_nodes          # free ranks left per node
-    slots: list[tuple[int, str, int, int, int]] = []   # (rank, role, inst, tp_rank, tp)
+    slots: list[tuple[int, str, int, int, int, int]] = []   # (rank, role, inst, tp_rank, tp, ep)
 
-    def take(n: int, what: str) -> int:
-        """First rank of n consecutive free ranks that don't straddle nodes."""
-        if n <= ranks_per_node:
+    shared = 0 < gpus_per_node < ranks_per_node        # rule 5: ranks share GPUs
+    unit = gpus_per_node if shared else ranks_per_node   # a cross-node instance's ranks a node
+
+    def grab(node: int, n: int) -> list[int]:
+        start = node * ranks_per_node + ranks_per_node - free[node]
+        free[node] -= n
+        return list(range(start, start + n))
+
+    def take(n: int, what: str) -> list[int]:
+        """n free ranks, on one node (the first with room) or, larger than a node, on
+        consecutive nodes (`unit` ranks each)."""
+        if n <= unit:
             for node in range(num_nodes):
                 if free[node] >= n:
-                    start = node * ranks_per_node + ranks_per_node - free[node]
-                    free[node] -= n
-                    return start
+                    return grab(node, n)
             raise LayoutError(f"{what} (tp={n}) does not fit on one node without straddling "
                               f"({num_nodes} nodes × {ranks_per_node} ranks): make tp divide "
                               f"{ranks_per_node} or reorder instance sizes")
+        if shared and n <= ranks_per_node:
+            raise LayoutError(f"{what} (tp={n}) would put two TP ranks on one GPU "
+                              f"({gpus_per_node} GPUs per node, {ranks_per_node} ranks per node): "
+                              f"launch at most {gpus_per_node} ranks per node")
         if not dep.allow_cross_node_instances:
-            raise LayoutError(f"{what} needs {n} ranks but a node has {ranks_per_node}: lower tp "
+            raise LayoutError(f"{what} needs {n} ranks but a node has {unit}: lower tp "
                               f"or set deployment.allow_cross_node_instances=true")
-        span = -(-n // ranks_per_node)
+        if n % unit:
+            raise LayoutError(f"{what} spans nodes with {n} ranks: make it a multiple "
+                              f"of {unit} ranks per node")
+        span = n // unit
+        need = ranks_per_node if not shared else unit
         for node in range(num_nodes - span + 1):
-            if all(free[k] == ranks_per_node for k in range(node, node + span)):
-                left = n
-                for k in range(node, node + span):
-                    used = min(left, ranks_per_node)
-                    free[k] -= used
-                    left -= used
-                if n % ranks_per_node:
-                    raise LayoutError(f"{what} spans nodes with {n} ranks: make it a multiple "
-                                      f"of {ranks_per_node} ranks per node")
-                return node * ranks_per_node
+            if all(free[k] >= need for k in range(node, node + span)):
+                return [r for k in range(node, node + span) for r in grab(k, unit)]
         raise LayoutError(f"{what} needs {span} empty nodes in a row; none left")
 
     if not dep.frontend_shares_rank:
-        take(1, FRONTEND)
-        slots.append((0, FRONTEND, -1, 0, 1))
-    for g in dep.groups:
+        slots.append((take(1, FRONTEND)[0], FRONTEND, -1, 0, 1, 1))
+    order = sorted(dep.groups, key=lambda g: -dep.group(g).tp) if shared else dep.groups
+    for g in order:
         gc = dep.group(g)
         for inst in range(gc.instances):
-            start = take(gc.tp, f"{g} instance {inst}")
-            slots += [(start + i, g, inst, i, gc.tp) for i in range(gc.tp)]
+            ranks = take(gc.tp, f"{g} instance {inst}")
+            slots += [(r, g, inst, i, gc.tp, gc.ep) for i, r in enumerate(ranks)]
 
     slots.sort()
     ranks = [RankInfo(rank=r, world_size=world_size, role=role, instance=inst,
@@ -224,8 +251,8 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
                       local_rank=r % ranks_per_node,
                       device=(r % ranks_per_node) % gpus_per_node
                       if gpus_per_node and role != FRONTEND else -1,
-                      hosts_frontend=(r == 0))
-             for r, role, inst, tp_rank, tp in slots]
+                      hosts_frontend=(r == 0), ep=ep)
+             for r, role, inst, tp_rank, tp, ep in slots]
     if gpus_per_node:
         per_instance: dict[tuple[str, int], list[RankInfo]] = {}
         for info in ranks:
@@ -240,6 +267,56 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     layout = Layout(world_size, ranks_per_node, dep.name, ranks, dep)
     layout._validate()
     return layout
+
+
+def _check_experts(dep: DeploymentConfig, num_experts: int | None) -> None:
+    """ep (TensorRT-LLM's moe_expert_parallel_size) splits an instance's tp ranks into ep
+    groups of whole experts: it must divide tp and the experts; a dense model takes ep=1."""
+    for g in dep.groups:
+        gc = dep.group(g)
+        if gc.ep == 1:
+            continue
+        if g not in _TP_GROUPS:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep}: the {g} group runs no MoE layers, "
+                              f"use ep=1")
+        if gc.tp % gc.ep:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} does not divide deployment.{g}.tp="
+                              f"{gc.tp}: ep groups split the instance's tp ranks")
+        if num_experts == 0:
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} needs a mixture-of-experts model; this "
+                              f"one is dense: use ep=1")
+        if num_experts and num_experts % gc.ep:
+            ok = [e for e in range(1, gc.tp + 1) if gc.tp % e == 0 and num_experts % e == 0]
+            raise LayoutError(f"deployment.{g}.ep={gc.ep} does not divide the model's "
+                              f"{num_experts} experts: use ep in {ok}")
+
+
+WEIGHT_SHARE = 0.9        # of a GPU's memory, at most, for weights (the rest: KV, activations)
+
+
+def _check_memory(dep: DeploymentConfig, params: tuple[int, int], itemsize: int,
+                  gpu_memory_gb: float, num_heads: int | None, num_kv_heads: int | None) -> None:
+    """A rank of a tp-rank instance holds 1/tp of the text weights (attention, dense layers
+    and its experts), plus the vision tower where it encodes: it must fit in a GPU."""
+    text, vision = (p * itemsize / 1e9 for p in params)
+    room = gpu_memory_gb * WEIGHT_SHARE
+    for g in dep.groups:
+        gc = dep.group(g)
+        if not gc.instances:
+            continue
+        own = vision if g in ("encode", "aggregated") or (g == "prefill" and "encode" not in
+                                                          dep.groups) else 0.0
+        need = own + (text / gc.tp if g in _TP_GROUPS else 0.0)
+        if need <= room:
+            continue
+        fits = [t for t in range(gc.tp + 1, 4097) if text / t + own <= room
+                and (not num_heads or num_heads % t == 0)
+                and (not num_kv_heads or num_kv_heads % t == 0 or t % num_kv_heads == 0)]
+        hint = f"it needs {fits[0]} ranks an instance (deployment.{g}.tp={fits[0]})" if fits \
+            else "no tp fits"
+        raise LayoutError(f"deployment.{g}: a rank of tp={gc.tp} holds {need:.1f} GB of the "
+                          f"model's {text + vision:.0f} GB of weights, more than "
+                          f"{WEIGHT_SHARE:.0%} of a {gpu_memory_gb:g} GB GPU: {hint}")
 
 
 def _check_heads(dep: DeploymentConfig, num_heads: int | None, num_kv_heads: int | None) -> None:

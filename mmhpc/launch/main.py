@@ -93,23 +93,58 @@ def _fail(msg: str, rank: int = 0) -> int:
 
 
 def model_heads(path: str) -> dict[str, int]:
-    """num_heads / num_kv_heads of the text model from config.json, when the file is there
-    (`tiny:<family>`: the builder's default sizes, before anything is built)."""
+    """num_heads / num_kv_heads / num_experts (0: dense) of the text model from config.json,
+    when the file is there (`tiny:<family>`: the builder's default sizes, before anything is
+    built; `arch:<name>`: the built-in config values)."""
     if path.startswith("tiny:"):
         from mmhpc.tools.tiny import default_sizes
         try:
             sizes = default_sizes(path.split(":", 1)[1])
         except ValueError:
             sizes = {}
-        return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"]} if sizes else {}
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return {"num_heads": sizes["heads"], "num_kv_heads": sizes["kv_heads"],
+                "num_experts": sizes.get("experts", 0)} if sizes else {}
+    if path.startswith("arch:"):
+        from mmhpc.models.arch import ARCHS
+        cfg = ARCHS.get(path.split(":", 1)[1], {}).get("config", {})
+    else:
+        try:
+            cfg = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
     text = cfg.get("text_config") or cfg
     heads = text.get("num_attention_heads") or cfg.get("num_attention_heads")
     kv = text.get("num_key_value_heads") or cfg.get("num_key_value_heads") or heads
-    return {"num_heads": heads, "num_kv_heads": kv} if heads else {}
+    experts = text.get("num_local_experts") or text.get("num_experts") or 0
+    if not heads:
+        return {}
+    return {"num_heads": heads, "num_kv_heads": kv, "num_experts": experts,
+            "params": _num_params(text, cfg.get("vision_config") or {})}
+
+
+def _num_params(text: dict, vision: dict) -> tuple[int, int]:
+    """(text, vision) parameter counts estimated from config values: Llama-style attention,
+    dense SwiGLU or MoE layers (routed + shared experts), embeddings and head; the vision
+    tower's attention and MLP. Enough to tell whether a layout's ranks hold the weights."""
+    try:
+        h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
+        heads = text["num_attention_heads"]
+        kv = text.get("num_key_value_heads") or heads
+        d = text.get("head_dim") or h // heads
+        attn = h * d * (2 * heads + 2 * kv)
+        inter = text["intermediate_size"]
+        experts = text.get("num_local_experts") or 0
+        step = text.get("interleave_moe_layer_step") or 1
+        moe_layers = len(range(step - 1, layers, step)) if experts else 0
+        moe = 3 * h * inter * (experts + 1) + h * experts
+        dense = 3 * h * text.get("intermediate_size_mlp", inter)
+        total = layers * attn + moe_layers * moe + (layers - moe_layers) * dense + 2 * vocab * h
+        vh = vision.get("hidden_size") or vision.get("embed_dim") or 0
+        vi = vision.get("intermediate_size") or 4 * vh
+        vis = (vision.get("num_hidden_layers") or vision.get("depth") or 0) * (4 * vh * vh + 2 * vh * vi)
+        return int(total), int(vis)
+    except (KeyError, TypeError):
+        return 0, 0
 
 
 def resolve_model_path(config) -> None:
@@ -122,9 +157,17 @@ def resolve_model_path(config) -> None:
 def dry_run_layout(config, world_size: int | None) -> Layout:
     cl = config.cluster
     ws = world_size or cl.world_size or config.deployment.num_ranks
-    rpn = cl.gpus_per_node or -(-ws // cl.nodes)
+    # --world-size beyond the GPUs: ranks share GPUs, spread evenly over the nodes
+    rpn = -(-ws // cl.nodes) if world_size or not cl.gpus_per_node else cl.gpus_per_node
     return make_layout(ws, rpn, config.deployment, gpus_per_node=cl.gpus_per_node,
-                       **model_heads(config.model.path))
+                       **model_heads(config.model.path), **_memory(config))
+
+
+def _memory(config) -> dict:
+    """What make_layout needs to check that ranks hold the weights (GPU clusters that state
+    `cluster.gpu_memory_gb`)."""
+    itemsize = 4 if config.model.dtype == "float32" else 2
+    return {"gpu_memory_gb": config.cluster.gpu_memory_gb, "bytes_per_param": itemsize}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +205,7 @@ def _run(config) -> int:
     try:
         layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
                              gpus_per_node=config.cluster.gpus_per_node,
-                             **model_heads(config.model.path))
+                             **model_heads(config.model.path), **_memory(config))
         info = layout[comm.rank]
         config.deployment = layout.deployment_config     # `auto` instances filled in
         if (info.node, info.local_rank) != (job.node_index, job.local_rank):

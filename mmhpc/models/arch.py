@@ -153,6 +153,51 @@ ARCHS.update({
 })
 
 
+def _llama4(num_experts: int, moe_step: int, use_qk_norm: bool, rope_scaling: dict | None,
+            max_positions: int) -> dict:
+    """meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}-Instruct: the same attention,
+    vision tower and tokens; they differ in experts, MoE interleave, QK norm and rotary."""
+    return dict(
+        config=dict(
+            architectures=["Llama4ForConditionalGeneration"], model_type="llama4",
+            boi_token_index=200080, eoi_token_index=200081, image_token_index=200092,
+            tie_word_embeddings=False, torch_dtype="bfloat16",
+            text_config=dict(
+                model_type="llama4_text", attention_bias=False, attention_chunk_size=8192,
+                attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+                bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+                head_dim=128, hidden_act="silu", hidden_size=5120, intermediate_size=8192,
+                intermediate_size_mlp=16384, interleave_moe_layer_step=moe_step,
+                max_position_embeddings=max_positions, num_attention_heads=40,
+                num_experts_per_tok=1, num_hidden_layers=48, num_key_value_heads=8,
+                num_local_experts=num_experts, rms_norm_eps=1e-5, rope_scaling=rope_scaling,
+                rope_theta=500000.0, router_aux_loss_coef=0.001, router_jitter_noise=0.0,
+                use_qk_norm=use_qk_norm, vocab_size=202048, torch_dtype="bfloat16"),
+            vision_config=dict(
+                model_type="llama4_vision_model", hidden_act="gelu", hidden_size=1408,
+                image_size=336, intermediate_size=5632, multi_modal_projector_bias=False,
+                norm_eps=1e-5, num_attention_heads=16, num_channels=3, num_hidden_layers=34,
+                patch_size=14, pixel_shuffle_ratio=0.5, projector_dropout=0.0,
+                projector_input_dim=4096, projector_output_dim=4096, rope_theta=10000,
+                vision_feature_layer=-1, vision_feature_select_strategy="default",
+                vision_output_dim=4096)),
+        preprocessor=dict(image_processor_type="Llama4ImageProcessorFast", do_resize=True,
+                          size={"height": 336, "width": 336}, max_patches=16,
+                          resize_to_max_canvas=False, do_rescale=True, rescale_factor=1 / 255,
+                          do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                          do_convert_rgb=True, resample=2),
+        eos_token_ids=[200001, 200007, 200008])
+
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct (every layer MoE, QK norm, llama3 rotary scaling)
+ARCHS["llama4-scout"] = _llama4(16, 1, True, {"rope_type": "llama3", "factor": 16.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                                               "original_max_position_embeddings": 8192},
+                                10485760)
+# meta-llama/Llama-4-Maverick-17B-128E-Instruct (MoE every 2nd layer, no QK norm)
+ARCHS["llama4-maverick"] = _llama4(128, 2, False, None, 1048576)
+
+
 def is_arch(path) -> bool:
     return str(path).startswith(PREFIX)
 

@@ -7,7 +7,7 @@ A token's slot is `block_id * block_size + offset`; the runner computes the slot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -72,6 +72,8 @@ class AttentionGroup:
     blocks: torch.Tensor      # [num_seqs, num_blocks] long: block tables, padded with block 0
     mask: torch.Tensor        # [num_seqs, 1, max_q, num_blocks * bs] bool: query j sees key k
                               # iff k <= ctx - q_len + j (causal, and nothing past ctx)
+    qpos: torch.Tensor        # [num_seqs, max_q] long: each query's position
+    chunk_masks: dict = field(default_factory=dict)   # chunk size -> (blocks, mask): `window`
 
     @staticmethod
     def build(meta: AttentionMetadata, seqs: list[int]) -> "AttentionGroup":
@@ -87,7 +89,25 @@ class AttentionGroup:
         return AttentionGroup(
             len(seqs), max_q, torch.tensor(tok_rows, device=dev), torch.tensor(pad_rows, device=dev),
             torch.tensor([t + [0] * (num_blocks - len(t)) for t in tables], device=dev),
-            (keys <= last_key[:, :, None])[:, None])
+            (keys <= last_key[:, :, None])[:, None], last_key)
+
+    def window(self, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks [B, nb'], mask [B, 1, max_q, nb' * bs]) to read: with `chunk` (Llama-4's
+        local attention, key k visible iff k // chunk == pos // chunk) each sequence's blocks
+        start at its first query's chunk, so blocks before it are not read; built once a step."""
+        if chunk is None:
+            return self.blocks, self.mask
+        if chunk not in self.chunk_masks:
+            bs = self.mask.shape[-1] // self.blocks.shape[1]
+            first = self.qpos[:, 0] // chunk * chunk // bs                          # [B] block
+            width = int((self.blocks.shape[1] - first).max())
+            cols = (first[:, None] + torch.arange(width, device=first.device)).clamp(
+                max=self.blocks.shape[1] - 1)                                       # [B, nb']
+            keys = first[:, None] * bs + torch.arange(width * bs, device=first.device)  # [B, L']
+            start = self.qpos // chunk * chunk                                      # [B, q]
+            mask = (keys[:, None] <= self.qpos[:, :, None]) & (keys[:, None] >= start[:, :, None])
+            self.chunk_masks[chunk] = (self.blocks.gather(1, cols), mask[:, None])
+        return self.chunk_masks[chunk]
 
 
 class RMSNorm(nn.Module):
@@ -177,55 +197,64 @@ def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _group_attention(q: torch.Tensor, layer_cache: torch.Tensor, g: AttentionGroup,
-                     scale: float) -> torch.Tensor:
+                     scale: float, chunk: int | None = None) -> torch.Tensor:
     """One SDPA for a group; GQA without repeating KV: a KV head's G query heads (x max_q
     positions) ride as G * max_q query rows. Returns [N, H, D] for `g.tok_rows`."""
     B, max_q, (H, D), KVH = g.num_seqs, g.max_q, q.shape[1:], layer_cache.shape[2]
     G = H // KVH
+    blocks, g_mask = g.window(chunk)                               # [B, nb], [B, 1, max_q, L]
     # (block, kv head) pairs in [B, KVH, num_blocks] order: one gather, already head-major
-    pairs = (g.blocks[:, None, :] * KVH + torch.arange(KVH, device=q.device)[:, None]).flatten()
+    pairs = (blocks[:, None, :] * KVH + torch.arange(KVH, device=q.device)[:, None]).flatten()
     kv = layer_cache.flatten(1, 2).index_select(1, pairs)          # [2, B*KVH*nb, bs, D]
     kv = kv.view(2, B, KVH, -1, D).to(q.dtype)                     # [2, B, KVH, L, D]
     qg = q.index_select(0, g.tok_rows)                             # [N, H, D]
     if max_q == 1:                                                 # decodes: nothing to pad
         o = F.scaled_dot_product_attention(qg.view(B, KVH, G, D), kv[0], kv[1],
-                                           attn_mask=g.mask, scale=scale)
+                                           attn_mask=g_mask, scale=scale)
         return o.reshape(B, H, D)
     qp = q.new_zeros(B * max_q, H, D).index_copy_(0, g.pad_rows, qg)
     qp = qp.view(B, max_q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * max_q, D)
-    mask = g.mask.expand(-1, G, -1, -1).reshape(B, 1, G * max_q, -1)   # rows (g, j)
+    mask = g_mask.expand(-1, G, -1, -1).reshape(B, 1, G * max_q, -1)   # rows (g, j)
     o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=mask, scale=scale)
     o = o.view(B, KVH, G, max_q, D).permute(0, 3, 1, 2, 4).reshape(B * max_q, H, D)
     return o.index_select(0, g.pad_rows)                           # [N, H, D]
 
 
 def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, chunk: int | None = None) -> torch.Tensor:
     """Reference paged attention (CPU, exact). The new queries sit at the END of the context,
-    so query j sees keys 0..ctx-q_len+j. Batched groups (`meta.groups`) run one SDPA each;
-    the sequences left over run one by one: gather its blocks, SDPA."""
+    so query j sees keys 0..ctx-q_len+j (with `chunk`: only those of its own chunk,
+    k // chunk == pos // chunk). Batched groups (`meta.groups`) run one SDPA each; the
+    sequences left over run one by one: gather its blocks from the first query's chunk on
+    (blocks before it are not read), SDPA."""
     num_heads, num_kv_heads = q.shape[1], layer_cache.shape[2]
     out = torch.empty_like(q)                                      # [T, H, D]
     groups, singles = meta.groups
     for g in groups:
-        out.index_copy_(0, g.tok_rows, _group_attention(q, layer_cache, g, scale))
+        out.index_copy_(0, g.tok_rows, _group_attention(q, layer_cache, g, scale, chunk))
     for i in singles:
         ctx = meta.context_lens[i]
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        q_len = end - start
-        num_blocks = (ctx + meta.block_size - 1) // meta.block_size
-        table = torch.tensor(meta.block_tables[i][:num_blocks], device=q.device, dtype=torch.long)
+        q_len, bs = end - start, meta.block_size
+        first_block = ((ctx - q_len) // chunk * chunk) // bs if chunk else 0
+        base = first_block * bs                                    # first key read
+        num_blocks = (ctx + bs - 1) // bs
+        table = torch.tensor(meta.block_tables[i][first_block:num_blocks], device=q.device,
+                             dtype=torch.long)
         kv = layer_cache[:, table]                                 # [2, nb, KVH, bs, D]
-        kv = kv.transpose(1, 2).flatten(2, 3)[:, :, :ctx]          # [2, KVH, ctx, D]
+        kv = kv.transpose(1, 2).flatten(2, 3)[:, :, :ctx - base]   # [2, KVH, ctx - base, D]
         k, v = kv[0].to(q.dtype), kv[1].to(q.dtype)
         if num_heads != num_kv_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=0)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=0)
         qi = q[start:end].transpose(0, 1)                          # [H, q_len, D]
         mask = None
-        if q_len > 1:
+        if q_len > 1 or chunk:
             qpos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos   # [q_len, ctx]
+            keys = torch.arange(base, ctx, device=q.device)[None, :]
+            mask = keys <= qpos                                    # [q_len, ctx - base]
+            if chunk:
+                mask = mask & (keys >= qpos // chunk * chunk)
         o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale)
         out[start:end] = o[0].transpose(0, 1)
     return out

@@ -10,6 +10,7 @@ this rank's experts).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -73,6 +74,31 @@ def _read_dim(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.
     return slice_[tuple(index)]
 
 
+_EXPERT_KEY = re.compile(r"^((?:.*\.)?experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _load_expert(key: str, rules: list[tuple[str, str]], params: dict, f) -> str | None:
+    """A per-expert checkpoint tensor (`...experts.{e}.gate_proj.weight`, as Qwen3-MoE
+    checkpoints store them) into the fused expert parameter that holds expert e on this rank
+    (moe.FusedExperts.load_expert); others' experts are not read. Returns the parameter's name."""
+    name = key
+    for src, dst in rules:
+        if name.startswith(src):
+            name = dst + name[len(src):]
+            break
+    m = _EXPERT_KEY.match(name)
+    if m is None:
+        return None
+    prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+    name = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    owner = getattr(params.get(name), "load_expert", None)
+    if owner is None:
+        return None
+    global bytes_read
+    bytes_read += owner(expert, proj, f.get_slice(key))
+    return name
+
+
 def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]],
                  tp_rank: int = 0, tp_size: int = 1, tie_word_embeddings: bool = False) -> None:
     path = Path(path)
@@ -87,6 +113,9 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
             for key in f.keys():
                 name = map_name(key, rules, params)
                 if name is None:
+                    name = _load_expert(key, rules, params, f)     # one expert's tensor
+                    if name is not None:
+                        loaded.add(name)
                     continue
                 param = params[name]
                 tensor = _read(f.get_slice(key), param, tp_rank, tp_size)

@@ -24,6 +24,9 @@ Weight loading: checkpoints store each layer's experts fused, in one of two layo
 (transformers 5.x in-memory Qwen3-MoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]). The
 expert parameters carry a `weight_loader(slice_)` that reads only this rank's experts and its
 TP part of each (safetensors `get_slice`), so a rank never reads another rank's experts.
+Per-expert checkpoints (Qwen3-MoE as saved by transformers: `experts.{e}.gate_proj.weight`
+[I, H], `up_proj` [I, H], `down_proj` [H, I]) load through `FusedExperts.load_expert`, which
+`loader.load_weights` calls for such keys (experts of other ranks are skipped unread).
 
 Parallelism (`get_tp()`: the instance's `tp` ranks and its `ep`, TensorRT-LLM's
 moe_expert_parallel_size): rank r is in expert group `r // (tp / ep)` and owns experts
@@ -107,6 +110,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     return out
 
 
+def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] occurrences of each id (a bincount of fixed size: no host sync, graph-capturable)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.long))
+
+
 class FusedExperts(nn.Module):
     """This rank's experts: gate_up_proj [E_local, 2 * I_local, H], down_proj [E_local, H, I_local]."""
 
@@ -122,11 +131,12 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_local, spec.hidden_size, inter))
         self.gate_up_proj.weight_loader = self._load_gate_up
         self.down_proj.weight_loader = self._load_down
+        self.gate_up_proj.load_expert = self.down_proj.load_expert = self.load_expert
         from mmhpc.models.layers import _act
         self.act = _act(spec.hidden_act)
 
     # ---- loading: this rank's experts and its part of their intermediate dim only -----------
-    def _load_gate_up(self, slice_) -> torch.Tensor:
+    def _load_gate_up(self, slice_) -> torch.Tensor:   # fused checkpoint tensors
         e0, e1 = self.first, self.first + self.num_local
         full, a = self.spec.intermediate_size, self.part * self.inter
         b = a + self.inter
@@ -142,10 +152,27 @@ class FusedExperts(nn.Module):
             return slice_[e0:e1, a:b, :].transpose(1, 2).contiguous()
         return slice_[e0:e1, :, a:b]
 
+    def load_expert(self, expert: int, proj: str, slice_) -> int:
+        """One expert's `gate_proj` / `up_proj` [I, H] or `down_proj` [H, I] checkpoint tensor
+        (per-expert checkpoints) into this rank's part, if it owns the expert; bytes read."""
+        e = expert - self.first
+        if not 0 <= e < self.num_local:
+            return 0
+        a, b = self.part * self.inter, (self.part + 1) * self.inter
+        with torch.no_grad():
+            if proj == "down_proj":
+                t = slice_[:, a:b]
+                self.down_proj[e].copy_(t)
+            else:
+                t = slice_[a:b, :]
+                off = 0 if proj == "gate_proj" else self.inter
+                self.gate_up_proj[e, off:off + self.inter].copy_(t)
+        return t.numel() * t.element_size()
+
     def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """x [P, H] (one row per (token, expert) pair), expert [P] local ids -> [P, H]."""
         order = torch.argsort(expert, stable=True)                      # [P]
-        counts = torch.bincount(expert, minlength=self.num_local)       # [E_local]
+        counts = _count(expert, self.num_local)                          # [E_local]
         offs = torch.cumsum(counts, 0).to(torch.int32)
         xs = x.index_select(0, order)
         gate, up = grouped_linear(xs, self.gate_up_proj, offs).chunk(2, dim=-1)   # [P, I] each
@@ -187,14 +214,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # every rank routes every token (the router is small): the counts agree on all ranks
         weights, ids = route(self.router_logits(x), self.spec)                 # [T, k], [T, k]
-        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
+        self.tokens_per_expert += _count(ids.flatten(), self.spec.num_experts)
         if self.ep > 1:
             out = self._expert_parallel(x, weights, ids)
             if self.shared_expert is not None:
                 out = out + self.tp.all_reduce(self.shared_expert(x))
             return out
         k = self.spec.top_k
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)   # [T * k]
+        rows = torch.arange(x.shape[0] * k, device=x.device) // k       # [T * k] (no host sync)
         y = self._compute(x.index_select(0, rows), ids.flatten(), weights.flatten())
         out = torch.zeros_like(x).index_add_(0, rows, y)                # partial over parts
         if self.shared_expert is not None:
@@ -218,7 +245,7 @@ class MoE(nn.Module):
         lo, hi = min(T, rank * share), min(T, (rank + 1) * share)
         mine = x[lo:hi]                                                  # [n, H]
         ids, weights = ids[lo:hi].flatten(), weights[lo:hi].flatten()  # [n * k]
-        rows = torch.arange(hi - lo, device=x.device).repeat_interleave(k)
+        rows = torch.arange((hi - lo) * k, device=x.device) // k
         # each pair goes to every rank of its expert's group: parts * n * k sends
         group = ids // self.experts.num_local
         dest = (group[None, :] * parts + torch.arange(parts, device=x.device)[:, None]).flatten()
@@ -229,7 +256,7 @@ class MoE(nn.Module):
         payload = mine.index_select(0, rows.index_select(0, pair))     # [S, H]
         if self.spec.weight_on_input:
             payload = payload * w
-        send_counts = torch.bincount(dest, minlength=size)
+        send_counts = _count(dest, size)
         recv_counts = self.tp.all_to_all(send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         recv_x = self.tp.all_to_all(payload, recv, send)               # [R, H]

@@ -3,7 +3,8 @@
 Loads only the tokenizer and the image processor config of a Hugging Face checkpoint (no
 weights). The ids match HF's own processor (`AutoProcessor(text=..., images=...)`) token for
 token: each placeholder token (`<image>` for LLaVA, `<|image_pad|>` for Qwen2-VL) becomes
-`num_tokens` copies of itself, starting at `MMItem.offset`.
+`num_tokens` copies of itself, starting at `MMItem.offset`; Llama-4's `<|image|>` becomes the
+image's whole tiled span (mmhpc/multimodal/tiles.py), `grid_thw = (1, rows, cols)`.
 """
 from __future__ import annotations
 
@@ -197,12 +198,21 @@ class InputProcessor:
             self.image_processor = self.hf_processor.image_processor
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.image_processor = AutoImageProcessor.from_pretrained(self.path)
+            self.image_processor = None if self.kind == "llama4" \
+                else AutoImageProcessor.from_pretrained(self.path)   # llama4's needs torchvision
         proc_cfg = _read_json(self.path / "processor_config.json")
+        self.tiles = None
         if self.kind == "hf":       # the prompt's placeholder; its expansion's token below
             self.image_token = self.hf_processor.image_token
             self.image_token_id = (getattr(self.tokenizer, "image_token_id", None)
                                    or config.get("image_token_id", config.get("image_token_index")))
+        elif self.kind == "llama4":
+            from mmhpc.multimodal import tiles
+            self.tiles = tiles.TileConfig.from_files(
+                _read_json(self.path / "preprocessor_config.json"), proc_cfg)
+            self.image_token = "<|image|>"
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            self.span_tokens = {t: self.tokenizer.convert_tokens_to_ids(t) for t in tiles.SPECIAL}
         elif self.kind in ("llava", "llava_next"):
             self.image_token = proc_cfg.get("image_token", "<image>")
             self.image_token_id: int = config.get("image_token_index", config.get("image_token_id"))
@@ -254,6 +264,10 @@ class InputProcessor:
             n = num_image_tokens(height, width, self.grid_pinpoints, self.tile_size,
                                  self.patch_size, self.num_additional_tokens)
             return n - 1 if self.feature_strategy == "default" else n
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            return tiles.span_length(*tiles.tile_grid(height, width, self.tiles),
+                                     self.tiles.tokens_per_tile)
         if self.kind == "llava":
             crop = getattr(self.image_processor, "crop_size", None) or {}
             size = getattr(self.image_processor, "size", None) or {}
@@ -290,6 +304,12 @@ class InputProcessor:
         if self.kind == "hf":
             return MMItem(content_hash=image_hash(image), offset=-1,
                           num_tokens=self._hf_num_tokens(image), pixel_values=self._hf_pixels(image))
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)
+            return MMItem(content_hash=image_hash(image), offset=-1,
+                          num_tokens=tiles.span_length(rows, cols, self.tiles.tokens_per_tile),
+                          grid_thw=(1, rows, cols), pixel_values=pixel_values)
         out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
         if self.kind == "llava_next":
@@ -322,6 +342,11 @@ class InputProcessor:
         if item.dim() != 2:
             raise ValueError(f"image embeddings must be [num_tokens, hidden], got {tuple(item.shape)}")
         n = int(item.shape[0])
+        if self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = grid or (1, 1, 1)
+            if tiles.span_length(grid[1], grid[2], self.tiles.tokens_per_tile) != n:
+                raise ValueError(f"grid_thw {grid} (1, tile rows, tile cols) does not span {n} tokens")
         if self.kind == "qwen2_vl":
             m = self.merge_size
             grid = grid or (1, m, n * m)
@@ -348,6 +373,9 @@ class InputProcessor:
         if self.kind == "qwen2_vl":
             gh, gw = self._qwen_grid(image.width, image.height)
             grid = (1, gh, gw)
+        elif self.tiles is not None:
+            from mmhpc.multimodal import tiles
+            grid = (1, *tiles.tile_grid(image.height, image.width, self.tiles))
         return MMItem(content_hash=image_hash(image), offset=-1,
                       num_tokens=self.num_image_tokens(image.width, image.height), grid_thw=grid)
 
@@ -370,10 +398,18 @@ class InputProcessor:
         for pos, item in zip(positions, items):
             out += ids[start:pos]
             item.offset = len(out)
-            out += [self.image_token_id] * item.num_tokens
+            out += self.placeholder_ids(item)
             start = pos + 1
         out += ids[start:]
         return out, items
+
+    def placeholder_ids(self, item: MMItem) -> list[int]:
+        """The prompt tokens an item occupies (Llama-4: its tiled span)."""
+        if self.tiles is None:
+            return [self.image_token_id] * item.num_tokens
+        from mmhpc.multimodal import tiles
+        return tiles.span_ids(item.grid_thw[1], item.grid_thw[2], self.tiles.tokens_per_tile,
+                              self.span_tokens)
 
     def _hf_process(self, prompt: str, images: list[Any], with_pixels: bool
                     ) -> tuple[list[int], list[MMItem]]:

@@ -70,8 +70,27 @@ class Metrics:
             gauges["queue_depth"] = gauges["num_waiting"]
         for name, v in gauges.items():
             out += [f"# TYPE {p}{name} gauge", f"{p}{name} {v}"]
+        out += _expert_lines(p, engine_stats)
         for name, h in (("request_latency_seconds", self.latency),
                         ("time_to_first_token_seconds", self.ttft),
                         ("media_seconds", self.media)):
             out += [f"# TYPE {p}{name} histogram"] + h.lines(p + name)
         return "\n".join(out) + "\n"
+
+
+def _expert_lines(p: str, engine_stats: dict) -> list[str]:
+    """Tokens routed to each expert (summed over MoE layers) per instance that reports them:
+    the local engine's (aggregated) and every rank's in `ranks` (instance leaders report)."""
+    sources = []
+    if isinstance(engine_stats.get("tokens_per_expert"), list):
+        sources.append(((("role", "aggregated"), ("rank", "0")), engine_stats["tokens_per_expert"]))
+    for rank, s in sorted((engine_stats.get("ranks") or {}).items()):
+        if isinstance(s, dict) and isinstance(s.get("tokens_per_expert"), list):
+            sources.append(((("role", s.get("role", "")), ("rank", str(rank))), s["tokens_per_expert"]))
+    if not sources:
+        return []
+    out = [f"# TYPE {p}expert_tokens_total counter"]
+    for labels, counts in sources:
+        out += [f"{p}expert_tokens_total{_labels(labels + (('expert', str(e)),))} {n}"
+                for e, n in enumerate(counts)]
+    return out

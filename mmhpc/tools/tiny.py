@@ -7,8 +7,12 @@ template, and the image/processor configs, so that `AutoModelForImageTextToText`
 `AutoProcessor` load it.
 
 Token ids (all families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava, llava_next: 3 = `<image>`; qwen2_vl, qwen2_5_vl: see QWEN2_VL_SPECIALS,
-`<|image_pad|>` = 6).
+(llava, llava_next: 3 = `<image>`; the Qwen families: see QWEN2_VL_SPECIALS,
+`<|image_pad|>` = 6; llama4: see LLAMA4_SPECIALS, `<|patch|>` = 8).
+
+llama4 is Maverick-like (MoE every `moe_step`=2 layers, dense between; `--moe-step 1`: Scout-
+like, every layer MoE), with 4 experts, a NoPE layer every 4th, attention chunks of 16
+tokens and temperature tuning from position 8 on, so that short tests cross all of them.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class TinyFamily:
     eos_token_id: int | list[int]       # generation_config.json's
     check: Callable[[dict], None] = lambda s: None      # family-specific size rules
     embed_scale: float = 1.0            # std of embed_tokens x sqrt(hidden) (Gemma scales them)
+    expert_fan_in: int = -1             # fused experts' fan-in dim: -1 [E, out, in] (HF 5.x
+                                        # Qwen3-MoE), 1 [E, in, out] (Llama-4)
 
 
 def family_builder(family: str) -> TinyFamily:
@@ -92,6 +98,22 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
     "<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAMA4_SPECIALS = ["<|finetune_right_pad|>", "<|begin_of_text|>", "<|eot|>", "<|header_start|>",
+                   "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                   "<|tile_x_separator|>", "<|tile_y_separator|>"]
+
+# Llama-4's own template, without tools: <|begin_of_text|> then one header + <|eot|> a message.
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] in ('image', 'image_url', 'input_image') %}<|image|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
 )
 
 GEMMA3_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>",
@@ -169,6 +191,13 @@ def _gemma3_tokenizer(tok) -> dict:
                 extra_special_tokens={"boi_token": "<start_of_image>",
                                       "eoi_token": "<end_of_image>",
                                       "image_token": "<image_soft_token>"})
+
+
+def _llama4_tokenizer(tok) -> dict:
+    from tokenizers import processors
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)   # the template adds bos
+    return dict(pad_token="<|finetune_right_pad|>", bos_token="<|begin_of_text|>",
+                eos_token="<|eot|>", extra_special_tokens={"image_token": "<|image|>"})
 
 
 def _qwen_tokenizer(tok) -> dict:
@@ -335,7 +364,35 @@ def _gemma3(s: dict[str, int], vocab_size: int):
     return Gemma3ForConditionalGeneration(config)
 
 
-def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
+def _llama4(s: dict[str, int], vocab_size: int):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 2,
+        intermediate_size_mlp=s["intermediate"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        head_dim=s["hidden"] // s["heads"], num_local_experts=s["experts"], num_experts_per_tok=1,
+        interleave_moe_layer_step=s["moe_step"], attention_chunk_size=s["chunk"],
+        no_rope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=8, attn_scale=0.5, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type="llama4_text")
+    vision = dict(
+        hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
+        image_size=s["image_size"], patch_size=s["patch_size"], vision_output_dim=s["hidden"],
+        projector_input_dim=s["hidden"], projector_output_dim=s["hidden"],
+        pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        model_type="llama4_vision_model")
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=5,
+                          eoi_token_index=6, image_token_index=8, tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return Llama4ForConditionalGeneration(config)
+
+
+def _init_weights(model, seed: int, embed_std: float = 1.0, expert_fan_in: int = -1) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
     HF's default (std 0.02 everywhere) makes every layer a near no-op, so greedy output is a
@@ -357,8 +414,8 @@ def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
-            elif "experts" in name:              # [E, out, in]: fan-in is the last dim
-                std = 1.0 / p.shape[-1] ** 0.5
+            elif "experts" in name or p.dim() == 3:   # fused experts [E, ., .]: the fan-in dim
+                std = 1.0 / p.shape[expert_fan_in if p.dim() == 3 else -1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -430,6 +487,17 @@ def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
+def _llama4_files(s: dict[str, int]) -> dict[str, dict]:
+    side = {"height": s["image_size"], "width": s["image_size"]}
+    image = dict(image_processor_type="Llama4ImageProcessor", processor_class="Llama4Processor",
+                 size=side, max_patches=s["max_tiles"], resize_to_max_canvas=False,
+                 **{**_image_common(), "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                    "resample": 2})
+    processor = dict(processor_class="Llama4Processor", patch_size=s["patch_size"],
+                     pixel_shuffle_ratio=0.5)
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
 def _save_processor(builder: TinyFamily, s: dict[str, int], tokenizer, out: Path) -> None:
     tokenizer.chat_template = builder.chat_template
     tokenizer.save_pretrained(out)
@@ -467,7 +535,7 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     torch.manual_seed(s["seed"])
     model = builder.model(s, vocab_size).float().eval()
     _init_weights(model, s["seed"], builder.embed_scale / s["hidden"] ** 0.5
-                  if builder.embed_scale != 1.0 else 1.0)
+                  if builder.embed_scale != 1.0 else 1.0, builder.expert_fan_in)
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=1, eos_token_id=builder.eos_token_id, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
@@ -571,6 +639,20 @@ QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expe
     tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
     processor_files=_qwen3_vl_files, eos_token_id=[2, 0],
     check=_qwen2_vl_check)
+
+
+def _llama4_check(s: dict[str, int]) -> None:
+    if s["image_size"] % s["patch_size"] or (s["image_size"] // s["patch_size"]) % 2:
+        raise ValueError("llama4: patch_size must divide image_size an even number of times")
+
+
+LLAMA4 = TinyFamily(      # image_size: one tile's side; up to max_tiles tiles + a global view
+    sizes=dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
+               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, experts=4,
+               moe_step=2, chunk=16, max_tiles=4),
+    specials=LLAMA4_SPECIALS, chat_template=LLAMA4_CHAT_TEMPLATE, tokenizer=_llama4_tokenizer,
+    model=_llama4, processor_files=_llama4_files, eos_token_id=2, check=_llama4_check,
+    expert_fan_in=1)
 
 
 def _gemma3_check(s: dict[str, int]) -> None:
