@@ -124,7 +124,7 @@ class Server:
         while time.monotonic() < deadline:
             for line in self.log_path.read_text(errors="replace").splitlines():
                 if line.startswith("mmhpc ready: "):
-                    self.url = line.split()[-1]
+                    self.url = line.split()[2]      # "mmhpc ready: URL (layout)"
                     self.ready_s = round(time.monotonic() - self.t0, 1)
                     log(f"{self.name} ready in {self.ready_s} s: {self.url}")
                     return

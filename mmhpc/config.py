@@ -196,6 +196,9 @@ class ClusterConfig:
     gpu_memory_gb: float = 0.0         # one GPU's memory; > 0: layouts are checked to hold the weights
     zmq_port_base: int = 0             # 0: free ports
     host_addr: str = ""                # "": this node's address (127.0.0.1 on one node)
+    # the network other nodes reach this one on: an interface name (ib0, hsn0, eth0; a comma
+    # list, first present wins) or a CIDR (10.0.0.0/8); "": the node name's address
+    interface: str = ""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:

@@ -44,7 +44,7 @@ class Deployment:
             text = self.log_path.read_text()
             for line in text.splitlines():
                 if line.startswith("mmhpc ready: "):
-                    self.url = line.split()[-1]
+                    self.url = line.split()[2]      # "mmhpc ready: URL (layout)"
                     return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"deployment exited {self.proc.returncode}:\n{text[-3000:]}")

@@ -166,7 +166,7 @@ def test_dry_run_cli_imports_no_torch_or_mpi():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("deployment=e_p_d world_size=32 nodes=4 ranks_per_node=8")
-    assert len(out.stdout.splitlines()) == 35
+    assert len(out.stdout.splitlines()) == 36
 
 
 @pytest.mark.parametrize("overrides, world, expect", [

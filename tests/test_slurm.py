@@ -287,3 +287,73 @@ def test_submitit_serve_answers_and_cancel_ends(slurm_cluster, tmp_path, deploym
     # every rank drained and returned (no SIGKILL at KillWait: srun would say "Killed")
     logs = "".join(p.read_text() for p in (tmp_path / "logs" / str(job.job_id)).glob("*_log.*"))
     assert logs.count("Job completed successfully") == ranks and "Killed" not in logs, logs[-3000:]
+
+
+# ---- the README's Slurm lines (issue 24), against this test Slurm ---------------------------
+# What this one-node, CPU-only Slurm cannot take, and its stand-in; everything else as written.
+README_SUBST = {"--nodes=4": "--nodes=1", "cluster=h200": "cluster=local",
+                "cluster.nodes=4": "cluster.nodes=1", "model.path=/models/X": "model=tiny_llava",
+                "deployment.prefill.tp=4": "deployment.prefill.tp=2",
+                "submit.partition=gpu": "submit.partition=debug"}
+
+
+def _readme_slurm_block() -> list[str]:
+    import re
+    text = (ROOT / "README.md").read_text()
+    body = re.search(r"## On Slurm\n\n```bash\n(.*?)```", text, re.S).group(1)
+    return [ln.split("  #")[0].strip() for ln in body.splitlines() if ln.strip()]
+
+
+def _subst(line: str) -> list[str]:
+    import shlex
+    return [README_SUBST.get(w, PY if w == "python" else w) for w in shlex.split(line)]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_readme_slurm_lines(slurm_cluster, tmp_path):
+    sbatch, cat, scancel, submit = _readme_slurm_block()
+    assert cat.startswith("cat mmhpc-<jobid>.url") and scancel.startswith("scancel <jobid>")
+    port = free_port()
+    env = dict(os.environ, MMHPC_SRUN_MPI=MPI, OMP_NUM_THREADS="1")
+    words = _subst(sbatch)
+    # the test node's shape (no GPUs, few CPUs) and where the log goes; the port: a free one
+    words[1:1] = ["--parsable", f"--output={tmp_path}/mmhpc-%j.log", "--ntasks-per-node=5",
+                  "--gpus-per-node=0", "--cpus-per-task=1"]
+    job_id = _run([*words, f"server.port={port}"], cwd=ROOT, env=env).stdout.strip()
+    log = tmp_path / f"mmhpc-{job_id}.log"
+    try:
+        from mmhpc.launch.submit import is_running
+        from mmhpc.launch.url_file import wait_for_url
+        wait_for_url(tmp_path / f"mmhpc-{job_id}.url", [], timeout_s=400,
+                     alive=lambda: is_running(job_id))
+        url = _run(cat.replace("<jobid>", job_id).split(), cwd=tmp_path).stdout.strip()
+        assert url == f"http://{slurm_cluster.node}:{port}", url
+        assert _ask(f"http://127.0.0.1:{port}")["choices"]
+        text = log.read_text()
+        assert "mmhpc: layout: frontend: rank 0, a process of its own" in text, text[-3000:]
+        assert "(e_p_d: 1 frontend + 1 encode + 1 prefill×tp2 + 1 decode×tp1, 5 ranks" in text
+    finally:
+        subprocess.run(scancel.replace("<jobid>", job_id).split())
+    assert _wait_state(job_id, END_STATES, 60) == "CANCELLED", log.read_text()[-3000:]
+    assert "mmhpc: srun exited with 0" in _wait_log(log, "mmhpc: srun exited", timeout_s=30)
+
+    port = free_port()
+    words = _subst(submit) + [f"submit.folder={tmp_path}/logs", "submit.srun_mpi=" + MPI,
+                              "submit.tasks_per_node=4", "submit.cpus_per_task=1",
+                              f"server.port={port}", "deployment.prefill.tp=1"]
+    proc = subprocess.Popen(words, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("mmhpc: frontend URL"):
+                break
+        assert any(ln.startswith("mmhpc: submitted job") for ln in lines), lines
+        assert _ask(f"http://127.0.0.1:{port}")["choices"]
+        proc.send_signal(__import__("signal").SIGINT)            # Ctrl-C cancels the job
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130 and "cancelled job" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

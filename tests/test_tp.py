@@ -136,7 +136,7 @@ class Deployment:
             for line in self.proc.stdout:
                 self.lines.append(line)
                 if line.startswith("mmhpc ready: "):
-                    self.url = line.split(": ", 1)[1].strip()
+                    self.url = line.split()[2]      # "mmhpc ready: URL (layout)"
                     ready.set()
             ready.set()
         threading.Thread(target=pump, daemon=True).start()

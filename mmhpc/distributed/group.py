@@ -2,8 +2,9 @@
 
 Each process belongs to at most one TP instance, so the instance is the process's default
 torch.distributed world: `init_tp_group` splits the MPI communicator by instance, rank-in-
-instance 0 picks a free port and broadcasts `tcp://host:port`, and every member calls
-`init_process_group` on it (NCCL on CUDA, gloo on CPU). A gloo `cpu_group` carries the step
+instance 0 starts the TCPStore listening on a port the kernel gives it (and keeps: never
+bind-0-and-release, a race), broadcasts `host:port` over MPI, and every member calls
+`init_process_group` with that store (NCCL on CUDA, gloo on CPU). A gloo `cpu_group` carries the step
 broadcasts on every device (no GPU spin while a server idles; pickled objects stay on host).
 
 `get_tp()` is the process's current group; parallel layers read it when they are BUILT, so
@@ -11,12 +12,12 @@ broadcasts on every device (no GPU spin while a server idles; pickled objects st
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 IDLE_TIMEOUT = timedelta(days=7)      # followers wait in a broadcast while the server idles
+STORE_TIMEOUT = timedelta(minutes=10) # members joining the store (model loads come after)
 
 
 @dataclass
@@ -109,12 +110,6 @@ def set_tp(tp: TPGroup) -> TPGroup:
     return prev
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: str,
                   device: str = "cpu", ep: int = 1) -> TPGroup:
     """Collective over `comm` (every rank calls it; `color` < 0: in no instance). Returns the
@@ -128,15 +123,18 @@ def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: s
         set_tp(TPGroup(device=device))
         return get_tp()
     assert sub.size == tp and sub.rank == rank_in_instance, (sub.size, tp, sub.rank)
-    addr = f"tcp://{host_addr}:{_free_port(host_addr)}" if sub.rank == 0 else None
-    addr = sub.bcast(addr, root=0)
-    sub.Free()
     import torch
     import torch.distributed as dist
+    store = dist.TCPStore(host_addr, 0, tp, True, timeout=STORE_TIMEOUT,
+                          wait_for_workers=False) if sub.rank == 0 else None
+    addr = sub.bcast((host_addr, store.port) if store else None, root=0)
+    sub.Free()
+    if store is None:
+        store = dist.TCPStore(addr[0], addr[1], tp, False, timeout=STORE_TIMEOUT)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=addr, world_size=tp, rank=rank_in_instance,
+    dist.init_process_group(backend, store=store, world_size=tp, rank=rank_in_instance,
                             timeout=IDLE_TIMEOUT)
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" \
         else dist.group.WORLD

@@ -59,12 +59,17 @@ class JobEnv:
     node_index: int = 0
     node_name: str = "localhost"
     host_addr: str = "127.0.0.1"      # what other ranks and clients connect to
+    host_via: str = "one node"        # how host_addr was chosen (mmhpc.launch.address)
+    host_ifname: str = ""             # the interface that holds host_addr, when known
     launcher: str = "singleton"
     visible_gpus: tuple[str, ...] = ()   # CUDA_VISIBLE_DEVICES (or SLURM_STEP_GPUS)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None,
-                     hostname: str | None = None, host_addr: str | None = None) -> "JobEnv":
+                     hostname: str | None = None, host_addr: str | None = None,
+                     interface: str = "") -> "JobEnv":
+        """`host_addr` (or MMHPC_HOST_ADDR) wins; else `interface` (cluster.interface) picks
+        this node's address; else 127.0.0.1 on one node, the node's own address on several."""
         env = os.environ if environ is None else environ
         vals, launcher = _read(env)
         ws = vals.get("world_size", 1)
@@ -81,18 +86,18 @@ class JobEnv:
         gpus = env.get("CUDA_VISIBLE_DEVICES")
         gpus = gpus if gpus is not None else vals.get("gpus", "")
         visible = tuple(g for g in str(gpus).split(",") if g.strip())
-        addr = host_addr or env.get("MMHPC_HOST_ADDR") or ("127.0.0.1" if nn == 1
-                                                           else node_address(node))
+        addr, via, ifname = job_address(env, host_addr, interface, nn, node)
         return cls(rank=rank, world_size=ws, local_rank=local, ranks_per_node=rpn,
                    num_nodes=nn, node_index=node_index, node_name=node, host_addr=addr,
-                   launcher=launcher, visible_gpus=visible)
+                   host_via=via, host_ifname=ifname, launcher=launcher, visible_gpus=visible)
 
     @classmethod
     def from_mpi(cls, comm: Any, environ: Mapping[str, str] | None = None,
-                 host_addr: str | None = None) -> "JobEnv":
-        """MPI's own view (collective over `comm`): rank, size, ranks per node, node index."""
+                 host_addr: str | None = None, interface: str = "") -> "JobEnv":
+        """MPI's own view (collective over `comm`): rank, size, ranks per node, node index;
+        the address as in `from_environ`, for MPI's count of nodes."""
         from mpi4py import MPI
-        base = cls.from_environ(environ, host_addr=host_addr)
+        base = cls.from_environ(environ, host_addr=host_addr or "127.0.0.1")
         shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
         local, rpn = shared.rank, shared.size
         leaders = comm.Split(0 if local == 0 else MPI.UNDEFINED, key=comm.rank)
@@ -104,11 +109,10 @@ class JobEnv:
         # Nodes may run different rank counts; the layout needs the largest.
         rpn = comm.allreduce(rpn, op=MPI.MAX)
         env = os.environ if environ is None else environ
-        addr = host_addr or env.get("MMHPC_HOST_ADDR") or (
-            "127.0.0.1" if num_nodes == 1 else node_address(base.node_name))
+        addr, via, ifname = job_address(env, host_addr, interface, num_nodes, base.node_name)
         return replace(base, rank=comm.rank, world_size=comm.size, local_rank=local,
                        ranks_per_node=rpn, num_nodes=num_nodes, node_index=node_index,
-                       host_addr=addr,
+                       host_addr=addr, host_via=via, host_ifname=ifname,
                        launcher="mpi" if base.launcher == "singleton" and comm.size > 1
                        else base.launcher)
 
@@ -168,18 +172,26 @@ def parse_tasks_per_node(s: str) -> list[int]:
     return out
 
 
-def node_address(hostname: str | None = None) -> str:
-    """An address of this node that other nodes can reach (not loopback)."""
-    host = hostname or socket.gethostname()
-    try:
-        addr = socket.gethostbyname(host)
-        if not addr.startswith("127."):
-            return addr
-    except OSError:
-        pass
-    try:   # the interface of the default route; connect() on UDP sends nothing
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return host
+def job_address(env: Mapping[str, str], host_addr: str | None, interface: str, num_nodes: int,
+                node: str) -> tuple[str, str, str]:
+    """(address, how it was chosen, its interface name or "")."""
+    if host_addr:
+        return host_addr, "cluster.host_addr", ""
+    if env.get("MMHPC_HOST_ADDR"):
+        return env["MMHPC_HOST_ADDR"], "MMHPC_HOST_ADDR", ""
+    from mmhpc.launch.address import node_address
+    got = node_address(interface, node, single_node=num_nodes == 1)
+    return got.addr, f"{got.interface}, {got.how}" if got.interface else got.how, got.interface
+
+
+def use_interface(job: "JobEnv", environ=os.environ) -> dict[str, str]:
+    """On several nodes (or a chosen interface), point gloo's and NCCL's sockets at the
+    interface that holds this node's address, where the user set nothing; returns what was set.
+    (gloo otherwise binds the address the hostname resolves to, which may be none.)"""
+    if not job.host_ifname or (job.num_nodes == 1 and job.host_ifname == "lo"):
+        return {}
+    set_ = {}
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if key not in environ:
+            environ[key] = set_[key] = job.host_ifname
+    return set_

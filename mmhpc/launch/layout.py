@@ -127,6 +127,13 @@ class Layout:
                 f"nodes={self.num_nodes} ranks_per_node={self.ranks_per_node}\n"
                 + "\n".join(lines) + f"\n{self.frontend_placement()}\n")
 
+    def summary(self) -> str:
+        """'e_p_d: 1 frontend + 1 encode + 1 prefill×tp1 + 2 decode×tp1, 5 ranks on 1 node'."""
+        what = describe(self.deployment_config) if self.deployment_config else self.deployment
+        n = self.num_nodes
+        return (f"{self.deployment}: {what}, {self.world_size} rank{'s' * (self.world_size > 1)} "
+                f"on {n} node{'s' * (n > 1)}")
+
     def frontend_placement(self) -> str:
         """One line: where the frontend runs and whether it holds a GPU."""
         r0 = self.ranks[0]

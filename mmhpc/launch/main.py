@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,53 @@ def resolve_model_path(config) -> None:
         config.model.path = str(tiny_checkpoint(config.model.path.split(":", 1)[1]))
 
 
+def node_lines(per_rank: list[tuple[int, str, str, str]]) -> str:
+    """One line per node: its name, ranks and the address it chose (and why)."""
+    nodes: dict[int, list] = {}
+    for rank, (index, name, addr, via) in enumerate(per_rank):
+        nodes.setdefault(index, [name, addr, via, []])[3].append(rank)
+    return "\n".join(f"mmhpc: node {i} {name}: ranks {_span(ranks)} at {addr} ({via})"
+                     for i, (name, addr, via, ranks) in sorted(nodes.items()))
+
+
+def _span(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else \
+        f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) \
+        else ",".join(map(str, ranks))
+
+
+def _dry_run(config, world_size: int | None) -> str:
+    """The layout table and this node's address for cluster.interface; under a launcher of
+    several ranks (mpirun, srun), the launcher's world and every node's address choice."""
+    from mmhpc.launch.address import AddressError, node_address
+    from mmhpc.launch.env import JobEnv, job_address
+    env = JobEnv.from_environ(host_addr="-")
+    if env.world_size > 1 and world_size is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        job = JobEnv.from_mpi(comm, host_addr="-")          # collective: where ranks run
+        try:
+            got = (job.node_index, job.node_name,
+                   *job_address(os.environ, config.cluster.host_addr or None,
+                                config.cluster.interface, job.num_nodes, job.node_name)[:2])
+        except AddressError as e:
+            got = (job.node_index, job.node_name, "-", str(e))
+        per_rank = comm.allgather(got)
+        if comm.rank:
+            return ""
+        cl = config.cluster
+        layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
+                             gpus_per_node=cl.gpus_per_node, **model_heads(config.model.path))
+        return layout.table() + node_lines(per_rank) + "\n"
+    table = dry_run_layout(config, world_size).table()
+    try:
+        here = str(node_address(config.cluster.interface, single_node=config.cluster.nodes == 1
+                                and not config.cluster.interface))
+    except AddressError as e:
+        here = f"none: {e}"
+    return table + f"address of this node ({env.node_name}): {here}\n"
+
+
 def dry_run_layout(config, world_size: int | None) -> Layout:
     cl = config.cluster
     ws = world_size or cl.world_size or config.deployment.num_ranks
@@ -188,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = to_config(dcfg)
         if opts["dry_run"]:
-            print(dry_run_layout(config, opts["world_size"]).table(), end="")
+            print(_dry_run(config, opts["world_size"]), end="")
             return 0
     except (ConfigError, LayoutError) as e:
         return _fail(str(e))
@@ -199,10 +247,19 @@ def _run(config) -> int:
     from mpi4py import MPI
 
     from mmhpc.launch.env import JobEnv
+    t0 = time.monotonic()
     comm = MPI.COMM_WORLD
-    job = JobEnv.from_mpi(comm, host_addr=config.cluster.host_addr or None)
     err = None
     try:
+        job = JobEnv.from_mpi(comm, host_addr=config.cluster.host_addr or None,
+                              interface=config.cluster.interface)
+    except ValueError as e:            # AddressError: no address on cluster.interface
+        job, err = None, str(e)
+    try:
+        if job is None:
+            raise LayoutError(err)
+        from mmhpc.launch.env import use_interface
+        use_interface(job)
         layout = make_layout(comm.size, job.ranks_per_node, config.deployment,
                              gpus_per_node=config.cluster.gpus_per_node,
                              **model_heads(config.model.path), **_memory(config))
@@ -215,14 +272,18 @@ def _run(config) -> int:
                               f"srun --distribution=block or mpirun --map-by core")
     except (LayoutError, ValueError) as e:
         err = str(e)
-    errors = comm.allgather(err)
-    if any(errors):
-        return _fail(next(e for e in errors if e), comm.rank)
+    gathered = comm.allgather((err, job and (job.node_index, job.node_name, job.host_addr,
+                                             job.host_via)))
+    errors = [e for e, _ in gathered if e]
+    if errors:
+        return _fail(errors[0], comm.rank)
+    if comm.rank == 0:
+        print(node_lines([n for _, n in gathered]), flush=True)
 
     try:
         if layout.instances("aggregated") == [list(range(comm.size))]:   # one agg instance, any tp
-            return _serve_aggregated(config, comm, job, layout[comm.rank])
-        return _run_role(config, comm, job, layout)
+            return _serve_aggregated(config, comm, job, layout)
+        return _run_role(config, comm, job, layout, [n[1] for _, n in gathered], t0)
     except SystemExit:
         raise
     except BaseException:
@@ -233,9 +294,10 @@ def _run(config) -> int:
         return 1
 
 
-def _serve_aggregated(config, comm, job, info) -> int:
+def _serve_aggregated(config, comm, job, layout: Layout) -> int:
     """Rank 0: HTTP + LLMEngine (the TP leader); ranks 1..tp-1: TP followers."""
     import asyncio
+    info = layout[comm.rank]
     try:
         resolve_model_path(config)
         from mmhpc.engine.interface import make_engine
@@ -252,15 +314,60 @@ def _serve_aggregated(config, comm, job, info) -> int:
         follow(config)
         destroy_tp_group()      # gloo's threads joined now, not torn down at interpreter exit
         return 0
-    engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts the job
+    from mmhpc.models.loader import reporting
+    with reporting(load_label(layout, info, job)):
+        engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts the job
     try:
         from mmhpc.launch.url_file import write_url_file
         asyncio.run(serve(config, LocalEngineClient(engine), engine.processor,
-                          on_ready=write_url_file))
+                          on_ready=write_url_file, note=layout.summary()))
     finally:
         stop_followers()
     destroy_tp_group()
     return 0
+
+
+def load_label(layout: Layout | None, info, job) -> str | None:
+    """Who prints weight-loading progress: rank 0 of each group's first instance (the others
+    of the group load alike), as 'prefill rank 2 on node0 (1 of 2 instances, tp 2)'."""
+    if info.instance != 0 or info.rank_in_instance != 0:
+        return None
+    n = len(layout.instances(info.role)) if layout is not None else 1
+    return (f"{info.role} rank {info.rank} on {job.node_name} "
+            f"({'1 of ' + str(n) + ' instances, ' if n > 1 else ''}tp {info.tp})")
+
+
+_UP_TAG = 2400
+WAIT_LINE_EVERY_S = 10.0
+
+
+def wait_for_ranks(comm, layout: Layout, nodes: list[str], startup_s: float,
+                   t0: float) -> str | None:
+    """Every rank tells rank 0 it is set up (model loaded, pools registered); rank 0 waits
+    until `t0 + startup_s` (timeouts.startup_s), saying every WAIT_LINE_EVERY_S which ranks
+    it still waits for. Returns, on rank 0, the line naming the ranks not up in time."""
+    if comm.rank:
+        comm.isend(True, dest=0, tag=_UP_TAG).wait()
+        return None
+    waiting = {r: comm.irecv(source=r, tag=_UP_TAG) for r in range(1, comm.size)}
+    said = time.monotonic()
+    while waiting:
+        waiting = {r: q for r, q in waiting.items() if not q.test()[0]}
+        now = time.monotonic()
+        if waiting and now > t0 + startup_s:
+            return (f"{_ranks_named(layout, nodes, waiting)} not up after {startup_s:.0f} s "
+                    f"(timeouts.startup_s): still loading, or hung; stopping the job")
+        if waiting and now - said > WAIT_LINE_EVERY_S:
+            said = now
+            print(f"mmhpc: waiting for {_ranks_named(layout, nodes, waiting)} to come up "
+                  f"({now - t0:.0f} s of timeouts.startup_s={startup_s:.0f})", flush=True)
+        time.sleep(0.05)
+    return None
+
+
+def _ranks_named(layout: Layout, nodes: list[str], ranks) -> str:
+    names = [f"{r} ({layout[r].role} on {nodes[r]})" for r in sorted(ranks)]
+    return ("rank " if len(names) == 1 else "ranks ") + ", ".join(names)
 
 
 def _import_role(role: str):
@@ -273,7 +380,7 @@ def _import_role(role: str):
         return None, f"role {role!r} is not implemented yet (no module {name})"
 
 
-def _run_role(config, comm, job, layout: Layout) -> int:
+def _run_role(config, comm, job, layout: Layout, nodes: list[str], t0: float) -> int:
     from mmhpc.launch.context import Peer, RuntimeContext
     from mmhpc.transport.zmq_io import AsyncMailbox, Mailbox
     import mmhpc.messages  # noqa: F401  (registers every message with the codec)
@@ -295,12 +402,19 @@ def _run_role(config, comm, job, layout: Layout) -> int:
                 ctx.nixl = NixlAgent(f"mmhpc-r{comm.rank}")
             resolve_model_path(config)
             if hasattr(module, "setup"):
-                module.setup(ctx)     # load the model, register NIXL pools
+                from mmhpc.models.loader import reporting
+                with reporting(load_label(layout, info, job)):
+                    module.setup(ctx)     # load the model, register NIXL pools
             metadata = ctx.nixl.metadata() if ctx.nixl else b""
         except Exception as e:
             traceback.print_exc()
             err = f"rank {comm.rank} ({info.role}) failed to start: {type(e).__name__}: {e}"
 
+    late = wait_for_ranks(comm, layout, nodes, config.timeouts.startup_s, t0)
+    if late:
+        print(f"mmhpc: error: {late}", file=sys.stderr, flush=True)
+        time.sleep(0.5)                     # the line reaches the launcher before the abort
+        comm.Abort(1)
     book = comm.allgather((mailbox.address, ctx.nixl.name if ctx.nixl else None, metadata,
                            job.node_name, err, tp_worker.pool_of(ctx) if err is None else None))
     errors = [b[4] for b in book if b[4]]

@@ -332,7 +332,9 @@ class RemoteEngineClient(EngineClient):
     def _rank_dead(self, rank: int, why: str) -> None:
         if self.dead or self.closing:
             return
-        self.dead = f"rank {rank} ({self.roles.get(rank, '?')}) is dead: {why}"
+        node = f" on {self.ctx.peers[rank].node_name}" \
+            if self.ctx.layout.num_nodes > 1 and rank < len(self.ctx.peers) else ""
+        self.dead = f"rank {rank} ({self.roles.get(rank, '?')}{node}) is dead: {why}"
         print(f"mmhpc: error: {self.dead}; failing {len(self.requests)} in-flight request(s) "
               f"and stopping the job", file=sys.stderr, flush=True)
         for rid, st in list(self.requests.items()):
@@ -411,7 +413,7 @@ def run(ctx, local=None) -> None:
             thread.start()
         try:
             await serve(ctx.config, client, fp, shutdown=client.shutdown, on_ready=ready,
-                        app=app)
+                        app=app, note=ctx.layout.summary())
         finally:
             if thread is not None:
                 local.stopping.set()

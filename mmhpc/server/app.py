@@ -485,10 +485,11 @@ def frontend(app: web.Application) -> Frontend:
 async def serve(config: Config, engine_client: EngineClient, processor, *,
                 shutdown: Optional[asyncio.Event] = None,
                 on_ready: Optional[Callable[[str], None]] = None,
-                app: Optional[web.Application] = None) -> None:
+                app: Optional[web.Application] = None, note: str = "") -> None:
     """Serve until SIGTERM/SIGINT (main thread) or `shutdown` is set; then stop accepting,
     drain in-flight requests (up to server.request_timeout_s) and return. `app`: one already
-    made by `build_app` (to keep a handle on it); by default a new one."""
+    made by `build_app` (to keep a handle on it); by default a new one. `note` follows the
+    URL on the ready line (the launcher's: the layout)."""
     app = app or build_app(config, engine_client, processor)
     fe = frontend(app)
     await engine_client.start()
@@ -508,7 +509,7 @@ async def serve(config: Config, engine_client: EngineClient, processor, *,
             loop.add_signal_handler(sig, stop.set)
             signals.append(sig)
     fe.ready = True
-    print(f"mmhpc ready: {url}", flush=True)
+    print(f"mmhpc ready: {url}" + (f" ({note})" if note else ""), flush=True)
     if on_ready is not None:
         on_ready(url)
     try:
