@@ -1,14 +1,17 @@
 """Issue 23 on one GPU, in one process: LLaVA-v1.6-Mistral-7B and Qwen2.5-VL-7B at real size
 (random bf16 weights, `arch:` configs), each
 
-- decode at batch 1 against the weight-read floor, with mmhpc/bench/gpu_decode.py (the card's
-  read/matmul ceilings, `decode_b1`: engine.step() wall with CUDA graphs, the graph replay's
-  GPU time, A/B variants, a profile);
+- decode at batch 1 against the weight-read floor, measured as issue 8's bench did: the card's
+  read ceilings (one large cuBLAS GEMV: the issue's floor; the best plain read: the strict
+  one) and bf16 matmul rate, then one request's `engine.step()` wall time with CUDA graphs and
+  decode ahead (median of 64 steps), without decode ahead, and the graph replay's GPU time;
+  the language model's weight bytes / the read rate is the floor; a profile of 5 steps;
 - the vision path on a ~1080p image (1920 x 1080) against HF's own modules holding the same
   weights, in the same run: first checked (relative error of the embeddings), then timed.
   LLaVA-NeXT: HF's `get_image_features` (CLIP tower, projector, anyres packing) vs our
   `encode`; Qwen2.5-VL: HF's windowed ViT vs ours (fused blocks, windows through
-  FlashAttention varlen; A/B: one SDPA per window, SDPA backends). FLOP floors and profiles.
+  FlashAttention varlen; A/B: one SDPA per window, SDPA backends). FLOP floors and profiles;
+- on the tiny checkpoints, the engine's CUDA fast path gives the plain-torch path's tokens.
 
 GPU:        OUT=/tmp/dense_vlm python3 bench/dense_vlm_gpu.py [llava_next,qwen2_5_vl]
 CPU smoke:  python3 bench/dense_vlm_gpu.py --smoke   (tiny checkpoints, a few decode steps; the
@@ -26,7 +29,6 @@ import traceback
 
 import torch
 
-from mmhpc.bench import gpu_decode as gd
 from mmhpc.bench.cuda_timing import cuda_time
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -44,6 +46,99 @@ def save() -> None:
     with open(os.path.join(OUT, "dense_vlm_gpu.json"), "w") as f:
         json.dump(R, f, indent=1, default=str)
 
+
+# ---- decode at batch 1 ---------------------------------------------------------------------
+
+def ceilings() -> dict:
+    """Read ceilings (TB/s) and the bf16 matmul rate (TFLOP/s) of this card."""
+    from mmhpc.bench.cuda_timing import gemv_read_tbps
+    out = {"gemv_read_TBps": round(gemv_read_tbps(), 3)}    # the issue's unit
+    big = torch.randn(2 * 1024 ** 3, device="cuda", dtype=torch.bfloat16)
+    out["sum_4GB_TBps"] = round(big.numel() * 2 / cuda_time(big.sum, 10) / 1e9, 3)
+    del big
+    out["read_ceiling_TBps"] = max(out["gemv_read_TBps"], out["sum_4GB_TBps"])
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out["matmul_TFLOPs"] = round(2 * 8192 ** 3 / cuda_time(lambda: a @ a, 20) / 1e9, 1)
+    return out
+
+
+def build_engine(path: str, **kw):
+    from mmhpc.bench.offline import _StubProcessor
+    from mmhpc.config import Config
+    from mmhpc.engine.engine import LLMEngine
+    cfg = Config.from_dict({"model": {"path": path, "random_weights": True,
+                                      "dtype": kw.get("dtype", "bfloat16"),
+                                      "max_model_len": kw.get("max_model_len", 8192)},
+                            "scheduler": {"max_num_seqs": kw.get("max_num_seqs", 8),
+                                          "max_num_batched_tokens": kw.get("tokens", 8192)},
+                            "cache": {"num_blocks": kw.get("num_blocks", 2048)}})
+    t = time.perf_counter()
+    eng = LLMEngine(cfg, processor=_StubProcessor([2]))
+    _sync()
+    print(f"engine {path}: built in {time.perf_counter() - t:.1f} s", flush=True)
+    return eng
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def llm_bytes(model) -> int:
+    """Bytes a decode step reads: the language model's weights but the embedding table."""
+    lm = model.language_model
+    n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters()
+            if not name.startswith("embed_tokens"))
+    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def decode_steps(eng, rid: str, prompt_len: int, steps: int) -> float:
+    """Median wall ms of `engine.step()` over `steps` decode steps of one text request."""
+    from mmhpc.engine.sequence import SamplingParams
+    vocab = eng.runner.model.text_config.vocab_size
+    ids = [1] + torch.randint(min(100, vocab // 2), min(20000, vocab), (prompt_len - 1,)).tolist()
+    eng.add_request(rid, ids, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    eng.step()                                          # prefill
+    _sync()
+    ts = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts[2:] or ts)
+
+
+def replay_ms(cs, ctx: int, num_blocks: int) -> float:
+    """GPU ms of one batch-1 decode step's graph replay at context ctx."""
+    b = cs.bufs[1]
+    nb = ctx // cs.block_size + 1
+    b.lens[:1] = ctx
+    b.tables[:1, :nb] = torch.arange(nb, device="cuda", dtype=torch.int32) % num_blocks
+    b.slots[:1] = -1
+    ms = cuda_time(lambda: cs.replay(1), 50)
+    b.lens.zero_()
+    return round(ms, 3)
+
+
+def profile_decode(eng, family: str, steps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmhpc.engine.sequence import SamplingParams
+    eng.add_request(f"{family}-prof", [1] + list(range(100, 700)),
+                    SamplingParams(max_tokens=steps + 3, ignore_eos=True))
+    eng.step()
+    eng.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while eng.has_unfinished_requests():
+            eng.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    with open(os.path.join(OUT, f"profile_decode_{family}.txt"), "w") as f:
+        f.write(table)
+    print(table[:4000], flush=True)
+
+
+# ---- vision ---------------------------------------------------------------------------------
 
 def time_ms(fn, iters: int = 10) -> float:
     """Median ms of fn(): CUDA events on the GPU, wall clock on the CPU."""
@@ -159,7 +254,7 @@ def vision(eng, family: str, r: dict) -> None:
                 kernels._flash_error = saved
             v["flops_T"] = round(vision_flops(model, it, family) / 1e12, 3)
             v["flop_floor_ms"] = round(vision_flops(model, it, family)
-                                       / (R.get("ceilings", {}).get("matmul_TFLOPs", 790) * 1e9), 3)
+                                       / (R["ceilings"]["matmul_TFLOPs"] * 1e9), 3)
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 enc()
@@ -184,21 +279,27 @@ def engine_check(family: str, r: dict) -> None:
 
 def decode(eng, family: str, r: dict) -> None:
     ctx = FAMILIES[family][2]
-    model = eng.runner.model
-    r["weights_read_GB"] = round(gd.llm_bytes(model) / 1e9, 3)
+    r["weights_read_GB"] = round(llm_bytes(eng.runner.model) / 1e9, 3)
     if DEV != "cuda":
-        r["decode_b1_ms_wall"] = round(gd.decode_steps(eng, f"{family}-smoke", 40, 6), 3)
+        r["decode_b1_ms_wall"] = round(decode_steps(eng, f"{family}-smoke", 40, 6), 3)
         return
-    r["floor_ms_weights"] = gd.floor_ms(r["weights_read_GB"], R["ceilings"])
-    r["floor_ms_weights_strict"] = gd.floor_ms(r["weights_read_GB"], R["ceilings"], strict=True)
-    d = gd.decode_b1(eng, family, ctx, eager=False)
-    d["ratio_wall"] = round(d["graphs"] / r["floor_ms_weights"], 3)
-    d["ratio_wall_strict"] = round(d["graphs"] / r["floor_ms_weights_strict"], 3)
-    d["ratio_gpu"] = round(d["graph_replay_gpu"] / r["floor_ms_weights"], 3)
-    r[f"decode_b1_ctx{ctx}_ms"] = d
+    c = R["ceilings"]
+    floor = round(r["weights_read_GB"] / c["gemv_read_TBps"], 3)          # GB / (TB/s) = ms
+    strict = round(r["weights_read_GB"] / c["read_ceiling_TBps"], 3)
+    cs = eng.runner.cuda_steps
+    d = {"context": ctx, "floor_ms": floor, "floor_ms_strict": strict,
+         "graphs_ms": round(decode_steps(eng, f"{family}-g", ctx, 64), 3)}
+    cs.ahead_enabled = False
+    d["graphs_no_ahead_ms"] = round(decode_steps(eng, f"{family}-n", ctx, 64), 3)
+    cs.ahead_enabled = True
+    d["graph_replay_gpu_ms"] = replay_ms(cs, ctx, eng.runner.num_blocks)
+    d["ratio"] = round(d["graphs_ms"] / floor, 3)
+    d["ratio_strict"] = round(d["graphs_ms"] / strict, 3)
+    d["ratio_gpu"] = round(d["graph_replay_gpu_ms"] / floor, 3)
+    r["decode_b1"] = d
     print(family, "decode b=1:", d, flush=True)
     save()
-    gd.profile_decode(eng, f"{family}_b1", OUT)
+    profile_decode(eng, family)
 
 
 def main() -> None:
@@ -206,24 +307,19 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     families = args[0].split(",") if args else list(FAMILIES)
     if DEV == "cuda":
-        R["ceilings"] = gd.ceilings()
+        R["ceilings"] = ceilings()
         print("ceilings", R["ceilings"], flush=True)
-        floor = float(os.environ.get("MIN_TFLOPS", "0"))
-        if R["ceilings"]["matmul_TFLOPs"] < floor:      # a throttled / shared card: stop here
-            save()
-            sys.exit(f"matmul {R['ceilings']['matmul_TFLOPs']} < MIN_TFLOPS {floor}: this card "
-                     "is not healthy, stopping")
     for family in families:
         arch, tiny, _ = FAMILIES[family]
         r = R.setdefault(family, {"model": arch if DEV == "cuda" else "tiny:" + tiny})
         try:
             if DEV == "cuda":
                 engine_check(tiny, r)
-                eng = gd.build_engine(arch, 8, max_model_len=8192, cache={"num_blocks": 2048})
+                eng = build_engine(arch)
             else:
                 from mmhpc.tools.tiny import tiny_checkpoint
-                eng = gd.build_engine(str(tiny_checkpoint(tiny)), 2, max_model_len=512,
-                                      cache={"num_blocks": 64}, tokens=512, dtype="float32")
+                eng = build_engine(str(tiny_checkpoint(tiny)), max_num_seqs=2, max_model_len=512,
+                                   num_blocks=64, tokens=512, dtype="float32")
             decode(eng, family, r)
             vision(eng, family, r)
             del eng

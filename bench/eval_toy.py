@@ -1,9 +1,11 @@
 """Accuracy of a served toy model over HTTP (issue 9).
 
     python bench/eval_toy.py --url http://127.0.0.1:PORT --n 200 --seed 12345 [--model NAME]
+        [--style classic|sketch|train|heldout|NAME,NAME]
 
-Draws ``n`` fresh synthetic images and questions with ``mmhpc.tools.toydata.dataset(n, seed)``,
-sends each as one chat completion (the image as a base64 PNG ``data:`` URL, then the question)
+Draws ``n`` fresh synthetic images and questions with
+``mmhpc.tools.toydata.dataset(n, seed, style)`` (``--style``: the drawing style, default
+classic; ``heldout`` is the style kept out of training, ``train`` the training mix), sends each as one chat completion (the image as a base64 PNG ``data:`` URL, then the question)
 to any OpenAI-compatible server with greedy decoding (temperature 0), and prints the accuracy
 per question type (shape, colour, count, describe) as a markdown table; ``--json`` also writes
 the table and every wrong answer to a file. It also prints a digest (sha256 of the answers in
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmhpc.tools import toydata  # noqa: E402
+from mmhpc.tools import toydata, toystyles  # noqa: E402
 
 
 def messages_for(sample) -> list[dict]:
@@ -45,8 +47,9 @@ def digest(preds) -> str:
 def compare(path_a: str, path_b: str) -> int:
     """Compares two ``--answers`` dumps; 0 when every answer is the same."""
     a, b = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
-    if (a["n"], a["seed"]) != (b["n"], b["seed"]):
-        print(f"different data: n/seed {a['n']}/{a['seed']} vs {b['n']}/{b['seed']}")
+    if (a["n"], a["seed"], a.get("style")) != (b["n"], b["seed"], b.get("style")):
+        print(f"different data: n/seed/style {a['n']}/{a['seed']}/{a.get('style')} vs "
+              f"{b['n']}/{b['seed']}/{b.get('style')}")
         return 1
     diff = [i for i, (x, y) in enumerate(zip(a["answers"], b["answers"])) if x != y]
     print(f"{path_a}: digest {digest(a['answers'])}, {path_b}: digest {digest(b['answers'])}")
@@ -69,7 +72,8 @@ async def run(args) -> int:
     if model is None:
         models = await client.models.list()
         model = models.data[0].id
-    samples = toydata.dataset(args.n, args.seed)
+    styles = toystyles.styles_arg(args.style)
+    samples = toydata.dataset(args.n, args.seed, styles[0] if len(styles) == 1 else styles)
     sem = asyncio.Semaphore(args.concurrency)
     errors: list[str] = []
 
@@ -89,7 +93,8 @@ async def run(args) -> int:
     wall = time.time() - t0
     await client.close()
     table = toydata.score(samples, preds)
-    print(f"model {model} at {base}: {args.n} requests (seed {args.seed}) in {wall:.1f} s")
+    print(f"model {model} at {base}: {args.n} requests (seed {args.seed}, style "
+          f"{','.join(styles)}) in {wall:.1f} s")
     print(toydata.format_table(table))
     print(f"answers digest: {digest(preds)}")
     wrong = [{"qtype": s.qtype, "question": s.question, "answer": s.answer, "got": p}
@@ -100,12 +105,12 @@ async def run(args) -> int:
         print(f"{len(errors)} request(s) failed, first: {errors[0]}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"url": base, "model": model, "n": args.n, "seed": args.seed, "wall_s": wall,
-             "table": table, "wrong": wrong, "errors": errors}, indent=2) + "\n")
+            {"url": base, "model": model, "n": args.n, "seed": args.seed,
+             "style": ",".join(styles), "wall_s": wall, "table": table, "wrong": wrong, "errors": errors}, indent=2) + "\n")
     if args.answers:
         Path(args.answers).write_text(json.dumps(
             {"url": base, "model": model, "n": args.n, "seed": args.seed,
-             "digest": digest(preds), "qtypes": [s.qtype for s in samples],
+             "style": ",".join(styles), "digest": digest(preds), "qtypes": [s.qtype for s in samples],
              "answers": list(preds)}, indent=1) + "\n")
     return 1 if errors else 0
 
@@ -116,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--model", default=None, help="default: the first of /v1/models")
+    ap.add_argument("--style", default="classic",
+                    help=f"drawing style of the images: {', '.join(toydata.STYLES)}; heldout "
+                         f"({toydata.HELDOUT_STYLE}, never trained), train (the training mix), "
+                         f"all, or NAME,NAME (default classic)")
     ap.add_argument("--api-key", default="EMPTY")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=24)
@@ -126,6 +135,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                     help="compare two --answers files instead of evaluating")
     args = ap.parse_args(argv)
+    try:
+        toystyles.styles_arg(args.style)
+    except ValueError as e:
+        ap.error(str(e))
     if args.compare:
         return compare(*args.compare)
     return asyncio.run(run(args))

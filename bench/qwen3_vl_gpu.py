@@ -8,7 +8,9 @@ Parts (each guarded: a failure prints its traceback and the rest runs):
   teacher-forced logprobs; our ViT bundle (embeddings + DeepStack) vs HF's.
 - decode: ms per step at batch 1 and 64 (128-token text prompts), ours vs HF generate, vs the
   floors: active bytes at batch 1 (attention, router, 8 experts a layer, lm_head), every
-  weight at batch 64.
+  weight at batch 64; batch 1 again with MMHPC_MOE_DECODE=1 (kernels.moe_decode).
+- moe_decode: the two-kernel MoE of decode steps against its torch reference at the real
+  sizes, then the correctness part again with it on (it is off by default).
 - offline: 256 x (one 448x448 image + 40 text tokens) -> 128 tokens (`mmhpc.bench offline`),
   HF generate at batch 16/32/64 on the first 64 requests.
 The whole model (61 GB) fits an H200; on a smaller card (an H100) the depth is cut to 32 of 48
@@ -63,14 +65,16 @@ def model_dir(layers: int | None, smoke: bool) -> Path:
     return dst
 
 
-def build_engine(path: Path, dtype: str, max_num_seqs: int = 256):
+def build_engine(path: Path, dtype: str, max_num_seqs: int = 256, num_blocks: int | None = None):
+    """Our engine on random weights; `num_blocks`: a small KV pool (room left for HF)."""
     from mmhpc.bench.offline import _StubProcessor
     from mmhpc.config import Config
     from mmhpc.engine.engine import LLMEngine
     cfg = Config.from_dict({"model": {"path": str(path), "random_weights": True, "dtype": dtype,
                                       "max_model_len": 4096},
                             "scheduler": {"max_num_seqs": max_num_seqs,
-                                          "max_num_batched_tokens": 8192}})
+                                          "max_num_batched_tokens": 8192},
+                            "cache": {"num_blocks": num_blocks} if num_blocks else {}})
     t = time.perf_counter()
     try:
         eng = LLMEngine(cfg, processor=_StubProcessor([2]))
@@ -139,15 +143,15 @@ def _share_weights(ours, hf) -> None:
             p.copy_(src if src.shape == p.shape else src.transpose(-1, -2))
 
 
-def correctness(args) -> None:
+def correctness(args, tag: str = "correctness") -> None:
     from transformers import AutoModelForImageTextToText
 
     from mmhpc.bench.hf_baseline import takes_token_types
-    from mmhpc.bench.inputs import ImageItems
+    from mmhpc.bench.offline import ImageItems
     from mmhpc.bench.synthetic import make_requests
     from mmhpc.engine.sequence import SamplingParams
     path = model_dir(None if args.smoke else 4, args.smoke)
-    eng = build_engine(path, args.dtype, max_num_seqs=8)
+    eng = build_engine(path, args.dtype, max_num_seqs=8, num_blocks=1024)
     ours = eng.runner.model
     dev, dtype = eng.runner.device, eng.runner.dtype
     with torch.device(dev):
@@ -187,17 +191,64 @@ def correctness(args) -> None:
         rows.append({"images": [f"{im.width}x{im.height}" for im in r.images],
                      "hf_argmax_agree": sum(g == 0 for g in gap), "tokens": n,
                      "max_logprob_gap": round(max(gap), 4)})
-        print("correctness", rows[-1], flush=True)
+        print(tag, rows[-1], flush=True)
         if items:             # the engine's ViT bundles (embeddings + DeepStack) against HF's
             with torch.no_grad():
-                out = hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"],
-                                                  return_dict=True)
-            ref = torch.cat([torch.cat(out.pooler_output),
-                             *[torch.cat(d) for d in out.deepstack_features]], dim=1).float()
+                out = hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"])
+            embeds, deep = (out.pooler_output, out.deepstack_features) \
+                if hasattr(out, "deepstack_features") else out          # older: a tuple
+            ref = torch.cat([torch.cat(embeds), *[torch.cat(d) if isinstance(d, (list, tuple))
+                                                   else d for d in deep]], dim=1).float()
             got = torch.cat([it.embeddings for it in items]).float()
             rows[-1]["vit_rel_err"] = round(((got - ref).norm() / ref.norm()).item(), 5)
-    R["correctness"] = rows
+    R[tag] = rows
     free(eng, ours, hf)
+
+
+def moe_decode_check(args) -> None:
+    """kernels.moe_decode vs its reference (x [T, 2048], 128 experts of 768, top 8), then the
+    whole 4-layer model with MMHPC_MOE_DECODE=1 against HF (`correctness`)."""
+    from mmhpc.kernels.moe_decode import moe_decode, reference
+    dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    E, H, I, k = (8, 64, 48, 2) if args.smoke else (128, 2048, 768, 8)
+    gu = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=g) * H ** -0.5
+    down = torch.randn(E, H, I, device=dev, dtype=dt, generator=g) * I ** -0.5
+    errs = {}
+    for T in (1, 4):
+        x = torch.randn(T, H, device=dev, dtype=dt, generator=g)
+        ids = torch.stack([torch.randperm(E, device=dev, generator=g)[:k] for _ in range(T)])
+        w = torch.softmax(torch.randn(T, k, device=dev, generator=g), -1).to(dt)
+        ref = reference(x, gu, down, ids, w).float()
+        got = moe_decode(x, gu, down, ids, w).float()
+        errs[f"T{T}"] = round(((got - ref).norm() / ref.norm()).item(), 5)
+    R["moe_decode_rel_err"] = errs
+    print("moe_decode vs reference:", errs, flush=True)
+    free(gu, down)
+    if max(errs.values()) > 2e-2:
+        raise RuntimeError(f"moe_decode disagrees with its reference: {errs}")
+    os.environ["MMHPC_MOE_DECODE"] = "1"
+    try:
+        correctness(args, "correctness_moe_decode")
+    finally:
+        os.environ.pop("MMHPC_MOE_DECODE", None)
+    R["moe_decode_ok"] = True
+
+
+def _moe_decode_graphs(eng, on: bool) -> bool:
+    """Switch the engine's decoder to (or from) kernels.moe_decode and capture the batch-1
+    decode graph again (other sizes run eager afterwards). False: no CUDA path."""
+    cs = eng.runner.cuda_steps
+    if cs is None:
+        return False
+    cs.decoder.moe_decode = on
+    for n in list(cs.graphs):
+        cs.graphs.pop(n)
+        cs.logits.pop(n, None)
+    sync()
+    cs.capture([1])
+    return True
 
 
 def _ours_decode(eng, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
@@ -251,7 +302,7 @@ def decode(args) -> None:
         res[f"hf_ms_b{b}"] = round(_hf_decode(hf, b, plen, steps, vocab, dev), 3)
         print(f"hf decode b{b}: {res[f'hf_ms_b{b}']} ms/step", flush=True)
     free(hf)
-    eng = build_engine(path, args.dtype)
+    eng = build_engine(path, args.dtype, max_num_seqs=max(batches))
     wb = weight_bytes(eng.runner.model)
     res["active_GB"], res["all_GB"] = round(wb["active"] / 1e9, 3), round(wb["all"] / 1e9, 3)
     tbps = R.get("floor_TBps")
@@ -266,6 +317,12 @@ def decode(args) -> None:
         print(f"ours decode b{b}: {ms:.3f} ms/step", {k: v for k, v in res.items()
                                                       if k.endswith(f"b{b}")}, flush=True)
     R["decode"] = res
+    if R.get("moe_decode_ok") and _moe_decode_graphs(eng, True):
+        ms = _ours_decode(eng, 1, plen, steps, vocab)
+        res["ours_ms_b1_moe_decode"] = round(ms, 3)
+        if res.get("floor_ms_b1"):
+            res["x_floor_b1_moe_decode"] = round(ms / res["floor_ms_b1"], 2)
+        print(f"ours decode b1, MMHPC_MOE_DECODE=1: {ms:.3f} ms/step", flush=True)
     free(eng)
 
 
@@ -285,7 +342,8 @@ def offline(args) -> None:
     R["offline"]["mmhpc_tokens_per_s"] = out.get("mmhpc", {}).get("output_tokens_per_s")
 
 
-PARTS = {"ceilings": ceilings, "correctness": correctness, "decode": decode, "offline": offline}
+PARTS = {"ceilings": ceilings, "correctness": correctness, "moe_decode": moe_decode_check,
+         "decode": decode, "offline": offline}
 
 
 def main() -> None:

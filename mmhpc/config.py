@@ -34,6 +34,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85   # fraction of free device memory after weights
     num_blocks: Optional[int] = None   # overrides the memory budget (tests force preemption)
     enable_prefix_caching: bool = True
+    # Rows (one per image token) of the encode rank's embedding pool and of prefill's landing
+    # pool; None: 2 x model.max_model_len (the largest admissible request fits twice).
+    embedding_pool_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,6 +45,9 @@ class CacheConfig:
             raise ValueError("cache.gpu_memory_utilization must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"cache.num_blocks must be >= 2, got {self.num_blocks}")
+        if self.embedding_pool_rows is not None and self.embedding_pool_rows < 1:
+            raise ValueError(f"cache.embedding_pool_rows must be >= 1, "
+                             f"got {self.embedding_pool_rows}")
 
 
 @dataclass
@@ -77,6 +83,18 @@ class MediaConfig:
     max_image_pixels: int = 50_000_000 # decompression-bomb cap
     max_file_size_mb: float = 50.0     # pre-computed embedding files
     max_images_per_request: int = 16
+    # Decoded pixels (RGB bytes) the frontend holds: per request (413 above it) and for all
+    # requests being prepared or dispatched together (429 while full); decoding threads.
+    max_request_image_mb: float = 512.0
+    max_inflight_image_mb: float = 2048.0
+    max_decode_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_request_image_mb <= self.max_inflight_image_mb:
+            raise ValueError("media.max_request_image_mb must be in (0, "
+                             "media.max_inflight_image_mb]")
+        if self.max_decode_threads < 1:
+            raise ValueError("media.max_decode_threads must be >= 1")
 
 
 AUTO = "auto"
@@ -206,7 +224,8 @@ class ClusterConfig:
         if self.gpus_per_node < 0:
             raise ValueError(f"cluster.gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if not 0 <= self.zmq_port_base < 65536:
-            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], got {self.zmq_port_base}")
+            raise ValueError(f"cluster.zmq_port_base must be in [0, 65535], "
+                             f"got {self.zmq_port_base}")
 
     @property
     def world_size(self) -> int | None:
@@ -222,6 +241,8 @@ class TimeoutConfig:
     kv_lease_s: float = 60.0           # prefill frees unclaimed blocks after this
     heartbeat_s: float = 2.0
     dead_rank_s: float = 10.0
+    engine_stall_s: float = 120.0      # a rank whose engine loop is stuck this long is dead
+    collective_s: float = 600.0        # a TP/EP collective stuck this long raises
     startup_s: float = 600.0           # model load + the start-up exchange
 
     def __post_init__(self) -> None:

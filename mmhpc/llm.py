@@ -3,7 +3,8 @@
 A prompt is a string (raw prompt text; `<image>`-style placeholders with `images=`), a list of
 OpenAI-style chat messages (image parts `{"type": "image", "image": PIL.Image}`), or a dict
 `{"prompt": str | "prompt_token_ids": [...], "images": [...]}`. Overrides are Config sections
-(`cache={"num_blocks": 64}`) or ModelConfig fields (`max_model_len=512`).
+(`cache={"num_blocks": 64}`, `engine={"backend": "transformers"}`) or ModelConfig fields
+(`max_model_len=512`).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _config(path: str, overrides: dict[str, Any]) -> Config:
 
 class LLM:
     def __init__(self, path: str, **overrides: Any):
-        from mmhpc.engine.engine import LLMEngine
-        self.engine = LLMEngine(_config(path, overrides))
+        from mmhpc.engine.interface import make_engine
+        self.engine = make_engine(_config(path, overrides), "aggregated")
         self.processor = self.engine.processor
         self._next_id = 0
 

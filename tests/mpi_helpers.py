@@ -5,6 +5,7 @@ that group's id; the frontend's URL comes from its `mmhpc ready: URL` line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,3 +90,14 @@ class Deployment:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(num_ranks: int, overrides: list[str], tmp_path_factory, name: str, **kw):
+    """A started Deployment (log in a fresh temporary folder `name`), stopped at the end."""
+    dep = Deployment(num_ranks, overrides, tmp_path_factory.mktemp(name) / "job.log", **kw)
+    dep.start()
+    try:
+        yield dep
+    finally:
+        dep.stop()

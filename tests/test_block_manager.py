@@ -214,7 +214,7 @@ def test_packed_hashes_round_trip_and_frontend_hashes_check_the_block_size():
     assert len(raw) == 16 * 7 and unpack_hashes(raw) == hashes
     with pytest.raises(ValueError, match="multiple of 16"):
         unpack_hashes(raw[:-1])
-    engine = SimpleNamespace(scheduler=SimpleNamespace(block_manager=bm))
+    engine = SimpleNamespace(block_size=bm.block_size)           # the engine interface's
     msg = SimpleNamespace(block_hashes=raw, hash_block_size=4)
     assert frontend_hashes(msg, engine) == hashes
     msg.hash_block_size = 16                 # made for another block size: not used

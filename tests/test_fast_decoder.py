@@ -36,13 +36,14 @@ def _positions(model, ids: torch.Tensor, start: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_fast_decoder_matches_plain_decoder(family):
     """Qwen3-VL: QK-norm, and image rows with DeepStack blocks in the prefill step; the MoE:
-    routing + grouped GEMMs (`gpu_moe`) against the plain layer's loop over experts."""
+    its MoE layers at decode steps by `kernels.moe_decode` (here its torch reference)."""
     from mmhpc.tools.tiny import tiny_checkpoint
     model = load_model(tiny_checkpoint(family), torch.float32, "cpu")
     dec = model.language_model
     shape = kv_cache_shape(model.text_config, 32, BLOCK)
     caches = {"plain": torch.zeros(shape), "whole": torch.zeros(shape), "pieces": torch.zeros(shape)}
     fast = FastDecoder(dec)                   # fuses qkv / gate_up: the module weights become views
+    fast.moe_decode = True                    # MoE decode steps: kernels.moe_decode's reference
     table = list(range(31, -1, -1))           # non-contiguous blocks on purpose
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, dec.config.vocab_size - 8, (13,), generator=g)

@@ -96,7 +96,7 @@ def test_timed_out_embedding_read_keeps_its_landing_rows(tmp_path):
                           layout=SimpleNamespace(frontend_rank=0))
     try:
         w = PrefillWorker(ctx)
-        w.landing = EmbeddingPool(w.hidden_size, w.engine.dtype, device="cpu")
+        w.landing = EmbeddingPool(w.hidden_size, w.engine.dtype, 512, device="cpu")
         in_flight, released = set(), []
         ctx.nixl.done = lambda h: h not in in_flight
         ctx.nixl.release = lambda h: released.append(h)

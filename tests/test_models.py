@@ -193,6 +193,8 @@ def test_qwen2_5_vl_mrope_positions_match_hf():
         want, want_delta = hf.model.get_rope_index(t, ref["image_grid_thw"])
     pos, delta = mrope_positions(ids, [it.grid_thw for it in items], hf.config)
     assert torch.equal(pos, want[:, 0]) and delta == int(want_delta)
+
+
 def _qwen3(tmp, family):
     """A tiny Qwen3-VL(-MoE) from the project's builder (DeepStack: 2 levels over 3 layers)."""
     from transformers import AutoModelForImageTextToText

@@ -111,13 +111,15 @@ def image(w: int, h: int, seed: int) -> Image.Image:
 _ORACLES: dict[str, Oracle] = {}
 
 
-def _oracle(family: str) -> Oracle:
-    if family not in _ORACLES:
-        _ORACLES[family] = Oracle(family)
-    return _ORACLES[family]
+def _oracle(family: str, **sizes) -> Oracle:
+    key = f"{family}{sorted(sizes.items())}"
+    if key not in _ORACLES:
+        _ORACLES[key] = Oracle(family, **sizes)
+    return _ORACLES[key]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe",
+                                        "llava_next", "qwen2_5_vl"])
 def oracle(request):
     return _oracle(request.param)
 
@@ -147,7 +149,8 @@ def test_oracle_single(oracle, case):
 
 # LLaVA-NeXT (Llama and Mistral LMs) and Qwen2.5-VL: text, one image, and two images of
 # different sizes and aspects (different tile grids and unpadding; full and partial windows),
-# each request alone, then all of them batched in one engine.
+# each request alone, then all of them batched in one engine (the `oracle` fixture's cases run
+# them too, with the default tiny sizes).
 DENSE_VLM_FAMILIES = {"llava_next": ("llava_next", {}),
                       "llava_next_mistral": ("llava_next", {"mistral": 1}),
                       "qwen2_5_vl": ("qwen2_5_vl", {})}
@@ -156,15 +159,12 @@ DENSE_VLM_CASES = {
     "one_image": ("what is in the picture?", [(70, 50, 1)]),
     "two_images": ("compare these two", [(112, 112, 2), (30, 84, 3)]),
 }
-_DENSE_ORACLES: dict[str, Oracle] = {}
 
 
 @pytest.mark.parametrize("family", list(DENSE_VLM_FAMILIES))
 def test_oracle_dense_vlm(family):
-    if family not in _DENSE_ORACLES:
-        name, sizes = DENSE_VLM_FAMILIES[family]
-        _DENSE_ORACLES[family] = Oracle(name, **sizes)
-    oracle = _DENSE_ORACLES[family]
+    name, sizes = DENSE_VLM_FAMILIES[family]
+    oracle = _oracle(name, **sizes)
     requests, expected = {}, {}
     for case, (text, sizes) in DENSE_VLM_CASES.items():
         inputs = oracle.inputs(text, [image(*s) for s in sizes])
@@ -181,8 +181,10 @@ def test_oracle_mixed_arrivals_with_preemption(oracle):
         inputs = oracle.inputs(texts[i % 4] + " " * (i % 2), [image(*s) for s in sizes])
         requests[f"r{i}"] = oracle.request(inputs)
         expected[f"r{i}"] = oracle.expected(inputs)
-    longest = max(len(ids) for ids, _ in requests.values()) + N
-    engine = oracle.engine(num_blocks=3 * (longest // 4 + 1))
+    lens = sorted(len(ids) + N for ids, _ in requests.values())
+    # room for three typical requests (LLaVA-NeXT's vary: anyres), and for the longest one
+    blocks = max(3 * (lens[len(lens) // 2] // 4 + 1), lens[-1] // 4 + 2)
+    engine = oracle.engine(num_blocks=blocks)
     arrivals = {2 * k: [f"r{i}" for i in range(4 * k, 4 * k + 4)] for k in range(4)}
     got = run(engine, requests, arrivals)
     assert engine.num_preemptions > 0

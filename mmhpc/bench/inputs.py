@@ -14,7 +14,8 @@ class ImageItems:
         self.cfg = hf_config
         from mmhpc.models.registry import get_family
         self.kind = get_family(hf_config.model_type).processor
-        self.image_token_id = getattr(hf_config, "image_token_index", None) or hf_config.image_token_id
+        self.image_token_id = (getattr(hf_config, "image_token_index", None)
+                               or hf_config.image_token_id)
 
     def __call__(self, image):
         from mmhpc.engine.sequence import MMItem

@@ -12,11 +12,16 @@ broadcasts on every device (no GPU spin while a server idles; pickled objects st
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-IDLE_TIMEOUT = timedelta(days=7)      # followers wait in a broadcast while the server idles
+# A collective that does not complete within this (timeouts.collective_s) raises: a stuck or
+# dead peer. Followers idle inside a broadcast while the server has nothing to do, so an idle
+# leader broadcasts KEEPALIVE every quarter of it (`keep_alive`).
+COLLECTIVE_TIMEOUT_S = 600.0
+KEEPALIVE = "mmhpc-keepalive"
 STORE_TIMEOUT = timedelta(minutes=10) # members joining the store (model loads come after)
 
 
@@ -29,6 +34,8 @@ class TPGroup:
     device: str = "cpu"
     initialized: bool = field(default=False, repr=False)
     ep: int = 1                       # expert-parallel groups (MoE layers; see models/moe.py)
+    timeout_s: float = COLLECTIVE_TIMEOUT_S
+    last_broadcast: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def is_leader(self) -> bool:
@@ -84,7 +91,15 @@ class TPGroup:
         import torch.distributed as dist
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        self.last_broadcast = time.monotonic()
         return box[0]
+
+    def keep_alive(self) -> None:
+        """Leader, from the thread that runs the steps, whenever idle: a KEEPALIVE broadcast
+        when none went out for a quarter of the collective timeout (followers skip it)."""
+        if self.size > 1 and self.is_leader and \
+                time.monotonic() - self.last_broadcast > self.timeout_s / 4:
+            self.broadcast_object(KEEPALIVE)
 
     def min_int(self, value: int) -> int:
         if self.size == 1:
@@ -111,7 +126,8 @@ def set_tp(tp: TPGroup) -> TPGroup:
 
 
 def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: str,
-                  device: str = "cpu", ep: int = 1) -> TPGroup:
+                  device: str = "cpu", ep: int = 1,
+                  timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TPGroup:
     """Collective over `comm` (every rank calls it; `color` < 0: in no instance). Returns the
     rank's TPGroup (made current; `ep`: its expert-parallel groups); size 1 groups create no
     process group."""
@@ -134,11 +150,13 @@ def init_tp_group(comm, color: int, rank_in_instance: int, tp: int, host_addr: s
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, store=store, world_size=tp, rank=rank_in_instance,
-                            timeout=IDLE_TIMEOUT)
-    cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" \
+                            timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
         else dist.group.WORLD
-    set_tp(TPGroup(rank_in_instance, tp, dist.group.WORLD, cpu_group, device, True, ep=ep))
+    set_tp(TPGroup(rank_in_instance, tp, dist.group.WORLD, cpu_group, device, True, ep=ep,
+                   timeout_s=timeout_s))
     return get_tp()
 
 

@@ -60,6 +60,12 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At finish: the held-back tail."""
+        """At finish: the held-back tail, with the bytes of a character that the last tokens
+        began but never completed (a cut by max_tokens) as HF's decode gives them (U+FFFD)."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset:])
+            self.text += full[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.ids)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta

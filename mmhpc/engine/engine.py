@@ -43,6 +43,7 @@ class LLMEngine:
             processor = InputProcessor(config.model.path)
         self.processor = processor
         self.runner = ModelRunner(config, device=device, allocate_kv=not encode_only)
+        self._moe_layers = None     # the model's MoE layers, found on the first stats()
         self.encode_only = encode_only
         eos = list(processor.eos_token_ids)
         self.sampler = Sampler(eos, seed=config.model.seed)
@@ -109,10 +110,11 @@ class LLMEngine:
         out = dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                    num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
                    num_cached_blocks=bm.num_cached_blocks, num_preemptions=self.num_preemptions)
-        from mmhpc.models.moe import expert_counts
-        counts = expert_counts(self.runner.model)        # MoE: tokens routed to each expert
-        if counts is not None:
-            out["tokens_per_expert"] = counts.tolist()
+        if self._moe_layers is None:                     # found once: stats run every loop
+            from mmhpc.models.moe import moe_layers
+            self._moe_layers = moe_layers(self.runner.model)
+        if self._moe_layers:                             # MoE: tokens routed to each expert
+            out["tokens_per_expert"] = sum(m.tokens_per_expert for m in self._moe_layers).tolist()
         return out
 
     # ---- disaggregated roles -----------------------------------------------------------------

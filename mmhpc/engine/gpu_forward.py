@@ -7,7 +7,7 @@ of the fused tensor, so no memory is duplicated); per layer one fused RMSNorm(+r
 qkv GEMM, rotary in place, `write_kv`, paged attention reading the KV blocks in place (decode:
 split-K kernel; prefill: varlen causal kernel, FlashAttention-2 for the trailing chunks with no
 cached prefix), o_proj, fused RMSNorm, one gate_up GEMM, SiLU-and-mul, down_proj. Qwen3: an
-RMSNorm over each q/k head before rotary; MoE layers: routing and grouped GEMMs (`gpu_moe`);
+RMSNorm over each q/k head before rotary; MoE layers: `models.moe` (grouped GEMMs, no sync);
 DeepStack rows added after the first layers. A prefill step's last layer runs attention and
 the MLP on the sampled rows alone. No host sync inside:
 the caller passes host bounds (`max_seqlen_q`, `max_context_len`), so a decode step can be
@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from mmhpc import kernels
-from mmhpc.engine.gpu_moe import moe_forward
 from mmhpc.models.layers import split_mm_embeds
+
+
+MOE_DECODE_ROWS = 4        # tokens up to which a MoE layer may take kernels.moe_decode
 
 
 @dataclass
@@ -117,6 +119,21 @@ class FastDecoder:
         from mmhpc.distributed.group import get_tp
         self.gemv = get_tp().size == 1 and os.environ.get("MMHPC_GEMV", "1") != "0"
         self.gemv_silu = os.environ.get("MMHPC_GEMV_SILU", "1") != "0"   # SiLU-mul in the GEMV
+        self.moe_decode = os.environ.get("MMHPC_MOE_DECODE", "0") == "1"   # see _moe
+
+    def _moe(self, moe, x: torch.Tensor) -> torch.Tensor:
+        """A MoE layer: at decode sizes (<= MOE_DECODE_ROWS tokens, one rank holding every
+        expert, MMHPC_MOE_DECODE=1) route here and run the experts as two GEMV-style kernels
+        (`kernels.moe_decode`); else the layer itself (sorted pairs, grouped GEMMs)."""
+        if not (self.moe_decode and x.shape[0] <= MOE_DECODE_ROWS and moe.tp.size == 1
+                and moe.shared_expert is None and not moe.spec.weight_on_input):
+            return moe(x)
+        from mmhpc.kernels.moe_decode import moe_decode
+        from mmhpc.models.moe import route
+        weights, ids = route(moe.router_logits(x), moe.spec)                # [T, k] each
+        flat = ids.flatten()
+        moe.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat))    # /metrics' counts
+        return moe_decode(x, moe.experts.gate_up_proj, moe.experts.down_proj, ids, weights)
 
     def _linear(self, x, w, b=None):
         return kernels.linear(x, w, b) if self.gemv else F.linear(x, w, b)
@@ -199,8 +216,8 @@ class FastDecoder:
             h = self._proj(o.view(T, Hq * D), layer.self_attn.o_proj)
             ln = layer.post_attention_layernorm
             x, residual = kernels.rms_norm(h, ln.weight, ln.eps, residual)
-            if gu_w is None:
-                h = moe_forward(layer.mlp, x)
+            if gu_w is None:                                         # models.moe.MoE
+                h = self._moe(layer.mlp, x)
             elif self.gemv and self.gemv_silu:                       # one launch at one row
                 h = self._proj(kernels.linear_silu_and_mul(x, gu_w), layer.mlp.down_proj)
             else:

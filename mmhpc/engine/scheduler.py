@@ -2,8 +2,12 @@
 
 One step mixes decodes and prefill chunks under `max_num_batched_tokens`: running sequences
 first (in admission order), then waiting ones FCFS. When blocks run out, the most recently
-admitted running sequence is preempted (recompute: its blocks are freed and on readmission it
-prefills over prompt + output so far). The engine's step is
+admitted running sequence that can be recomputed is preempted (its blocks are freed and on
+readmission it prefills over prompt + output so far). A sequence that cannot be recomputed here
+(decode side: its images' embeddings stayed on the prefill rank) is never preempted while
+another can be: with none after it to preempt, it waits (skips the step, keeps its blocks, and
+nothing new is admitted) while others run and free blocks; only when no running sequence can
+move does the latest such one fail alone (ERROR), freeing its blocks. The engine's step is
 
     out = scheduler.schedule()          # what to run
     sampled = runner.run(out)           # {request_id: token} for entries with .sample
@@ -62,6 +66,12 @@ def check_stop(seq: Sequence, eos_token_ids: Iterable[int] = (),
     if n >= p.max_tokens or (max_model_len is not None and seq.num_tokens >= max_model_len):
         return FinishReason.LENGTH
     return None
+
+
+def recomputable(seq: Sequence) -> bool:
+    """Its KV can be made again from what this rank holds (every image has pixels or
+    embeddings)."""
+    return all(it.pixel_values is not None or it.embeddings is not None for it in seq.mm_items)
 
 
 class Scheduler:
@@ -151,13 +161,23 @@ class Scheduler:
             self._fail(seq, f"request needs {cdiv(seq.num_tokens, bm.block_size)} KV blocks, "
                             f"the pool has {bm.num_blocks}")
             return None
+        # A seq this rank cannot recompute (its images' embeddings stayed on prefill) gets the
+        # blocks of its whole generation now, so it never needs preempting (unless even that
+        # much could never fit beside the running seqs: then the prompt's, as for the others).
+        total = num_tokens
+        if not recomputable(seq):
+            total = seq.num_prompt_tokens + seq.params.max_tokens - 1
+            if self.max_model_len is not None:
+                total = min(total, self.max_model_len)
+            if cdiv(total, bm.block_size) + len(self.running) > bm.num_blocks:
+                total = num_tokens
         # Leave one block per running seq so decodes are not preempted by an arrival.
-        if cdiv(num_tokens, bm.block_size) + len(self.running) > bm.num_free_blocks:
+        if cdiv(total, bm.block_size) + len(self.running) > bm.num_free_blocks:
             return None
-        bm.allocate_for_tokens(seq, num_tokens)
+        bm.allocate_for_tokens(seq, total)
         seq.status = SequenceStatus.WAITING
         self.reserved[seq.request_id] = seq
-        return bm.block_ids(seq)
+        return bm.block_ids(seq)[:cdiv(num_tokens, bm.block_size)]
 
     def activate_remote(self, request_id: str) -> Sequence | None:
         """Step 2: the KV is in the reserved blocks; the seq decodes from the next step."""
@@ -176,6 +196,7 @@ class Scheduler:
         bm = self.block_manager
 
         i = 0
+        starved: list[Sequence] = []        # no block, cannot be recomputed: wait
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = seq.num_tokens - seq.num_computed_tokens
@@ -191,9 +212,20 @@ class Scheduler:
                 self.running.pop(i)
                 self._fail(seq, self._too_long(seq), out)
                 continue
+            if not bm.can_allocate(seq, num_new) and not recomputable(seq) and \
+                    not any(recomputable(q) for q in self.running[i + 1:]):
+                starved.append(seq)
+                i += 1
+                continue
             while not bm.can_allocate(seq, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
+                victim = self._victim(i)
+                self.running.remove(victim)
+                if recomputable(victim):
+                    self._preempt(victim)
+                else:
+                    self._fail(victim, f"request {victim.request_id} was preempted (KV blocks "
+                                       f"ran out) and cannot be recomputed here: its images' "
+                                       f"embeddings are not on this rank", out)
                 out.preempted.append(victim.request_id)
                 if victim is seq:
                     break
@@ -204,7 +236,14 @@ class Scheduler:
                 continue
             break                           # seq preempted itself: nothing after it
 
-        if not out.preempted:               # no admissions in a step that preempted
+        if starved and not out.scheduled:   # nobody can move: the latest starved one goes
+            victim = starved[-1]
+            self.running.remove(victim)
+            self._fail(victim, f"request {victim.request_id} ran out of KV blocks and cannot be "
+                               f"recomputed here (its images' embeddings are not on this "
+                               f"rank)", out)
+            out.preempted.append(victim.request_id)
+        if not out.preempted and not starved:   # no admissions in a step that preempted
             for queue in (self.ready, self.waiting):
                 budget = self._admit(queue, budget, out)
                 if queue:
@@ -272,6 +311,14 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, num_new, not is_decode, start,
                                           start + num_new == seq.num_tokens))
         out.num_batched_tokens += num_new
+
+    def _victim(self, first: int) -> Sequence:
+        """The seq to preempt among running[first:]: the latest admitted that can be
+        recomputed, else the latest."""
+        for seq in reversed(self.running[first:]):
+            if recomputable(seq):
+                return seq
+        return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

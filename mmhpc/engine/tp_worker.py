@@ -20,14 +20,16 @@ from __future__ import annotations
 import logging
 
 from mmhpc.config import Config
-from mmhpc.distributed.group import TPGroup, get_tp, init_tp_group
+from mmhpc.distributed.group import (COLLECTIVE_TIMEOUT_S, KEEPALIVE, TPGroup, get_tp,
+                                     init_tp_group)
 
 log = logging.getLogger(__name__)
 
 
-def start_tp(comm, info, host_addr: str) -> TPGroup:
+def start_tp(comm, info, host_addr: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TPGroup:
     """The TP group of `info`'s instance (a launch RankInfo); collective over `comm`. Ranks
-    in no instance (a frontend-only rank 0) get a size-1 group."""
+    in no instance (a frontend-only rank 0) get a size-1 group. `timeout_s`: a collective
+    stuck that long raises (timeouts.collective_s)."""
     color = -1
     if info.instance >= 0:
         roles = ("frontend", "encode", "prefill", "decode", "aggregated")
@@ -35,7 +37,8 @@ def start_tp(comm, info, host_addr: str) -> TPGroup:
     device = "cpu" if info.device < 0 else f"cuda:{info.device}"
     tp = info.tp if info.instance >= 0 else 1
     return init_tp_group(comm, color, info.rank_in_instance, tp, host_addr, device,
-                         ep=getattr(info, "ep", 1) if info.instance >= 0 else 1)
+                         ep=getattr(info, "ep", 1) if info.instance >= 0 else 1,
+                         timeout_s=timeout_s)
 
 
 def make_runner(config: Config, device=None, allocate_kv: bool = True):
@@ -61,6 +64,8 @@ def follow(config: Config, device=None, runner=None, ctx=None) -> None:
         step = tp.broadcast_object()
         if step is None:
             break
+        if step == KEEPALIVE:
+            continue
         if isinstance(step, FollowerTask):
             step.run(ctx, runner)
         else:

@@ -235,8 +235,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED
 
 
 # Batch-1 GEMV tiles (rows a program, columns a chunk, warps, stages), from issue 8's GEMV
-# sweeps (bench/gemv_exp.py, since removed; bench/RESULTS.md). H200, 2026-12-04: one row a program, 4 warps, all of K <= 4096 in
-# one chunk (1,024-column chunks beyond) read 2-9 % faster than (2, 2048, 8, 3), which won the
+# sweeps (bench/gemv_exp.py, since removed; bench/RESULTS.md). H200, 2026-12-04: one row a
+# program, 4 warps, all of K <= 4096 in one chunk (1,024-column chunks beyond) read 2-9 % faster than (2, 2048, 8, 3), which won the
 # H100 sweep of 2026-11-25 over one-row tiles of <= 2,048 columns (4,096 was not tried there).
 # An H100 keeps its own winner until it is swept again; other cards take the H200's tiles.
 # MMHPC_GEMV_TILES="2,2048,8,3" sets one tile for every shape.

@@ -319,8 +319,8 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     block_d = triton.next_power_of_2(head_dim)
     big = q.dtype == torch.float32 or block_d > 128
-    # bf16, head_dim 128, 26 x 617 fresh tokens on an H100 (issue 8's pattn_tune sweep, bench/RESULTS.md):
-    # (64, 32, 3 stages) 408 us; 4 stages 524; the previous kernel (all keys paged) 571
+    # bf16, head_dim 128, 26 x 617 fresh tokens on an H100 (issue 8's pattn_tune sweep,
+    # bench/RESULTS.md): (64, 32, 3 stages) 408 us; 4 stages 524; the previous kernel (all keys paged) 571
     bm, bn, stages = (32, 32, 2) if big else (64, 32, 3)
     block_m, block_n, num_stages = block_m or bm, block_n or bn, num_stages or stages
     assert block_m % block_n == 0, "block_n must divide block_m"

@@ -307,7 +307,7 @@ def _serve_aggregated(config, comm, job, layout: Layout) -> int:
     except ImportError as e:
         return _fail(f"aggregated serving is not available: {e}")
     from mmhpc.distributed.group import destroy_tp_group
-    tp = start_tp(comm, info, job.host_addr)
+    tp = start_tp(comm, info, job.host_addr, config.timeouts.collective_s)
     global _exit_hard
     _exit_hard = tp.size > 1
     if not tp.is_leader:
@@ -316,7 +316,8 @@ def _serve_aggregated(config, comm, job, layout: Layout) -> int:
         return 0
     from mmhpc.models.loader import reporting
     with reporting(load_label(layout, info, job)):
-        engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts the job
+        engine = make_engine(config, "aggregated", device=tp.device)  # a failure: _run aborts
+
     try:
         from mmhpc.launch.url_file import write_url_file
         asyncio.run(serve(config, LocalEngineClient(engine), engine.processor,
@@ -391,7 +392,8 @@ def _run_role(config, comm, job, layout: Layout, nodes: list[str], t0: float) ->
     ctx = RuntimeContext(config, job, layout, info, mailbox, comm=comm)
 
     from mmhpc.engine import tp_worker
-    tp = tp_worker.start_tp(comm, info, job.host_addr)   # every rank: TP groups per instance
+    tp = tp_worker.start_tp(comm, info, job.host_addr,   # every rank: TP groups per instance
+                            config.timeouts.collective_s)
     # TP ranks > 0 follow their leader (tp_worker.setup / run) instead of running the role
     module, err = (tp_worker, None) if not tp.is_leader else _import_role(info.role)
     metadata = b""

@@ -36,3 +36,4 @@ class RequestFailed:
     stage: str                         # "encode" | "prefill" | "decode"
     message: str
     timeout: bool = False
+    status: int = 0                    # the HTTP status for the client (0: 500, 504 timeout)

@@ -21,7 +21,9 @@ Routing variants (`MoESpec`):
 
 Weight loading: checkpoints store each layer's experts fused, in one of two layouts
 (`spec.layout`): "in_out" (Llama-4: gate_up_proj [E, H, 2I], down_proj [E, I, H]) or "out_in"
-(transformers 5.x in-memory Qwen3-MoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]). The
+(transformers 5.x in-memory Qwen3-MoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]); "auto"
+reads each tensor's layout from its shape (Qwen3-VL-MoE: the releases are in_out, HF 5.x
+saves out_in; where the shape cannot tell, out_in). The
 expert parameters carry a `weight_loader(slice_)` that reads only this rank's experts and its
 TP part of each (safetensors `get_slice`), so a rank never reads another rank's experts.
 Per-expert checkpoints (Qwen3-MoE as saved by transformers: `experts.{e}.gate_proj.weight`
@@ -53,7 +55,7 @@ from torch import nn
 from mmhpc.distributed.group import get_tp
 
 SCORINGS = ("softmax", "sigmoid")
-LAYOUTS = ("in_out", "out_in")
+LAYOUTS = ("in_out", "out_in", "auto")
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,17 @@ class FusedExperts(nn.Module):
         self.act = _act(spec.hidden_act)
 
     # ---- loading: this rank's experts and its part of their intermediate dim only -----------
+    def _in_out(self, slice_, rows: int, cols: int) -> bool:
+        """Whether this tensor is stored in_out, [E, rows, cols] (else [E, cols, rows])."""
+        if self.spec.layout != "auto":
+            return self.spec.layout == "in_out"
+        return list(slice_.get_shape()[1:]) == [rows, cols] and rows != cols
+
     def _load_gate_up(self, slice_) -> torch.Tensor:   # fused checkpoint tensors
         e0, e1 = self.first, self.first + self.num_local
         full, a = self.spec.intermediate_size, self.part * self.inter
         b = a + self.inter
-        if self.spec.layout == "in_out":                 # [E, H, 2I]
+        if self._in_out(slice_, self.spec.hidden_size, 2 * full):    # [E, H, 2I]
             t = torch.cat([slice_[e0:e1, :, a:b], slice_[e0:e1, :, full + a:full + b]], dim=2)
             return t.transpose(1, 2).contiguous()
         return torch.cat([slice_[e0:e1, a:b, :], slice_[e0:e1, full + a:full + b, :]], dim=1)
@@ -148,7 +156,7 @@ class FusedExperts(nn.Module):
     def _load_down(self, slice_) -> torch.Tensor:
         e0, e1 = self.first, self.first + self.num_local
         a, b = self.part * self.inter, (self.part + 1) * self.inter
-        if self.spec.layout == "in_out":                 # [E, I, H]
+        if self._in_out(slice_, self.spec.intermediate_size, self.spec.hidden_size):  # [E, I, H]
             return slice_[e0:e1, a:b, :].transpose(1, 2).contiguous()
         return slice_[e0:e1, :, a:b]
 
@@ -269,7 +277,6 @@ class MoE(nn.Module):
         return self.tp.all_gather_rows(routed, T)                       # [T, H]
 
 
-def expert_counts(model: nn.Module) -> torch.Tensor | None:
-    """Tokens routed to each expert, summed over the model's MoE layers ([E]); None: dense."""
-    counts = [m.tokens_per_expert for m in model.modules() if isinstance(m, MoE)]
-    return torch.stack(counts).sum(0) if counts else None
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers (their `tokens_per_expert` summed: the /metrics counts)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]

@@ -1,5 +1,5 @@
 """Qwen3-VL: its ViT with DeepStack (HF module) + our Qwen3 decoder (QK-norm, interleaved
-M-RoPE); Qwen3-VL-MoE: the same with sparse MoE MLPs.
+M-RoPE); Qwen3-VL-MoE: the same with `models.moe` MoE layers.
 
 DeepStack: the ViT also merges the hidden states of a few of its layers
 (`deepstack_visual_indexes`, L of them) into hidden-wide features, added to the image rows
@@ -40,16 +40,21 @@ class Qwen3VLForCausalLM(Qwen2VLForCausalLM):
 
 
 class Qwen3VLMoeForCausalLM(Qwen3VLForCausalLM):
-    """Qwen3-VL-MoE: sparse MoE MLPs on the layers HF makes sparse (`mlp_only_layers`,
-    `decoder_sparse_step`), the dense MLP elsewhere."""
+    """Qwen3-VL-MoE: the MoE layer (`models.moe`: softmax top-k, renormalised; its expert
+    parallelism) on the layers HF makes sparse (`mlp_only_layers`, `decoder_sparse_step`),
+    the dense MLP elsewhere."""
 
     def __init__(self, config):
-        from mmhpc.models.qwen3_moe_block import SparseMoeBlock
+        from mmhpc.models.moe import MoE, MoESpec
         tc = config.text_config
         dense = set(getattr(tc, "mlp_only_layers", None) or ())
         step = getattr(tc, "decoder_sparse_step", 1) or 1
+        spec = MoESpec(tc.hidden_size, tc.moe_intermediate_size, tc.num_experts,
+                       tc.num_experts_per_tok, scoring="softmax",
+                       renormalize=True,             # HF's Qwen3-VL-MoE router always does
+                       hidden_act=tc.hidden_act, layout="auto")
 
         def make_mlp(i: int):
             sparse = i not in dense and tc.num_experts > 0 and (i + 1) % step == 0
-            return SparseMoeBlock(tc) if sparse else None
+            return MoE(spec, router_name="gate") if sparse else None
         super().__init__(config, make_mlp)

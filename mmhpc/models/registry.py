@@ -13,14 +13,14 @@ from typing import Any
 
 # InputProcessor's ways of turning one image into placeholders (multimodal/processor.py):
 #   "llava":    a fixed-size image (CLIP crop), num_tokens from the patch grid;
-#   "llava_next": anyres: a base view + the best-fitting pinpoint's tiles, unpadded, one
-#               image_newline per row; num_tokens from (height, width), image_size kept;
 #   "qwen2_vl": a dynamic grid (smart_resize), num_tokens = t*h*w / merge**2, grid_thw kept;
 #   "llama4":   tiles + a global view (multimodal/tiles.py, no torchvision); an image's tokens
 #               are its whole span <|image_start|> .. <|image_end|>, grid_thw = (1, rows, cols);
 #   "hf":       Hugging Face's own processor (AutoProcessor) expands the prompt; each image's
 #               tokens are one run of the image token. Any VLM; pixels only (no embeddings).
-PROCESSOR_KINDS = ("llava", "llava_next", "qwen2_vl", "llama4", "hf")
+#   "llava_next": anyres tiles (a base view + a grid pinpoint's tiles): num_tokens from the
+#               image's size and aspect (models/llava_next.py), `image_size` kept.
+PROCESSOR_KINDS = ("llava", "qwen2_vl", "llama4", "hf", "llava_next")
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,13 @@ register(Family("llava", model="mmhpc.models.llava:LlavaForCausalLM", processor=
                 tiny="mmhpc.tools.tiny:LLAVA"))
 register(Family("qwen2_vl", model="mmhpc.models.qwen2_vl:Qwen2VLForCausalLM",
                 processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_VL"))
-register(Family("llava_next", model="mmhpc.models.llava_next:LlavaNextForCausalLM",
-                processor="llava_next", tiny="mmhpc.tools.tiny:LLAVA_NEXT"))
-register(Family("qwen2_5_vl", model="mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
-                processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN2_5_VL"))
 register(Family("llama4", model="mmhpc.models.llama4:Llama4ForCausalLM", processor="llama4",
                 tiny="mmhpc.tools.tiny:LLAMA4"))
 register(Family("gemma3", model=None, processor="hf", tiny="mmhpc.tools.tiny:GEMMA3"))
+register(Family("llava_next", model="mmhpc.models.llava_next:LlavaNextForCausalLM",
+                processor="llava_next", tiny="mmhpc.tools.tiny_dense_vlm:LLAVA_NEXT"))
+register(Family("qwen2_5_vl", model="mmhpc.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+                processor="qwen2_vl", tiny="mmhpc.tools.tiny_dense_vlm:QWEN2_5_VL"))
 register(Family("qwen3_vl", model="mmhpc.models.qwen3_vl:Qwen3VLForCausalLM",
                 processor="qwen2_vl", tiny="mmhpc.tools.tiny:QWEN3_VL"))
 register(Family("qwen3_vl_moe", model="mmhpc.models.qwen3_vl:Qwen3VLMoeForCausalLM",

@@ -176,12 +176,12 @@ class InputProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint.
 
     `process` accepts, per image, a PIL image (preprocessed here: `pixel_values`, and
-    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the image
-    processor's output dict, and HF's own processor expands the prompt) or a tensor of
-    pre-computed embeddings `[n, hidden]` (then
-    `num_tokens = n`; for Qwen2-VL the M-RoPE grid defaults to one row of n merged tokens,
-    or pass `{"embeddings": tensor, "grid_thw": (t, h, w)}` with h, w in patches; a "file"
-    entry, the media.Embeddings they were loaded from, becomes `MMItem.source`).
+    `grid_thw` for Qwen2-VL, `image_size` for LLaVA-NeXT; kind "hf": `pixel_values` is the
+    image processor's output dict, and HF's own processor expands the prompt) or a tensor of
+    pre-computed embeddings `[n, hidden]` (then `num_tokens = n`; for Qwen2-VL the M-RoPE grid
+    defaults to one row of n merged tokens, or pass `{"embeddings": tensor, "grid_thw": (t, h,
+    w)}` with h, w in patches; a "file" entry, the media.Embeddings they were loaded from,
+    becomes `MMItem.source`).
     """
 
     def __init__(self, model_path: str | Path, kind: str | None = None):
@@ -220,7 +220,7 @@ class InputProcessor:
             self.feature_strategy = proc_cfg.get(
                 "vision_feature_select_strategy", config.get("vision_feature_select_strategy"))
             self.num_additional_tokens = proc_cfg.get("num_additional_image_tokens", 0)
-            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT
+            self.grid_pinpoints = config.get("image_grid_pinpoints")     # LLaVA-NeXT's tiles
             self.tile_size = config["vision_config"].get("image_size")
         else:
             self.image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
@@ -302,8 +302,8 @@ class InputProcessor:
 
     def _image_item(self, image) -> MMItem:
         if self.kind == "hf":
-            return MMItem(content_hash=image_hash(image), offset=-1,
-                          num_tokens=self._hf_num_tokens(image), pixel_values=self._hf_pixels(image))
+            return MMItem(image_hash(image), -1, self._hf_num_tokens(image),
+                          pixel_values=self._hf_pixels(image))
         if self.tiles is not None:
             from mmhpc.multimodal import tiles
             pixel_values, (rows, cols) = tiles.preprocess(image, self.tiles)
@@ -313,11 +313,10 @@ class InputProcessor:
         out = preprocess_image(self.image_processor, image, self.kind)
         pixel_values = out["pixel_values"]
         if self.kind == "llava_next":
-            # pixel_values: [1, num_tiles, 3, S, S] (base view first)
+            # pixel_values: [1, num_tiles, 3, S, S] (the base view first)
             return MMItem(content_hash=image_hash(image), offset=-1,
                           num_tokens=self.num_image_tokens(image.width, image.height),
-                          pixel_values=pixel_values[0],
-                          image_size=(image.height, image.width))
+                          pixel_values=pixel_values[0], image_size=(image.height, image.width))
         if self.kind == "llava":
             # pixel_values: [1, 3, H, W]
             h, w = pixel_values.shape[-2:]
@@ -457,7 +456,7 @@ def hf_processor(path: str | Path):
     from transformers import AutoImageProcessor, AutoTokenizer
     base = {"qwen2_vl": transformers.Qwen2VLProcessor,
             "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(model_type,
-                                                               transformers.Qwen3VLProcessor)
+                                                                transformers.Qwen3VLProcessor)
 
     class ImageOnlyQwen2VLProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):

@@ -51,7 +51,7 @@ class AggregatedWorker(Worker):
                 self._fail(req, "deadline passed", timeout=True)
         if self.engine.has_unfinished_requests():
             self.stream_step(self.engine, self.requests, "aggregated", "engine error")
-        self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests))
+        self.stats = dict(self.engine.stats(), num_in_flight=len(self.requests), **self.counts)
 
     def _add(self, req: GenerateRequest) -> None:
         try:

@@ -3,13 +3,16 @@
 1. KVReady (prefill): reserve blocks for the prompt's KV (`add_prefilled_request`; no room
    now → it waits in arrival order, within its deadline and prefill's lease).
 2. NIXL READ (decode pulls) of every layer's k and v for those blocks from prefill's pool
-   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline (timeouts.kv_transfer_s).
+   (`distributed.kv_layout.plan_tp_reads`), polled each loop turn with a deadline
+   (timeouts.kv_transfer_s).
 3. Done → ReleaseKV to prefill, `activate_request`; continuous batching from the next step;
    each step's new tokens go to the frontend as TokenStream. With TP, ReleaseKV waits until
    every TP rank's READ is over (`sync_followers`): the leader's READ finishing says nothing
    of a follower's, and prefill reuses freed blocks at once.
 AbortRequest, an expired deadline or a failed READ frees the reserved blocks (and tells
-prefill with ReleaseKV so its blocks go too). A READ still in flight then (an abort
+prefill with ReleaseKV so its blocks go too). An abort can overtake the KVReady (the frontend
+and prefill send them): it is remembered (the last MAX_ABORTED ids), and the late KVReady is
+answered with ReleaseKV alone. A READ still in flight then (an abort
 mid-transfer, a timeout) keeps its blocks held until it is over (or another
 timeouts.kv_transfer_s passed): releasing a NIXL request does not promise that the bytes stop
 landing, and the blocks would already belong to someone else.
@@ -31,6 +34,7 @@ from mmhpc.engine.tp_worker import start_kv_pull, sync_followers
 from mmhpc.roles.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
+MAX_ABORTED = 4096
 
 
 @dataclass
@@ -38,6 +42,8 @@ class _Pull:
     msg: KVReady
     handle: list                   # one NIXL READ per prefill TP rank
     deadline: float
+    num_blocks: int = 0
+    started: float = 0.0           # perf_counter() at the READ's start
 
 
 @dataclass
@@ -58,13 +64,21 @@ class DecodeWorker(Worker):
         self.pulls: dict[str, _Pull] = {}
         self.active: dict[str, KVReady] = {}           # decoding in the engine
         self.draining: list[_Drain] = []                # dropped pulls, READs maybe in flight
-        self.num_kv_bytes = 0
+        self.aborted: dict[str, None] = {}             # recent aborts (KVReady may follow)
+        self.counts.update(dict.fromkeys(("num_kv_bytes", "num_kv_blocks", "num_kv_pulls",
+                                          "kv_pull_s", "num_aborted"), 0))
 
     def handle(self, src: int, msg) -> None:
         if isinstance(msg, KVReady):
-            self.waiting.append(msg)
+            if msg.request_id in self.aborted:
+                self.send(msg.prefill_rank, ReleaseKV(msg.request_id, self.rank))
+            else:
+                self.waiting.append(msg)
         elif isinstance(msg, AbortRequest):
-            self._drop(msg.request_id)
+            self.counts["num_aborted"] += self._drop(msg.request_id) is not None
+            self.aborted[msg.request_id] = None
+            if len(self.aborted) > MAX_ABORTED:
+                self.aborted.pop(next(iter(self.aborted)))
         elif not isinstance(msg, Shutdown):
             log.warning("decode rank %d: unexpected %s", self.rank, type(msg).__name__)
 
@@ -83,7 +97,9 @@ class DecodeWorker(Worker):
             self.stream_step(self.engine, self.active, "decode", "decode engine error")
         self.stats = dict(self.engine.stats(), num_waiting_kv=len(self.waiting),
                           num_pulling=len(self.pulls), num_draining=len(self.draining),
-                          num_kv_bytes=self.num_kv_bytes)
+                          num_active=len(self.active),
+                          kv_block_bytes=self.engine.kv_block_bytes,
+                          **self.counts)
 
     # ------------------------------------------------------------------------ KV pull
     def _reserve(self) -> None:
@@ -112,8 +128,7 @@ class DecodeWorker(Worker):
             except Exception as e:  # noqa: BLE001
                 self._fail(msg, f"KV READ from rank {msg.prefill_rank} failed: {e}")
                 continue
-            self.num_kv_bytes += n * self.engine.kv_block_bytes
-            self.pulls[rid] = _Pull(msg, handle, deadline)
+            self.pulls[rid] = _Pull(msg, handle, deadline, n, time.perf_counter())
 
     def _poll_pulls(self) -> None:
         now = time.time()
@@ -141,6 +156,10 @@ class DecodeWorker(Worker):
             return
         for p in done_pulls:
             rid = p.msg.request_id
+            self.counts["num_kv_pulls"] += 1
+            self.counts["num_kv_blocks"] += p.num_blocks
+            self.counts["num_kv_bytes"] += p.num_blocks * self.engine.kv_block_bytes
+            self.counts["kv_pull_s"] += time.perf_counter() - p.started
             self.send(p.msg.prefill_rank, ReleaseKV(rid, self.rank))
             self.engine.activate_request(rid)
             self.active[rid] = p.msg
@@ -154,7 +173,6 @@ class DecodeWorker(Worker):
             if now > msg.deadline:
                 self._fail(msg, "decode deadline passed", timeout=True)
 
-    # ------------------------------------------------------------------------ decode
     # ------------------------------------------------------------------------ cleanup
     def _drop(self, rid: str) -> KVReady | None:
         """Free the request's blocks here; returns its KVReady if it was ours."""

@@ -3,13 +3,19 @@
 Encode writes image embedding bundles here (peers READ them); prefill lands its READs here.
 The tensor is registered once, before the NIXL metadata exchange; allocations are row ranges.
 A row is `row_width(engine)` wide: an image's DeepStack features ride in its embedding rows,
-so one registration and one READ move them all.
+so one registration and one READ move them all. The pool's size, in rows (one per image
+token), is `cache.embedding_pool_rows`, by default twice `model.max_model_len`: a request
+longer than that is refused anyway, so any admissible request fits alone, and a full pool
+means waiting for others to finish, never a failure.
 """
 from __future__ import annotations
 
 import torch
 
-DEFAULT_POOL_MB = 64
+
+def embedding_pool_rows(config) -> int:
+    """The pool's rows for this config (the frontend checks requests against it too)."""
+    return config.cache.embedding_pool_rows or 2 * config.model.max_model_len
 
 
 def row_width(engine) -> int:
@@ -19,16 +25,19 @@ def row_width(engine) -> int:
 
 
 class EmbeddingPool:
-    def __init__(self, hidden_size: int, dtype: torch.dtype, pool_mb: float = DEFAULT_POOL_MB,
+    def __init__(self, hidden_size: int, dtype: torch.dtype, num_rows: int,
                  device: str | torch.device = "cpu") -> None:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.num_rows = max(1, int(pool_mb * (1 << 20)) // (hidden_size * itemsize))
-        self.tensor = torch.zeros(self.num_rows, hidden_size, dtype=dtype, device=device)  # [R, D]
+        self.num_rows = num_rows
+        self.tensor = torch.zeros(num_rows, hidden_size, dtype=dtype, device=device)  # [R, D]
         self._free: list[tuple[int, int]] = [(0, self.num_rows)]     # (start, length), sorted
 
     @property
     def num_free_rows(self) -> int:
         return sum(n for _, n in self._free)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.tensor.shape[1] * self.tensor.element_size()
 
     def alloc(self, num_rows: int) -> int | None:
         """First row of `num_rows` free rows, or None (full: evict and retry)."""

@@ -27,7 +27,7 @@ from mmhpc.messages.to_encode import ReleaseEmbeddings
 from mmhpc.messages.to_frontend import RequestFailed, TokenStream
 from mmhpc.messages.to_prefill import EmbeddingsReady, PrefillRequest, ReleaseKV
 from mmhpc.multimodal.image_items import media_item
-from mmhpc.roles.embed_pool import EmbeddingPool, row_width
+from mmhpc.roles.embed_pool import EmbeddingPool, embedding_pool_rows, row_width
 from mmhpc.roles.worker import Worker, frontend_hashes, run_worker, stage_deadline
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class _Read:
     start: int
     deadline: float
     timed_out: bool = False          # failed already; its landing rows wait for the READ
+    started: float = 0.0             # perf_counter() at the READ's start
 
 
 class PrefillWorker(Worker):
@@ -56,7 +57,7 @@ class PrefillWorker(Worker):
         self.landing = None
         if "encode" in ctx.config.deployment.groups:
             self.landing = EmbeddingPool(row_width(self.engine), self.engine.dtype,
-                                         device=ctx.device)
+                                         embedding_pool_rows(ctx.config), device=ctx.device)
             ctx.nixl.register(self.landing.tensor)
         self.requests: dict[str, PrefillRequest] = {}    # waiting for embeddings or in engine
         self.deadlines: dict[str, float] = {}            # stage deadline per request
@@ -64,9 +65,15 @@ class PrefillWorker(Worker):
         self.embeds: dict[str, dict[str, torch.Tensor]] = {}
         self.embeds_seen: dict[str, float] = {}          # first EmbeddingsReady time
         self.reads: list[_Read] = []
+        self.unlanded: list[EmbeddingsReady] = []        # no landing rows yet, in order
         self.leases: dict[str, float] = {}               # retained KV: request_id -> expiry
         self.aborted: dict[str, None] = {}
         self.num_lease_expired = 0
+        self.arrived: dict[str, float] = {}             # request id -> arrival (queue time)
+        self.counts.update(dict.fromkeys((
+            "num_prefills", "num_prefill_tokens", "num_cached_tokens", "num_handed_blocks",
+            "prefill_s", "queue_s", "num_embedding_reads", "num_embedding_bytes",
+            "embedding_read_s", "num_aborted"), 0))
 
     # ------------------------------------------------------------------------ messages
     def handle(self, src: int, msg) -> None:
@@ -78,6 +85,8 @@ class PrefillWorker(Worker):
             self.leases.pop(msg.request_id, None)
             self.engine.release_request(msg.request_id)
         elif isinstance(msg, AbortRequest):
+            self.counts["num_aborted"] += msg.request_id in self.requests \
+                or msg.request_id in self.leases
             self._drop(msg.request_id)
         elif not isinstance(msg, Shutdown):
             log.warning("prefill rank %d: unexpected %s", self.rank, type(msg).__name__)
@@ -88,6 +97,7 @@ class PrefillWorker(Worker):
             return
         stage_s = self.timeouts.prefill_s + (self.timeouts.encode_s if req.encode_rank >= 0 else 0)
         self.requests[rid] = req
+        self.arrived[rid] = time.time()
         self.deadlines[rid] = stage_deadline(req.deadline, stage_s)
         if req.encode_rank < 0:
             try:
@@ -111,9 +121,8 @@ class PrefillWorker(Worker):
                             f"are {self.landing.tensor.shape[1]} wide")
             return
         start = self.landing.alloc(msg.num_tokens)
-        if start is None:
-            self.send(msg.encode_rank, release)
-            self._fail(rid, "prefill embedding landing pool is full")
+        if start is None:                   # READs in flight hold the rows: wait for them
+            self.unlanded.append(msg)
             return
         view = self.landing.rows(start, msg.num_tokens)
         try:
@@ -126,23 +135,31 @@ class PrefillWorker(Worker):
         self.embeds_seen.setdefault(rid, time.time())
         deadline = stage_deadline(self.deadlines.get(rid, time.time() + self.timeouts.encode_s),
                                   self.timeouts.kv_transfer_s)
-        self.reads.append(_Read(rid, msg, handle, start, deadline))
+        self.reads.append(_Read(rid, msg, handle, start, deadline, started=time.perf_counter()))
 
     # ------------------------------------------------------------------------ loop
     def busy(self) -> bool:
         return self.engine.has_unfinished_requests()
 
     def transfers_in_flight(self) -> bool:
-        return bool(self.reads)
+        return bool(self.reads or self.unlanded)
 
     def tick(self) -> None:
         self._poll_reads()
+        if self.unlanded:
+            waiting, self.unlanded = self.unlanded, []
+            for msg in waiting:
+                self._on_embeddings(msg)
         self._admit_ready()
         self._expire()
         if self.engine.has_unfinished_requests():
             self._step()
         self.stats = dict(self.engine.stats(), num_pending=len(self.requests) - len(self.in_engine),
-                          num_retained=len(self.leases), num_lease_expired=self.num_lease_expired)
+                          num_retained=len(self.leases), num_lease_expired=self.num_lease_expired,
+                          **self.counts,
+                          num_unlanded=len(self.unlanded),
+                          num_free_rows=self.landing.num_free_rows if self.landing else 0,
+                          num_total_rows=self.landing.num_rows if self.landing else 0)
 
     def _poll_reads(self) -> None:
         """Finished READs hand their rows over; a READ past its deadline fails its request at
@@ -171,6 +188,10 @@ class PrefillWorker(Worker):
             if not done and err is None:
                 keep.append(r)
                 continue
+            if done:
+                self.counts["num_embedding_reads"] += 1
+                self.counts["num_embedding_bytes"] += n * self.landing.row_bytes
+                self.counts["embedding_read_s"] += time.perf_counter() - r.started
             if done and r.request_id not in self.aborted:
                 self.embeds.setdefault(r.request_id, {})[r.msg.content_hash] = \
                     self.landing.rows(r.start, n).clone()
@@ -198,6 +219,7 @@ class PrefillWorker(Worker):
                 self._add(req, items)
 
     def _add(self, req: PrefillRequest, items: list[MMItem]) -> None:
+        self.counts["queue_s"] += time.time() - self.arrived.pop(req.request_id, time.time())
         try:
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, items,
                                     prefill_only=True,
@@ -221,6 +243,7 @@ class PrefillWorker(Worker):
                 self.engine.release_request(rid)
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - fail what was in the engine, keep the rank
@@ -228,10 +251,15 @@ class PrefillWorker(Worker):
             for rid in list(self.in_engine):
                 self._fail(rid, f"prefill engine error: {type(e).__name__}: {e}")
             return
+        finally:
+            self.counts["prefill_s"] += time.perf_counter() - t0
         for out in outputs:
             req = self.requests.get(out.request_id)
             if req is None:
                 continue
+            self.counts["num_prefills"] += 1
+            self.counts["num_prefill_tokens"] += out.num_prompt_tokens
+            self.counts["num_cached_tokens"] += out.num_cached_tokens
             self.send(req.frontend_rank, TokenStream.of(out, "prefill"))
             self._forget(out.request_id)
             if not out.finished:
@@ -245,6 +273,7 @@ class PrefillWorker(Worker):
             return
         lease = time.time() + self.timeouts.kv_lease_s
         self.leases[rid] = lease
+        self.counts["num_handed_blocks"] += len(blocks)
         self.send(req.decode_rank, KVReady(
             rid, req.prompt_token_ids, first_token, req.params, blocks,
             len(req.prompt_token_ids), [p.agent for p in self.tp_pools], self.tp_pools, self.rank,
@@ -257,6 +286,7 @@ class PrefillWorker(Worker):
         return getattr(self.ctx, "tp_pools", None) or [self.pool_descs]
 
     def _forget(self, rid: str) -> None:
+        self.arrived.pop(rid, None)
         self.requests.pop(rid, None)
         self.deadlines.pop(rid, None)
         self.in_engine.discard(rid)

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from mmhpc.distributed.group import get_tp
 from mmhpc.messages.common import Heartbeat, Shutdown
 from mmhpc.messages.to_frontend import TokenStream
 from mmhpc.transport.zmq_io import PeerUnavailable
@@ -45,6 +46,11 @@ class Worker:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = threading.Event()
         self.stats: dict[str, Any] = {}
+        self.loop_at = time.monotonic()     # the engine loop's last turn (the I/O thread reports)
+        self._streamed: set[str] = set()     # requests with an output from this rank's engine
+        # stage counters, sent with every Heartbeat (mmhpc.server.metrics.RANK_SERIES)
+        self.counts: dict[str, float] = dict.fromkeys(("num_step_errors", "step_s",
+                                                       "num_steps"), 0)
         self._route = None              # beside the frontend: its router instead of the outbox
 
     # -- loop side
@@ -69,22 +75,34 @@ class Worker:
     def stream_step(self, engine, requests: dict, stage: str, error: str) -> None:
         """One `engine.step()`: each output goes to its request's frontend as a TokenStream
         (`stage`); finished requests leave `requests` (request id -> a message with
-        `frontend_rank`). A step that raises fails every request in `requests` (`self._fail(msg,
-        f"{error}: ...")`) and the rank goes on."""
+        `frontend_rank`). A step that raises fails its suspects alone (`self._fail(msg,
+        f"{error}: ...")`, see `suspects`) and the rank goes on: the others are scheduled
+        again by the next step."""
+        t0 = time.perf_counter()
         try:
             outputs = engine.step()
-        except Exception as e:  # noqa: BLE001 - fail what was in the engine, keep the rank
-            log.exception("%s rank %d: step failed", stage, self.rank)
-            for msg in list(requests.values()):
-                self._fail(msg, f"{error}: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - fail the request(s) that broke it, keep the rank
+            self.counts["num_step_errors"] += 1
+            victims = suspects(e, requests, self._streamed)
+            log.exception("%s rank %d: step failed; failing %s", stage, self.rank, victims)
+            for rid in victims:
+                self._streamed.discard(rid)
+                self._fail(requests[rid], f"{error}: {type(e).__name__}: {e}")
             return
+        finally:
+            self.counts["step_s"] += time.perf_counter() - t0
+            self.counts["num_steps"] += 1
         for out in outputs:
             msg = requests.get(out.request_id)
             if msg is None:
                 continue
             self.send(msg.frontend_rank, TokenStream.of(out, stage))
+            self._streamed.add(out.request_id)
             if out.finished:
                 del requests[out.request_id]
+                self._streamed.discard(out.request_id)
+        if len(self._streamed) > 2 * len(requests) + 64:    # aborted ones
+            self._streamed &= requests.keys()
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -123,6 +141,7 @@ class Worker:
 
     def loop(self) -> None:
         while not self.stopping.is_set():
+            self.loop_at = time.monotonic()
             wait = self._wait_s()
             try:
                 item = self.inbox.get_nowait() if wait == 0 else self.inbox.get(timeout=wait)
@@ -141,6 +160,7 @@ class Worker:
                 except queue.Empty:
                     item = None
             self.tick()
+            get_tp().keep_alive()           # TP leader, idle: the followers' collective lives
 
     # -- I/O thread
     def _io(self) -> None:
@@ -155,8 +175,11 @@ class Worker:
                 now = time.time()
                 if now >= next_beat:
                     next_beat = now + self.timeouts.heartbeat_s
+                    stalled = max(0.0, time.monotonic() - self.loop_at - HOUSEKEEPING_S)
                     mb.send(frontend, Heartbeat(self.rank, self.ctx.role, now,
-                                                dict(self.stats, pid=os.getpid())))
+                                                dict(self.stats, pid=os.getpid(),
+                                                     loop_stalled_s=round(stalled, 3),
+                                                     instance=self.ctx.info.instance)))
                 ready = dict(poller.poll(max(0, int((next_beat - time.time()) * 1000)) + 1))
                 if ready.get(self._wake_fd):
                     try:
@@ -185,6 +208,17 @@ class Worker:
                 mb.send(dest, msg)
             except PeerUnavailable as e:
                 log.warning("rank %d: %s (dropped %s)", self.rank, e, type(msg).__name__)
+
+
+def suspects(exc: Exception, requests: dict, streamed: set[str]) -> list[str]:
+    """The requests a failed step is blamed on: the one the exception names
+    (`exc.request_id`), else those with no output yet (their new inputs: images, prompts),
+    else all (a step over old requests only)."""
+    rid = getattr(exc, "request_id", None)
+    if rid in requests:
+        return [rid]
+    fresh = [r for r in requests if r not in streamed]
+    return fresh or list(requests)
 
 
 def run_worker(ctx) -> None:

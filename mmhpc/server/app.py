@@ -25,12 +25,14 @@ from mmhpc.config import Config
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.server import protocol as P
 from mmhpc.server.engine_client import EngineClient
+from mmhpc.server.image_budget import ImageBudget
 from mmhpc.server.media import Embeddings, MediaLoader, deepstack_levels, text_hidden_size
 from mmhpc.server.metrics import Metrics
 from mmhpc.server.protocol import APIError
 
 log = logging.getLogger(__name__)
 FRONTEND = web.AppKey("mmhpc_frontend", object)
+INLINE_JSON_BYTES = 1 << 16
 
 
 def served_model_name(config: Config) -> str:
@@ -67,6 +69,7 @@ class Frontend:
         self.media = MediaLoader(config.media, text_hidden_size(config.model.path),
                                  max_tokens=self.max_model_len,
                                  deepstack=deepstack_levels(config.model.path))
+        self.images = ImageBudget(config.media)
         self.metrics = Metrics()
         self.ready = False
         self.draining = False
@@ -83,6 +86,9 @@ class Frontend:
         if self.draining or not self.ready:
             raise APIError(503, "server is shutting down" if self.draining else "server not ready",
                            type="service_unavailable", code="unavailable")
+        gone = self.client.unavailable()
+        if gone:
+            raise APIError(503, gone, type="service_unavailable", code="unavailable")
         if self.in_flight >= self.config.server.max_concurrent_requests:
             raise APIError(429, "too many concurrent requests", type="rate_limit_error",
                            code="rate_limit_exceeded")
@@ -95,7 +101,7 @@ class Frontend:
         except APIError as e:
             status["code"] = e.status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):   # the client left
             status["code"] = 499
             self.metrics.aborted += 1
             raise
@@ -108,7 +114,10 @@ class Frontend:
             self.metrics.request_done(endpoint, status["code"], time.monotonic() - t0)
 
     async def _body(self, request: web.Request) -> dict:
-        body = P.parse_json(await request.read())
+        raw = await request.read()
+        # images inline: MBs of JSON, parsed off the loop
+        body = await self.media.run(P.parse_json, raw) if len(raw) > INLINE_JSON_BYTES \
+            else P.parse_json(raw)
         if isinstance(body.get("model"), str) and body["model"] in self.aliases:
             body["model"] = self.model          # the path names the served model too
         return body
@@ -134,16 +143,29 @@ class Frontend:
 
         tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
         first = True
+        last: dict[int, float] = {}             # choice -> its last output's time
+        ttft: dict[int, float] = {}
+        num_tokens: dict[int, int] = {}
         try:
             for _ in range(len(gens)):
                 while True:
                     i, out = await q.get()
                     if isinstance(out, BaseException):
                         raise out
-                    if first and out.new_token_ids:
-                        first = False
-                        self.metrics.ttft.observe(time.monotonic() - t0)
+                    now = time.monotonic()
+                    if out.new_token_ids:
+                        if first:
+                            first = False
+                            self.metrics.ttft.observe(now - t0)
+                        if i in last:
+                            self.metrics.itl.observe(now - last[i])
+                        last[i] = now
+                        ttft.setdefault(i, now - t0)
+                        num_tokens[i] = num_tokens.get(i, 0) + len(out.new_token_ids)
                     self.metrics.generation_tokens += len(out.new_token_ids)
+                    if out.finished and out.finish_reason not in ("error", "abort"):
+                        self.metrics.request_finished(ttft.get(i, now - t0), now - t0,
+                                                      num_tokens.get(i, 0))
                     yield i, out
                     if out.finished:
                         break
@@ -183,12 +205,14 @@ class Frontend:
         prompt = self.processor.apply_chat_template(messages)
         return self._process(prompt, [self._processor_input(x) for x in media], "messages")
 
-    async def _chat_inputs(self, req: P.ChatRequest) -> tuple[list[int], list]:
-        """Media fetched and decoded, chat template, tokens: (prompt ids, MMItems)."""
+    async def _chat_inputs(self, req: P.ChatRequest, hold) -> tuple[list[int], list]:
+        """Media fetched and decoded, chat template, tokens: (prompt ids, MMItems); `hold`
+        (an ImageBudget hold) takes the decoded images' bytes (413 / 429 past the budget)."""
         try:
             async with asyncio.timeout(self.config.server.request_timeout_s):
                 media = await self.media.load_all([(m.url, m.param) for m in req.media])
-                return await asyncio.to_thread(self._tokenize_chat, req.messages, media)
+                hold.take(sum(self.images.size(x) for x in media))
+                return await self.media.run(self._tokenize_chat, req.messages, media)
         except TimeoutError:
             raise APIError(504, "timed out preparing the request", type="timeout_error",
                            code="timeout") from None
@@ -257,13 +281,16 @@ class Frontend:
             self.metrics.cached_tokens += sum(cached.values())     # as the non-streamed
             if include_usage:
                 await resp.write(chunk([], P.usage(num_prompt, num_completion, cached.get(0, 0))))
+            await resp.write(P.SSE_DONE)
         except APIError as e:
-            await resp.write(P.sse(e.body()))
-        except ConnectionError:
+            if not await _write_quietly(resp, P.sse(e.body()) + P.SSE_DONE):
+                self.metrics.aborted += 1
+                return resp
+        except ConnectionError:                 # the client left
             self.metrics.aborted += 1
             return resp
-        await resp.write(P.SSE_DONE)
-        await resp.write_eof()
+        if not await _write_quietly(resp, None):
+            self.metrics.aborted += 1
         return resp
 
     def _chat_delta(self, logprobs: bool, i: int, out: RequestOutput) -> Optional[dict]:
@@ -282,13 +309,14 @@ class Frontend:
 
     # ------------------------------------------------------------------------- routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        with self._admit("chat"):
+        with self._admit("chat"), contextlib.ExitStack() as stack:
             t0 = time.monotonic()
             body = await self._body(request)
             req = P.parse_chat(body, self.model, self.config.media.max_images_per_request,
                                self.vocab_size)
             deadline = self._deadline()
-            ids, items = await self._chat_inputs(req)
+            hold = stack.enter_context(self.images.hold())
+            ids, items = await self._chat_inputs(req, hold)
             self.metrics.media.observe(time.monotonic() - t0)
             params = [req.sampling.params(len(ids), self.max_model_len, i)
                       for i in range(req.sampling.n)]
@@ -348,7 +376,8 @@ class Frontend:
             if "messages" in body:
                 req = P.parse_chat(body, self.model, self.config.media.max_images_per_request,
                                    self.vocab_size)
-                ids, _ = await self._chat_inputs(req)
+                with self.images.hold() as hold:
+                    ids, _ = await self._chat_inputs(req, hold)
             else:
                 P.check_model(body, self.model)
                 if not isinstance(body.get("prompt"), str):
@@ -390,7 +419,7 @@ class Frontend:
         if not self.ready or self.draining:
             why = "draining" if self.draining else "starting"
         elif not self.client.healthy():
-            why = "engine unhealthy"
+            why = self.client.unavailable() or self.client.unhealthy_reason() or "engine unhealthy"
         else:
             return web.json_response({"status": "ok"})
         return web.json_response(APIError(503, why, type="service_unavailable",
@@ -400,6 +429,17 @@ class Frontend:
         text = self.metrics.render(self.client.stats(), self.client.healthy())
         return web.Response(text=text, content_type="text/plain",
                             headers={"X-Content-Type": "version=0.0.4"})
+
+
+async def _write_quietly(resp: web.StreamResponse, data: Optional[bytes]) -> bool:
+    """Write `data` (if any), then end the stream; False: the client had gone."""
+    try:
+        if data is not None:
+            await resp.write(data)
+        await resp.write_eof()
+        return True
+    except (ConnectionError, RuntimeError):     # reset, or the transport already closed
+        return False
 
 
 async def _merge_indexed(streams: list, n: int) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -453,6 +493,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
                                  .body(), status=e.status)
     except asyncio.CancelledError:
         raise
+    except ConnectionError:             # the client left before its answer: nobody to tell
+        return web.Response(status=499)
     except Exception as e:  # noqa: BLE001 - one request's bug must not take the server down
         log.exception("unhandled error in %s", request.path)
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}",
@@ -528,15 +570,16 @@ async def serve(config: Config, engine_client: EngineClient, processor, *,
 
 def run_local(config: Config, *, shutdown: Optional[asyncio.Event] = None,
               on_ready: Optional[Callable[[str], None]] = None) -> None:
-    """Aggregated single-process server: LLMEngine + LocalEngineClient + serve."""
+    """Aggregated single-process server: the engine (`engine.backend`) + LocalEngineClient +
+    serve."""
     client, processor = make_local_client(config)
     asyncio.run(serve(config, client, processor, shutdown=shutdown, on_ready=on_ready))
 
 
 def make_local_client(config: Config):
-    from mmhpc.engine.engine import LLMEngine
+    from mmhpc.engine.interface import make_engine
     from mmhpc.server.engine_client import LocalEngineClient
-    engine = LLMEngine(config)
+    engine = make_engine(config, "aggregated")
     return LocalEngineClient(engine), engine.processor
 
 

@@ -1,5 +1,6 @@
 """What the HTTP frontend talks to: `EngineClient`. `LocalEngineClient` runs an engine (an
-`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a distributed client (E/P/D over ZeroMQ) implements the same five methods.
+`interface.AggregatedEngine`: LLMEngine, or the transformers backend) in its own thread; a
+distributed client (E/P/D over ZeroMQ) implements the same methods.
 
 Protocol of the engine thread (the only thread that touches the engine):
     loop: drain commands (add / abort / stop; block while idle) → step() → outputs to the
@@ -19,11 +20,13 @@ import threading
 import time
 from typing import AsyncIterator, Optional, Sequence
 
+from mmhpc.distributed.group import get_tp
 from mmhpc.engine.block_manager import INLINE_HASH_TOKENS
 from mmhpc.engine.outputs import RequestOutput
 from mmhpc.engine.sequence import MMItem, SamplingParams
 
 log = logging.getLogger(__name__)
+IDLE_WAKE_S = 5.0
 
 
 class EngineClient(abc.ABC):
@@ -48,6 +51,15 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool:
         """False when the engine is dead or wedged."""
+
+    def unavailable(self) -> Optional[str]:
+        """Why no request can be served any more (a dead engine), else None: new requests
+        get 503 with this line."""
+        return None
+
+    def unhealthy_reason(self) -> str:
+        """Why `healthy()` is False (for /health), "" if it is not."""
+        return ""
 
     @abc.abstractmethod
     def stats(self) -> dict:
@@ -130,6 +142,11 @@ class LocalEngineClient(EngineClient):
         started = self._step_started
         return started is None or time.monotonic() - started < self.wedge_timeout_s
 
+    def unavailable(self) -> Optional[str]:
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread is dead"
+        return None
+
     def stats(self) -> dict:
         return dict(self._stats)
 
@@ -187,11 +204,13 @@ class LocalEngineClient(EngineClient):
     def _run(self) -> None:
         while not self._stopping:
             outputs: list[RequestOutput] = []
-            try:   # block only while the engine is idle
+            try:   # block only while the engine is idle (a TP leader wakes to keep its
+                # followers' collective alive)
                 cmd = (self._cmds.get_nowait() if self.engine.has_unfinished_requests()
-                       else self._cmds.get())
+                       else self._cmds.get(timeout=min(IDLE_WAKE_S, get_tp().timeout_s / 8)))
             except queue.Empty:
                 cmd = None
+                get_tp().keep_alive()
             while cmd is not None:
                 outputs += self._handle(cmd)
                 try:

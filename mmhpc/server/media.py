@@ -13,13 +13,15 @@ Safety rules (each has a row in tests/test_hostile.py):
   DeepStack model (Qwen3-VL, L levels) needs its L feature blocks too: `deepstack_embeddings`
   [L, n, hidden] beside `mm_embeddings`, or `mm_embeddings` [n, (1 + L) * hidden] (vLLM's
   layout); the loaded tensor is that bundle.
-Decoding runs in worker threads, never on the event loop. Hashing is the processor's job
-(once, over decoded content).
+Decoding runs in the loader's own threads (media.max_decode_threads of them: a burst of large
+images queues there instead of starving the event loop and every other thread), never on the
+event loop. Hashing is the processor's job (once, over decoded content), in the same threads.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import binascii
 import io
 import ipaddress
@@ -27,6 +29,7 @@ import json
 import os
 import socket
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -154,6 +157,12 @@ class MediaLoader:
         self.file_cap = int(cfg.max_file_size_mb * (1 << 20))
         # (ip, port) pairs exempt from the private-address rule (an internal image store).
         self.trusted: set[tuple[str, int]] = set()
+        self.pool = ThreadPoolExecutor(cfg.max_decode_threads, thread_name_prefix="mmhpc-media")
+
+    async def run(self, fn, *args):
+        """`fn(*args)` in the media threads (decode, preprocess, hash)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(fn, *args))
 
     def address_ok(self, ip, port: int) -> bool:
         return (self.cfg.allow_private_urls or (str(ip), port) in self.trusted
@@ -164,9 +173,8 @@ class MediaLoader:
         return list(await asyncio.gather(*(self.load(u, p) for u, p in refs)))
 
     async def load(self, url: str, param: Optional[str] = None) -> MediaItem:
-        if url.startswith("data:"):
-            mime, data = self._data_url(url, param)
-            return await asyncio.to_thread(decode_image, data, self.cfg.max_image_pixels, param)
+        if url.startswith("data:"):         # base64 of MBs: validated and decoded off the loop
+            return await self.run(self._data_image, url, param)
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme in ("http", "https"):
@@ -181,24 +189,26 @@ class MediaLoader:
             else:
                 path = url
             is_emb = path.lower().endswith(EMBEDDING_SUFFIXES)
-            real, data = await asyncio.to_thread(self._read_local, path,
-                                                 self.file_cap if is_emb else self.image_cap,
-                                                 param)
+            real, data = await self.run(self._read_local, path,
+                                        self.file_cap if is_emb else self.image_cap, param)
             name = path
         else:
             raise media_error(f"unsupported URL scheme {parts.scheme!r} (http, https, data, file)",
                               param, code="unsupported_url_scheme")
         if is_emb:
-            emb = await asyncio.to_thread(load_embeddings, data, name, self.hidden_size,
-                                          self.max_tokens, param, self.deepstack)
+            emb = await self.run(load_embeddings, data, name, self.hidden_size,
+                                 self.max_tokens, param, self.deepstack)
             if scheme in ("http", "https"):
                 emb.data = data
             else:
                 emb.local_path = real
             return emb
-        return await asyncio.to_thread(decode_image, data, self.cfg.max_image_pixels, param)
+        return await self.run(decode_image, data, self.cfg.max_image_pixels, param)
 
     # -- data: URLs
+    def _data_image(self, url: str, param: Optional[str]) -> Image.Image:
+        return decode_image(self._data_url(url, param)[1], self.cfg.max_image_pixels, param)
+
     def _data_url(self, url: str, param: Optional[str]) -> tuple[str, bytes]:
         head, sep, payload = url[5:].partition(",")
         if not sep:

@@ -1,5 +1,15 @@
 """Prometheus text exposition (format 0.0.4) without a client library: counters, gauges and
-histograms the frontend updates on its event loop, plus engine gauges read at scrape time."""
+histograms the frontend updates on its event loop, plus engine gauges read at scrape time.
+
+Two families of names:
+- `mmhpc_*`: the frontend's own (requests by endpoint and status, tokens, latency);
+- `vllm:*` where vLLM has the metric (TTFT, inter-token latency, time per output token,
+  end-to-end latency, running / waiting, preemptions, prefix- and encoder-cache queries and
+  hits, KV usage) and `mmhpc:*` for the stages vLLM has no name for (encode, embedding and KV
+  transfers, pools, aborts by stage). Every rank's series come from its Heartbeat stats
+  (`RANK_SERIES`: stats key -> name, type), labelled by role, instance and rank; rank 0
+  serves them all. Per-rank times are `_seconds_total` counters beside a matching count
+  (sum / count = the mean): a rank reports plain numbers, not buckets."""
 from __future__ import annotations
 
 import bisect
@@ -35,6 +45,79 @@ class Histogram:
         return out
 
 
+# (stats key, metric name, type, help): one series per rank that reports the key.
+RANK_SERIES = [
+    ("num_running", "vllm:num_requests_running", "gauge", "requests in the engine's batch"),
+    ("num_waiting", "vllm:num_requests_waiting", "gauge", "requests queued at the stage"),
+    ("num_preemptions", "vllm:num_preemptions_total", "counter", "preemptions"),
+    ("num_prefill_tokens", "vllm:prefix_cache_queries_total", "counter",
+     "prompt tokens looked up in the prefix cache"),
+    ("num_cached_tokens", "vllm:prefix_cache_hits_total", "counter",
+     "prompt tokens found in the prefix cache"),
+    ("num_cache_queries", "vllm:mm_cache_queries_total", "counter", "encoder-cache lookups"),
+    ("num_cache_hits", "vllm:mm_cache_hits_total", "counter", "encoder-cache hits"),
+    ("num_free_blocks", "mmhpc:kv_blocks_free", "gauge", "free KV blocks"),
+    ("num_total_blocks", "mmhpc:kv_blocks_total", "gauge", "KV blocks in the pool"),
+    ("num_cached_blocks", "mmhpc:kv_blocks_cached", "gauge", "free KV blocks holding a prefix"),
+    ("num_retained", "mmhpc:kv_retained_requests", "gauge", "prefills waiting for decode's pull"),
+    ("num_free_rows", "mmhpc:embedding_rows_free", "gauge", "free embedding pool rows"),
+    ("num_pinned_items", "mmhpc:embedding_items_pinned", "gauge",
+     "cached embeddings held for a request"),
+    ("num_total_rows", "mmhpc:embedding_rows_total", "gauge", "embedding pool rows"),
+    ("queue_s", "mmhpc:queue_seconds_total", "counter", "time requests waited at the stage"),
+    ("num_batches", "mmhpc:encoder_batches_total", "counter", "vision encoder batches"),
+    ("num_encoded", "mmhpc:encoder_items_total", "counter", "images encoded"),
+    ("encode_s", "mmhpc:encoder_seconds_total", "counter", "vision encoder time"),
+    ("num_pool_waits", "mmhpc:embedding_pool_waits_total", "counter",
+     "requests that waited for embedding pool rows"),
+    ("num_published_rows", "mmhpc:embedding_rows_sent_total", "counter",
+     "embedding rows offered to prefill"),
+    ("num_embedding_reads", "mmhpc:embedding_transfers_total", "counter",
+     "embedding READs (encode -> prefill)"),
+    ("num_embedding_bytes", "mmhpc:embedding_transfer_bytes_total", "counter",
+     "embedding bytes READ (encode -> prefill)"),
+    ("embedding_read_s", "mmhpc:embedding_transfer_seconds_total", "counter",
+     "embedding READ time"),
+    ("num_prefills", "mmhpc:prefills_total", "counter", "prompts prefilled (first token sent)"),
+    ("prefill_s", "mmhpc:prefill_seconds_total", "counter", "prefill engine step time"),
+    ("num_handed_blocks", "mmhpc:kv_blocks_handed_total", "counter",
+     "KV blocks offered to decode"),
+    ("num_kv_pulls", "mmhpc:kv_transfers_total", "counter", "KV READs (prefill -> decode)"),
+    ("num_kv_blocks", "mmhpc:kv_transfer_blocks_total", "counter", "KV blocks READ"),
+    ("num_kv_bytes", "mmhpc:kv_transfer_bytes_total", "counter", "KV bytes READ"),
+    ("kv_pull_s", "mmhpc:kv_transfer_seconds_total", "counter", "KV READ time"),
+    ("kv_block_bytes", "mmhpc:kv_block_bytes", "gauge", "bytes of one KV block, all layers"),
+    ("step_s", "mmhpc:engine_step_seconds_total", "counter", "engine step time"),
+    ("num_steps", "mmhpc:engine_steps_total", "counter", "engine steps"),
+    ("num_step_errors", "mmhpc:engine_step_errors_total", "counter", "engine steps that raised"),
+    ("num_aborted", "mmhpc:aborts_total", "counter", "requests aborted at the stage"),
+    ("loop_stalled_s", "mmhpc:engine_loop_stalled_seconds", "gauge",
+     "time since the engine loop last turned"),
+]
+
+
+def rank_lines(ranks: dict) -> list[str]:
+    """Per-rank series from {rank: stats (with "role", "instance")}."""
+    out = []
+    for key, name, kind, help_ in RANK_SERIES:
+        rows = [(r, s) for r, s in sorted(ranks.items()) if isinstance(s.get(key), (int, float))]
+        if not rows:
+            continue
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        out += [f"{name}{_rank_labels(r, s)} {s[key]}" for r, s in rows]
+    usage = [(r, s) for r, s in sorted(ranks.items()) if s.get("num_total_blocks")]
+    if usage:
+        out.append("# TYPE vllm:kv_cache_usage_perc gauge")
+        out += [f"vllm:kv_cache_usage_perc{_rank_labels(r, s)} "
+                f"{1 - s.get('num_free_blocks', 0) / s['num_total_blocks']:.6f}" for r, s in usage]
+    return out
+
+
+def _rank_labels(rank: int, s: dict) -> str:
+    return _labels((("role", s.get("role", "?")), ("instance", s.get("instance", 0)),
+                    ("rank", rank)))
+
+
 class Metrics:
     PREFIX = "mmhpc_"
 
@@ -48,10 +131,18 @@ class Metrics:
         self.latency = Histogram()        # whole request, seconds
         self.ttft = Histogram()           # time to first token
         self.media = Histogram()          # media fetch + decode + processor
+        self.itl = Histogram()            # between two outputs of one request
+        self.tpot = Histogram()           # a request's (end - first token) / (tokens - 1)
+        self.num_success = 0
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[(("endpoint", endpoint), ("status", str(status)))] += 1
         self.latency.observe(seconds)
+
+    def request_finished(self, ttft: float, seconds: float, num_tokens: int) -> None:
+        self.num_success += 1
+        if num_tokens > 1:
+            self.tpot.observe((seconds - ttft) / (num_tokens - 1))
 
     def render(self, engine_stats: dict, healthy: bool) -> str:
         p = self.PREFIX
@@ -63,7 +154,8 @@ class Metrics:
                         ("requests_aborted_total", self.aborted)):
             out += [f"# TYPE {p}{name} counter", f"{p}{name} {v}"]
         gauges = {"requests_in_flight": self.in_flight, "healthy": int(healthy)}
-        for k in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks"):
+        for k in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
+                  "num_frontend_requests", "num_frontend_stalls", "frontend_stall_max_s"):
             if isinstance(engine_stats.get(k), (int, float)):
                 gauges[k] = engine_stats[k]
         if "num_running" in gauges and "num_waiting" in gauges:
@@ -75,6 +167,14 @@ class Metrics:
                         ("time_to_first_token_seconds", self.ttft),
                         ("media_seconds", self.media)):
             out += [f"# TYPE {p}{name} histogram"] + h.lines(p + name)
+        for name, h in (("vllm:time_to_first_token_seconds", self.ttft),
+                        ("vllm:inter_token_latency_seconds", self.itl),
+                        ("vllm:time_per_output_token_seconds", self.tpot),
+                        ("vllm:e2e_request_latency_seconds", self.latency)):
+            out += [f"# TYPE {name} histogram"] + h.lines(name)
+        out += ["# TYPE vllm:request_success_total counter",
+                f"vllm:request_success_total {self.num_success}"]
+        out += rank_lines(engine_stats.get("ranks", {}))
         return "\n".join(out) + "\n"
 
 

@@ -1,14 +1,14 @@
 """Tiny random-weight multimodal checkpoints, built offline (no model hub).
 
-`python -m mmhpc.tools.tiny --family llava|qwen2_vl|llava_next|qwen2_5_vl|qwen3_vl|... --out DIR
-[--layers N ...]` writes a complete Hugging Face checkpoint directory: config.json, model.safetensors,
+`python -m mmhpc.tools.tiny --family llava|qwen2_vl|qwen3_vl|... --out DIR [--layers N ...]` writes a
+complete Hugging Face checkpoint directory: config.json, model.safetensors,
 generation_config.json, a byte-level BPE tokenizer trained here on `corpus.py`, a chat
 template, and the image/processor configs, so that `AutoModelForImageTextToText` and
 `AutoProcessor` load it.
 
-Token ids (all families): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
-(llava, llava_next: 3 = `<image>`; the Qwen families: see QWEN2_VL_SPECIALS,
-`<|image_pad|>` = 6; llama4: see LLAMA4_SPECIALS, `<|patch|>` = 8).
+Token ids (every family): 0 = pad, 1 = bos, 2 = eos; the family's image tokens follow
+(llava: 3 = `<image>`; qwen2_vl: see QWEN2_VL_SPECIALS, `<|image_pad|>` = 6; llama4: see
+LLAMA4_SPECIALS, `<|patch|>` = 8).
 
 llama4 is Maverick-like (MoE every `moe_step`=2 layers, dense between; `--moe-step 1`: Scout-
 like, every layer MoE), with 4 experts, a NoPE layer every 4th, attention chunks of 16
@@ -45,8 +45,6 @@ class TinyFamily:
     eos_token_id: int | list[int]       # generation_config.json's
     check: Callable[[dict], None] = lambda s: None      # family-specific size rules
     embed_scale: float = 1.0            # std of embed_tokens x sqrt(hidden) (Gemma scales them)
-    expert_fan_in: int = -1             # fused experts' fan-in dim: -1 [E, out, in] (HF 5.x
-                                        # Qwen3-MoE), 1 [E, in, out] (Llama-4)
 
 
 def family_builder(family: str) -> TinyFamily:
@@ -64,16 +62,22 @@ LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>",
                      "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+
+def _content_template(image: str) -> str:
+    """Jinja: a message's content, a string or text and image parts, each image as `image`."""
+    return ("{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '" + image + "' }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}")
+
+
 # llava-1.5 style: "USER: <image>\nWhat is this? ASSISTANT:"; the tokenizer prepends <s>.
 LLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ '' }}"
     "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<image>\\n") +
     "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
     "{{ ' ' if (not loop.last or add_generation_prompt) else '' }}"
     "{%- endfor -%}"
@@ -125,11 +129,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<start_of_turn>' }}{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
     "{{ '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'input_image') -%}{{ '<start_of_image>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    + _content_template("<start_of_image>") +
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
@@ -209,29 +209,28 @@ def _qwen_tokenizer(tok) -> dict:
 
 
 # ------------------------------------------------------------------------------- models
-def _clip_and_llama(s: dict[str, int], vocab_size: int):
-    """The CLIP tower and Llama (or, with s["mistral"], Mistral) configs of the LLaVA families."""
-    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
-
-    vision = CLIPVisionConfig(
+def _clip_vision(s: dict[str, int]):
+    """The LLaVA families' CLIP tower config."""
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
         num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_hidden"] // 16,
         image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_hidden"])
-    kw = dict(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-              num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-              num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    if s.get("mistral"):            # llava-v1.6-mistral: no sliding window, rope_theta 1e6
-        text = MistralConfig(sliding_window=None, rope_theta=1e6, **kw)
-    else:
-        text = LlamaConfig(**kw)
-    return vision, text
+
+
+def _llama_kw(s: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    """A Llama-style language model's config values (LlamaConfig, MistralConfig)."""
+    return dict(
+        vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
 def _llava(s: dict[str, int], vocab_size: int):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision, text = _clip_and_llama(s, vocab_size)
+    vision, text = _clip_vision(s), LlamaConfig(**_llama_kw(s, vocab_size))
     num_tokens = (s["image_size"] // s["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=3, image_seq_length=num_tokens,
@@ -241,26 +240,6 @@ def _llava(s: dict[str, int], vocab_size: int):
     return LlavaForConditionalGeneration(config)
 
 
-def _llava_next(s: dict[str, int], vocab_size: int):
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    vision, text = _clip_and_llama(s, vocab_size)
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_index=3,
-        image_grid_pinpoints=_pinpoints(s), projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        tie_word_embeddings=False)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
-    return LlavaNextForConditionalGeneration(config)
-
-
-LLAVA_NEXT_TILES = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]     # llava-v1.6's, in tiles
-
-
-def _pinpoints(s: dict[str, int]) -> list[list[int]]:
-    return [[h * s["image_size"], w * s["image_size"]] for h, w in LLAVA_NEXT_TILES]
-
-
 def _mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2       # Qwen2-VL: [16, 24, 24] for head_dim 128
     t = half // 4
@@ -268,7 +247,8 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict:
+def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict[str, Any]:
+    """The Qwen-VL families' language model config (M-RoPE)."""
     head_dim = s["hidden"] // s["heads"]
     return dict(
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
@@ -279,8 +259,8 @@ def _qwen_text(s: dict[str, int], vocab_size: int, model_type: str) -> dict:
         bos_token_id=1, eos_token_id=2, pad_token_id=0, model_type=model_type)
 
 
-_QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
-                    vision_end_token_id=5, tie_word_embeddings=False)
+QWEN_TOKENS = dict(image_token_id=6, video_token_id=7, vision_start_token_id=4,
+                   vision_end_token_id=5, tie_word_embeddings=False)
 
 
 def _qwen2_vl(s: dict[str, int], vocab_size: int):
@@ -291,24 +271,9 @@ def _qwen2_vl(s: dict[str, int], vocab_size: int):
         depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
         num_heads=s["vision_hidden"] // 16, mlp_ratio=2, patch_size=s["patch_size"],
         spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **QWEN_TOKENS)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     return Qwen2VLForConditionalGeneration(config)
-
-
-def _qwen2_5_vl(s: dict[str, int], vocab_size: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    text = _qwen_text(s, vocab_size, "qwen2_5_vl_text")
-    vision = dict(
-        depth=s["vision_layers"], hidden_size=s["vision_hidden"],
-        intermediate_size=2 * s["vision_hidden"], num_heads=s["vision_hidden"] // 16,
-        out_hidden_size=s["hidden"], patch_size=s["patch_size"], spatial_merge_size=2,
-        temporal_patch_size=2, in_channels=3, window_size=s["window"], hidden_act="silu",
-        fullatt_block_indexes=list(range(1, s["vision_layers"], 2)))
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
-    return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
@@ -334,7 +299,9 @@ def _qwen3_vl(s: dict[str, int], vocab_size: int, moe: bool = False):
         out_hidden_size=s["hidden"], num_position_embeddings=64,
         deepstack_visual_indexes=list(range(s["vision_layers"] - 1)))
     name = "Qwen3VLMoe" if moe else "Qwen3VL"
-    config = getattr(tf, name + "Config")(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    config = getattr(tf, name + "Config")(
+        text_config=text, vision_config=vision, image_token_id=6, video_token_id=7,
+        vision_start_token_id=4, vision_end_token_id=5, tie_word_embeddings=False)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     return getattr(tf, name + "ForConditionalGeneration")(config)
 
@@ -351,7 +318,8 @@ def _gemma3(s: dict[str, int], vocab_size: int):
         vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"], head_dim=s["hidden"] // s["heads"],
-        max_position_embeddings=4096, sliding_window=8, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, sliding_window=16, rms_norm_eps=1e-6,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(s["layers"])],
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = dict(
         hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
@@ -392,7 +360,7 @@ def _llama4(s: dict[str, int], vocab_size: int):
     return Llama4ForConditionalGeneration(config)
 
 
-def _init_weights(model, seed: int, embed_std: float = 1.0, expert_fan_in: int = -1) -> None:
+def _init_weights(model, seed: int, embed_std: float = 1.0) -> None:
     """Fan-in scaled weights (std 1/sqrt(fan_in)), unit-std embeddings and a sharp lm_head.
 
     HF's default (std 0.02 everywhere) makes every layer a near no-op, so greedy output is a
@@ -404,18 +372,18 @@ def _init_weights(model, seed: int, embed_std: float = 1.0, expert_fan_in: int =
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 1 and "image_newline" not in name:
+            if p.dim() == 1:
                 continue                     # norms keep 1 / biases keep 0 from HF's init
             if "embed_tokens" in name:
                 std = embed_std
-            elif "image_newline" in name:
-                std = 1.0
             elif "lm_head" in name:
                 std = 2.0 / p.shape[1] ** 0.5
             elif "position_embedding" in name or "class_embedding" in name:
                 std = 0.02
-            elif "experts" in name or p.dim() == 3:   # fused experts [E, ., .]: the fan-in dim
-                std = 1.0 / p.shape[expert_fan_in if p.dim() == 3 else -1] ** 0.5
+            elif "mlp.experts." in name:         # Qwen3 fused experts [E, out, in]
+                std = 1.0 / p.shape[-1] ** 0.5
+            elif p.dim() == 3:               # fused experts [E, in, out] (Llama-4)
+                std = 1.0 / p.shape[1] ** 0.5
             else:
                 std = 1.0 / (p[0].numel() ** 0.5)   # fan-in (conv: in * kernel)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
@@ -429,52 +397,29 @@ def _image_common() -> dict[str, Any]:
                 do_normalize=True, image_mean=mean, image_std=std, resample=3)
 
 
-def _llava_like_files(s: dict[str, int], name: str, **extra) -> dict[str, dict]:
-    """CLIP-cropped tiles of image_size; name: the processor class prefix (Llava, LlavaNext)."""
+def _llava_files(s: dict[str, int]) -> dict[str, dict]:
     size = s["image_size"]
-    image = dict(image_processor_type=("CLIPImageProcessor" if name == "Llava"
-                                       else f"{name}ImageProcessor"),
-                 processor_class=f"{name}Processor",
+    image = dict(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor",
                  size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                 do_center_crop=True, **_image_common(), **extra)
-    processor = dict(processor_class=f"{name}Processor", patch_size=s["patch_size"],
+                 do_center_crop=True, **_image_common())
+    processor = dict(processor_class="LlavaProcessor", patch_size=s["patch_size"],
                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
                      image_token="<image>")
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
-def _llava_files(s: dict[str, int]) -> dict[str, dict]:
-    return _llava_like_files(s, "Llava")
-
-
-def _llava_next_files(s: dict[str, int]) -> dict[str, dict]:
-    return _llava_like_files(s, "LlavaNext", do_pad=True, image_grid_pinpoints=_pinpoints(s))
-
-
-def _qwen_files(s: dict[str, int], name: str, video: str = "Qwen2VLVideoProcessor"
-                ) -> dict[str, dict]:
+def _qwen2_vl_files(s: dict[str, int], processor: str = "Qwen2VLProcessor") -> dict[str, dict]:
     unit = s["patch_size"] * 2           # patch * merge_size: one merged token's side
     min_pixels, max_pixels = unit * unit, s["image_size"] ** 2
     vision = dict(patch_size=s["patch_size"], temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                   min_pixels=min_pixels, max_pixels=max_pixels, **_image_common())
-    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=name, **vision)
-    video = dict(video_processor_type=video, processor_class=name,
+    image = dict(image_processor_type="Qwen2VLImageProcessor", processor_class=processor,
+                 **vision)
+    video = dict(video_processor_type="Qwen2VLVideoProcessor", processor_class=processor,
                  do_sample_frames=False, **vision)
     return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
-            "processor_config.json": dict(processor_class=name)}
-
-
-def _qwen2_vl_files(s: dict[str, int]) -> dict[str, dict]:
-    return _qwen_files(s, "Qwen2VLProcessor")
-
-
-def _qwen2_5_vl_files(s: dict[str, int]) -> dict[str, dict]:
-    return _qwen_files(s, "Qwen2_5_VLProcessor")
-
-
-def _qwen3_vl_files(s: dict[str, int]) -> dict[str, dict]:
-    return _qwen_files(s, "Qwen3VLProcessor", video="Qwen3VLVideoProcessor")
+            "processor_config.json": dict(processor_class=processor)}
 
 
 def _gemma3_files(s: dict[str, int]) -> dict[str, dict]:
@@ -535,7 +480,7 @@ def build_tiny(family: str, out: str | os.PathLike, **sizes: Any) -> Path:
     torch.manual_seed(s["seed"])
     model = builder.model(s, vocab_size).float().eval()
     _init_weights(model, s["seed"], builder.embed_scale / s["hidden"] ** 0.5
-                  if builder.embed_scale != 1.0 else 1.0, builder.expert_fan_in)
+                  if builder.embed_scale != 1.0 else 1.0)
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=1, eos_token_id=builder.eos_token_id, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
@@ -582,7 +527,7 @@ def tiny_checkpoint(family: str, **sizes: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------ families
-def _llava_check(s: dict[str, int]) -> None:       # llava, llava_next: CLIP tiles
+def _llava_check(s: dict[str, int]) -> None:
     if s["image_size"] % s["patch_size"]:
         raise ValueError("llava: patch_size must divide image_size")
 
@@ -607,23 +552,6 @@ QWEN2_VL = TinyFamily(
     eos_token_id=[2, 0],     # Qwen2-VL-Instruct stops on <|im_end|> and <|endoftext|>
     check=_qwen2_vl_check)
 
-LLAVA_NEXT = TinyFamily(
-    # image_size is the tower's (a tile's) side; pinpoints are LLAVA_NEXT_TILES tiles;
-    # mistral=1: a Mistral language model.
-    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2,
-               vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, mistral=0),
-    specials=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE, tokenizer=_llama_tokenizer,
-    model=_llava_next, processor_files=_llava_next_files, eos_token_id=2,
-    check=_llava_check)
-
-QWEN2_5_VL = TinyFamily(
-    # windows of `window` px (2 x 2 merged tokens at 56), full attention in every second
-    # block, as Qwen2.5-VL-7B's 7, 15, 23, 31 of 32.
-    sizes=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=4,
-               vision_hidden=32, image_size=112, patch_size=14, vocab=640, seed=0, window=56),
-    specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenizer=_qwen_tokenizer,
-    model=_qwen2_5_vl, processor_files=_qwen2_5_vl_files, eos_token_id=[2, 0],
-    check=_qwen2_vl_check)
 
 _QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128,
                        vision_layers=3, vision_hidden=32, image_size=128, patch_size=16,
@@ -631,13 +559,13 @@ _QWEN3_VL_SIZES = dict(layers=3, hidden=64, heads=4, kv_heads=2, intermediate=12
 QWEN3_VL = TinyFamily(
     sizes=_QWEN3_VL_SIZES, specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
     tokenizer=_qwen_tokenizer, model=_qwen3_vl,
-    processor_files=_qwen3_vl_files, eos_token_id=[2, 0],
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 QWEN3_VL_MOE = TinyFamily(   # 8 experts of 48, top 2 (2I != hidden: either expert layout loads)
     sizes={**_QWEN3_VL_SIZES, "intermediate": 48, "experts": 8, "top_k": 2},
     specials=QWEN2_VL_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE,
     tokenizer=_qwen_tokenizer, model=lambda s, v: _qwen3_vl(s, v, moe=True),
-    processor_files=_qwen3_vl_files, eos_token_id=[2, 0],
+    processor_files=lambda s: _qwen2_vl_files(s, "Qwen3VLProcessor"), eos_token_id=[2, 0],
     check=_qwen2_vl_check)
 
 
@@ -651,8 +579,7 @@ LLAMA4 = TinyFamily(      # image_size: one tile's side; up to max_tiles tiles +
                vision_hidden=32, image_size=32, patch_size=8, vocab=640, seed=0, experts=4,
                moe_step=2, chunk=16, max_tiles=4),
     specials=LLAMA4_SPECIALS, chat_template=LLAMA4_CHAT_TEMPLATE, tokenizer=_llama4_tokenizer,
-    model=_llama4, processor_files=_llama4_files, eos_token_id=2, check=_llama4_check,
-    expert_fan_in=1)
+    model=_llama4, processor_files=_llama4_files, eos_token_id=2, check=_llama4_check)
 
 
 def _gemma3_check(s: dict[str, int]) -> None:

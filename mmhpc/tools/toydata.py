@@ -3,6 +3,9 @@
 A *scene* is 1-3 non-overlapping flat objects on a plain, mid-grey-ish background. Every object
 has a shape (SHAPES), a colour (COLOURS), a size and a position. Colours are saturated or
 extreme (white, black) and the backgrounds are muted greys, so every object contrasts.
+That is the ``classic`` drawing style; ``mmhpc.tools.toystyles`` draws the same kind of scenes
+other ways (turned, squeezed, outlined, on tinted, gradient, textured or noisy backgrounds;
+issue 24), one of them (``HELDOUT_STYLE``) never used in training. ``style=`` picks them.
 
 Questions (QUESTIONS) and their answers:
 
@@ -19,7 +22,8 @@ Questions (QUESTIONS) and their answers:
 (the object count uniform in 1..3), so every type and every count is equally frequent.
 ``dataset(n, seed)`` is the deterministic list of the first n samples of ``random.Random(seed)``;
 the same seed gives the same images, questions and answers on every machine (only Python's
-``random`` and PIL drawing are used).
+``random``, numpy's PCG64 seeded from it, and PIL drawing are used). The classic style draws
+exactly what it drew before styles existed (same seed, same image).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from mmhpc.tools import toystyles
+from mmhpc.tools.toystyles import HELDOUT_STYLE, STYLES, TRAIN_STYLES  # noqa: F401 - re-exported
 
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -63,9 +70,12 @@ SIZE_RANGE = {1: (20, 32), 2: (18, 28), 3: (16, 24)}
 class Obj:
     shape: str
     colour: str
-    size: int
+    size: int           # classic: bounding-box side; other styles: circumscribed diameter
     cx: int
     cy: int
+    angle: float = 0.0  # degrees (styles other than classic)
+    aspect: float = 1.0  # x squeeze before turning
+    line: float = 0.0   # outline width in pixels; 0: filled
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Sample:
     question: str
     answer: str
     objects: tuple[Obj, ...]
+    style: str = "classic"
 
 
 # ----------------------------------------------------------------------------- answers
@@ -173,16 +184,21 @@ def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
         draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
 
 
+def _fill(o: Obj, rng: random.Random | None) -> tuple[int, int, int]:
+    base = COLOURS[o.colour]
+    if rng is not None:
+        base = tuple(max(0, min(255, c + rng.randint(-_JITTER, _JITTER))) for c in base)
+    return base
+
+
 def render(objects, background, rng: random.Random | None = None,
            size: int = IMAGE_SIZE) -> Image.Image:
-    """Draws the scene (object colours jittered by ``rng`` when given) as an RGB image."""
+    """Draws the scene in the classic style (object colours jittered by ``rng`` when given)
+    as an RGB image."""
     big = Image.new("RGB", (IMAGE_SIZE * _SUPER, IMAGE_SIZE * _SUPER), tuple(background))
     draw = ImageDraw.Draw(big)
     for o in objects:
-        base = COLOURS[o.colour]
-        if rng is not None:
-            base = tuple(max(0, min(255, c + rng.randint(-_JITTER, _JITTER))) for c in base)
-        _draw(draw, o, base)
+        _draw(draw, o, _fill(o, rng))
     img = big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     if size != IMAGE_SIZE:
         img = img.resize((size, size), Image.Resampling.BICUBIC)
@@ -205,46 +221,60 @@ def _place(rng: random.Random, sizes: list[int]) -> list[tuple[int, int]] | None
 
 
 def make_objects(rng: random.Random, n: int, shape: str | None = None,
-                 colour: str | None = None) -> tuple[Obj, ...]:
+                 colour: str | None = None, style: str = "classic") -> tuple[Obj, ...]:
     """n non-overlapping objects; all of ``shape`` / all of ``colour`` when given."""
+    st = STYLES[style]
     while True:
-        lo, hi = SIZE_RANGE[n]
+        lo, hi = (toystyles.TURNED_SIZE_RANGE if st.turn else SIZE_RANGE)[n]
         sizes = [rng.randint(lo, hi) for _ in range(n)]
         pos = _place(rng, sizes)
         if pos is not None:
             break
     cnames = list(COLOURS)
-    return tuple(Obj(shape or rng.choice(SHAPES), colour or rng.choice(cnames), s, x, y)
+    return tuple(Obj(shape or rng.choice(SHAPES), colour or rng.choice(cnames), s, x, y,
+                     *toystyles.look(rng, st, s))
                  for s, (x, y) in zip(sizes, pos))
 
 
+def draw_scene(objects, style: str, rng: random.Random) -> Image.Image:
+    """The image of ``objects`` in ``style`` (background, colour jitter and noise from rng)."""
+    if style == "classic":
+        return render(objects, rng.choice(BACKGROUNDS), rng)
+    fills = [_fill(o, rng) for o in objects]
+    return toystyles.draw(objects, fills, STYLES[style], rng, BACKGROUNDS, IMAGE_SIZE, _SUPER)
+
+
 def sample(rng: random.Random, qtype: str | None = None, n: int | None = None,
-           weights=None) -> Sample:
+           weights=None, style="classic") -> Sample:
     """One (image, question, answer); the type (by ``weights`` over QTYPES, else uniformly)
-    and the count (uniformly) are drawn unless given."""
+    and the count (uniformly) are drawn unless given; ``style``: a style name, or a tuple of
+    names to draw one from."""
+    if not isinstance(style, str):
+        style = rng.choice(style)
     if qtype is None:
         qtype = rng.choices(QTYPES, weights=weights)[0] if weights else rng.choice(QTYPES)
     n = n or rng.randint(1, MAX_OBJECTS)
     shape = rng.choice(SHAPES) if qtype == "shape" else None
     colour = rng.choice(list(COLOURS)) if qtype == "colour" else None
-    objects = make_objects(rng, n, shape=shape, colour=colour)
-    background = rng.choice(BACKGROUNDS)
-    image = render(objects, background, rng)
-    return Sample(image, qtype, QUESTIONS[qtype], answers(objects)[qtype], objects)
+    objects = make_objects(rng, n, shape=shape, colour=colour, style=style)
+    image = draw_scene(objects, style, rng)
+    return Sample(image, qtype, QUESTIONS[qtype], answers(objects)[qtype], objects, style)
 
 
-def dataset(n: int, seed: int) -> list[Sample]:
-    """The first n samples drawn from ``random.Random(seed)`` (deterministic)."""
+def dataset(n: int, seed: int, style="classic") -> list[Sample]:
+    """The first n samples drawn from ``random.Random(seed)`` (deterministic); ``style``: a
+    name, or a tuple of names (each sample draws one)."""
     rng = random.Random(seed)
-    return [sample(rng) for _ in range(n)]
+    return [sample(rng, style=style) for _ in range(n)]
 
 
-def iter_samples(seed: int, weights=None):
-    """An endless deterministic stream of samples (training data); ``weights``: relative
-    frequencies of the question types (QTYPES order), uniform when None."""
-    rng = random.Random(seed)
-    while True:
-        yield sample(rng, weights=weights)
+def training_batch(seed: int, index: int, size: int, styles=TRAIN_STYLES,
+                   weights=None) -> list[Sample]:
+    """Batch ``index`` of the training stream of ``seed``: ``size`` samples, each in one of
+    ``styles``, question types by ``weights`` (QTYPES order; uniform when None). Every batch
+    has its own generator, so batches can be drawn in any order or process."""
+    rng = random.Random(f"toy-train/{seed}/{index}")
+    return [sample(rng, weights=weights, style=tuple(styles)) for _ in range(size)]
 
 
 def image_to_data_url(image: Image.Image) -> str:
@@ -265,18 +295,20 @@ def contact_sheet(samples, cols: int = 8) -> Image.Image:
     return sheet
 
 
-def sample_scene(seed: int = 0, n: int = 1) -> tuple[Image.Image, dict[str, str]]:
+def sample_scene(seed: int = 0, n: int = 1,
+                 style: str = "classic") -> tuple[Image.Image, dict[str, str]]:
     """One scene of ``n`` objects from ``random.Random(seed)``: its image and every well-defined
     question -> its exact answer (with one object every question type is defined)."""
     rng = random.Random(seed)
-    objects = make_objects(rng, n)
-    image = render(objects, rng.choice(BACKGROUNDS), rng)
+    objects = make_objects(rng, n, style=style)
+    image = draw_scene(objects, style, rng)
     return image, {QUESTIONS[q]: a for q, a in answers(objects).items()}
 
 
 def main(argv=None) -> int:
     """python -m mmhpc.tools.toydata --sample /tmp/shapes.png [--seed 0] [--objects 1]
-    python -m mmhpc.tools.toydata [n] [seed] [sheet.png]     (n samples; a contact sheet)"""
+    python -m mmhpc.tools.toydata [n] [seed] [sheet.png]     (n samples; a contact sheet)
+    either with [--style classic|NAME|train|heldout|all|NAME,NAME]"""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m mmhpc.tools.toydata",
                                  description="Synthetic shapes images and questions (issue 9).")
@@ -288,19 +320,28 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", dest="seed_opt", type=int, default=None)
     ap.add_argument("--objects", type=int, default=1, choices=range(1, MAX_OBJECTS + 1),
                     help="objects in the --sample image (default 1)")
+    ap.add_argument("--style", default="classic",
+                    help=f"drawing style: one of {', '.join(STYLES)} (held out of training: "
+                         f"{HELDOUT_STYLE}), or train|heldout|all|NAME,NAME to draw each "
+                         f"sample's from (default classic)")
     args = ap.parse_args(argv)
     seed = args.seed_opt if args.seed_opt is not None else (args.seed or 0)
+    try:
+        styles = toystyles.styles_arg(args.style)
+    except ValueError as e:
+        ap.error(str(e))
     if args.sample:
-        image, qa = sample_scene(seed, args.objects)
+        image, qa = sample_scene(seed, args.objects, random.Random(seed).choice(styles)
+                                 if len(styles) > 1 else styles[0])
         image.save(args.sample)
         print(f"wrote {args.sample} ({IMAGE_SIZE}x{IMAGE_SIZE} PNG, seed {seed}); "
               f"questions and the answers expected:")
         for q, a in qa.items():
             print(f"  {q!r:32s} -> {a}")
         return 0
-    data = dataset(args.n, seed)
+    data = dataset(args.n, seed, styles[0] if len(styles) == 1 else styles)
     for s in data:
-        print(f"{s.qtype:9s} {s.question!r:34s} -> {s.answer}")
+        print(f"{s.style:9s} {s.qtype:9s} {s.question!r:34s} -> {s.answer}")
     if args.sheet:
         contact_sheet(data).save(args.sheet)
     return 0

@@ -112,8 +112,16 @@ class AsyncMailbox(_Base):
 
     def send(self, dest: int, msg: Any) -> None:
         """Non-blocking: a PUSH with room queues at once (never awaits)."""
+        self.send_frame(dest, self._frame(msg))
+
+    def frame(self, msg: Any) -> bytes:
+        """The wire form of `msg` from this rank: make a large one off the event loop (a
+        worker thread) and `send_frame` it on the loop."""
+        return self._frame(msg)
+
+    def send_frame(self, dest: int, frame: bytes) -> None:
         try:
-            self._socket_to(dest).send(self._frame(msg), flags=zmq.NOBLOCK)
+            self._socket_to(dest).send(frame, flags=zmq.NOBLOCK, copy=len(frame) < (1 << 16))
         except zmq.Again:
             raise PeerUnavailable(f"rank {self.rank}: send queue to rank {dest} is full") from None
 
