@@ -78,6 +78,7 @@ RUNNERS = {
     "mpiexec -disable-auto-cleanup": "test_layout_lines_under_their_launcher",
     "mpiexec -hosts node0,node1": "test_multinode.py::test_readme_epd_on_two_nodes_...",
     "sbatch --nodes=4 slurm/serve.sbatch": "test_slurm.py::test_readme_slurm_lines",
+    "sbatch --nodes=2 --ntasks-per-node=9 slurm/serve.sbatch": "test_readme_maverick_lines",
     "mpirun -n 4 python -m mmhpc deployment=e_p_d model.path=": "test_layout_lines_...",
     ".venv/bin/python -m mmhpc.bench offline": "test_bench_flags",
 }
@@ -123,6 +124,19 @@ def test_readme_h200_example_fills_the_nodes():
     assert out.startswith("deployment=e_p_d world_size=32 nodes=4 ranks_per_node=8")
     assert "frontend+encode" in out and out.count(" decode ") == 27
     assert "(shares its GPU 0; no device of its own)" in out
+
+
+def test_readme_maverick_lines():
+    """The Llama-4 Maverick block: the sbatch line's overrides are the dry-run line's, on its
+    nodes x ntasks-per-node ranks, and that dry-run prints the golden layout (test_layout)."""
+    sbatch, dry = (shlex.split(c) for c in commands(block("Several nodes", "sbatch")))
+    overrides = sbatch[sbatch.index("slurm/serve.sbatch") + 1:]
+    assert dry[:3] == ["python", "-m", "mmhpc"] and dry[3:dry.index("--dry-run")] == overrides
+    opt = dict(w[2:].split("=", 1) for w in sbatch if w.startswith("--"))
+    assert dry[dry.index("--world-size") + 1] == str(int(opt["nodes"]) * int(opt["ntasks-per-node"]))
+    r = run(argv(" ".join(dry)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (ROOT / "tests/golden/maverick_e_p_d_h200_2nodes.txt").read_text() in r.stdout
 
 
 def test_make_targets():
