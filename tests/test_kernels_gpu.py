@@ -302,6 +302,45 @@ def test_add_layer_norm():
 
 @gpu
 @needs_gpu
+def test_qk_norm():
+    """Qwen3's in-place per-head q/k RMSNorm over a qkv row's q+k heads vs float64, v untouched
+    (Qwen3-VL-30B-A3B's 32 q / 4 kv heads of 128; a non-power-of-2 head count)."""
+    from mmhpc.kernels import fused
+    for dtype in (torch.bfloat16, torch.float32):
+        for T, Hq, Hkv, D in ((1, 32, 4, 128), (7, 32, 4, 128), (5, 12, 3, 64)):
+            qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda").to(dtype)
+            qw, kw = (torch.rand(D, device="cuda").to(dtype) + 0.5 for _ in range(2))
+            want = qkv.double().view(T, Hq + 2 * Hkv, D).clone()
+            heads = want[:, :Hq + Hkv]
+            heads *= torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6)
+            heads[:, :Hq] *= qw.double()
+            heads[:, Hq:] *= kw.double()
+            got = qkv.clone()
+            fused.qk_norm_(got[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), Hq, qw, kw, 1e-6)
+            assert _rel(got, want.view(T, -1)) < TOL[dtype]
+            assert torch.equal(got[:, (Hq + Hkv) * D:], qkv[:, (Hq + Hkv) * D:])
+
+
+@gpu
+@needs_gpu
+def test_moe_decode():
+    """A decode step's MoE experts (two GEMV-style kernels) vs float64 at Qwen3-VL-30B-A3B's
+    sizes (128 experts of 768, top 8) and an odd small one, 1 and 4 tokens."""
+    from mmhpc.kernels.moe_decode import moe_decode, reference
+    for dtype in (torch.bfloat16, torch.float32):
+        for E, H, I, k in ((128, 2048, 768, 8), (6, 200, 72, 3)):
+            gu = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
+            down = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
+            for T in (1, 4):
+                x = torch.randn(T, H, device="cuda").to(dtype)
+                ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)])
+                w = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dtype)
+                want = reference(x.double(), gu.double(), down.double(), ids, w.double())
+                assert _rel(moe_decode(x, gu, down, ids, w), want) < TOL[dtype]
+
+
+@gpu
+@needs_gpu
 def test_gemv():
     """One-row linear (batch-1 decode) vs float64, with and without bias, K off the chunk."""
     import mmhpc.kernels as kernels

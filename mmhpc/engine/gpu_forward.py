@@ -21,6 +21,7 @@ FlashAttention's varlen kernel), RMSNorms with the residual add fused, one gate_
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from mmhpc import kernels
 from mmhpc.models.layers import split_mm_embeds
 
 
+log = logging.getLogger(__name__)
 MOE_DECODE_ROWS = 4        # tokens up to which a MoE layer may take kernels.moe_decode
 
 
@@ -114,12 +116,54 @@ class FastDecoder:
         self.num_kv_heads = self.kv_size // self.head_dim
         self.scale = a0.scale
         self.qk_norm = getattr(a0, "qk_norm", False)
+        self.qk_kernel = False
         # one-row steps (batch-1 decode) take the Triton GEMV; TP ranks keep the modules' own
         # GEMM + collective
         from mmhpc.distributed.group import get_tp
         self.gemv = get_tp().size == 1 and os.environ.get("MMHPC_GEMV", "1") != "0"
         self.gemv_silu = os.environ.get("MMHPC_GEMV_SILU", "1") != "0"   # SiLU-mul in the GEMV
         self.moe_decode = os.environ.get("MMHPC_MOE_DECODE", "0") == "1"   # see _moe
+        self.qk_kernel = self._qk_kernel_ok()                              # see _qk_norm
+
+    def _qk_norm(self, qkv: torch.Tensor, attn, T: int) -> None:
+        """Qwen3's RMSNorm over each q and k head of qkv [T, (Hq + 2 Hkv) D], in place: one
+        Triton launch (`fused.qk_norm_`) where it passed its start-up check, else two norms."""
+        D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, Hq + Hkv, D)
+        if self.qk_kernel:
+            from mmhpc.kernels.fused import qk_norm_
+            qk_norm_(qk, Hq, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps)
+            return
+        qk[:, :Hq] = kernels.rms_norm(qk[:, :Hq].reshape(T * Hq, D), attn.q_norm.weight,
+                                      attn.q_norm.eps).view(T, Hq, D)
+        qk[:, Hq:] = kernels.rms_norm(qk[:, Hq:].reshape(T * Hkv, D), attn.k_norm.weight,
+                                      attn.k_norm.eps).view(T, Hkv, D)
+
+    def _qk_kernel_ok(self) -> bool:
+        """Whether `fused.qk_norm_` runs here and equals the two-norm path (checked once on
+        random heads; a failure logs why and keeps the two norms). MMHPC_QK_NORM_KERNEL=0: off."""
+        attn = self.dec.layers[0].self_attn
+        w = attn.q_proj.weight
+        if not (self.qk_norm and w.is_cuda and kernels.HAS_TRITON
+                and os.environ.get("MMHPC_QK_NORM_KERNEL", "1") != "0"):
+            return False
+        try:
+            from mmhpc.kernels.fused import qk_norm_
+            T, D, Hq = 3, self.head_dim, self.num_heads
+            qkv = torch.randn(T, self.q_size + 2 * self.kv_size, device=w.device, dtype=w.dtype)
+            want = qkv.clone()
+            self.qk_kernel = False
+            self._qk_norm(want, attn, T)
+            got = qkv.clone()
+            qk_norm_(got[:, :self.q_size + self.kv_size].view(T, -1, D), Hq, attn.q_norm.weight,
+                     attn.k_norm.weight, attn.q_norm.eps)
+            ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            if not ok:
+                log.warning("qk_norm_ differs from the two-norm path: not used")
+            return ok
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot build here
+            log.warning("qk_norm_ unavailable (%s: %s): two norms instead", type(e).__name__, e)
+            return False
 
     def _moe(self, moe, x: torch.Tensor) -> torch.Tensor:
         """A MoE layer: at decode sizes (<= MOE_DECODE_ROWS tokens, one rank holding every
@@ -186,11 +230,7 @@ class FastDecoder:
             k = qkv[:, self.q_size:qk].view(T, Hkv, D)
             v = qkv[:, qk:].view(T, Hkv, D)
             if self.qk_norm:                                          # per head, before rotary
-                a = layer.self_attn
-                qkv[:, :self.q_size] = kernels.rms_norm(
-                    q.reshape(T * Hq, D), a.q_norm.weight, a.q_norm.eps).view(T, -1)
-                qkv[:, self.q_size:qk] = kernels.rms_norm(
-                    k.reshape(T * Hkv, D), a.k_norm.weight, a.k_norm.eps).view(T, -1)
+                self._qk_norm(qkv, layer.self_attn, T)
             cache = kv_cache[i]
             # rotary on q and k in place, k and v into their cache slots: one kernel (in the qkv
             # GEMV's epilogue it was slower: bench/RESULTS.md)

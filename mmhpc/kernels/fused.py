@@ -48,6 +48,41 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @triton.jit
+def _qk_norm_kernel(x_ptr, qw_ptr, kw_ptr, stride_t, stride_h, num_q_heads, num_heads, eps,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one program: one token, BLOCK_H of its q+k heads (q heads first); RMSNorm over each
+    # head in place, q heads by qw, k heads by kw, rounded as HF's (norm in x's dtype, times w)
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    mask = (offs_h[:, None] < num_heads) & d_mask[None, :]
+    ptrs = x_ptr + t * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = (x * inv[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    qw = tl.load(qw_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    kw = tl.load(kw_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    w = tl.where((offs_h < num_q_heads)[:, None], qw[None, :], kw[None, :])
+    tl.store(ptrs, (w * y).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def qk_norm_(qk: torch.Tensor, num_q_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """In place: Qwen3's QK-norm, an RMSNorm over each head of qk [T, Hq + Hkv, D] (a view
+    whose heads are evenly strided: the q+k heads of a qkv row), q heads by q_weight, k heads
+    by k_weight ([D] each). One launch for both. Returns qk."""
+    T, H, D = qk.shape
+    assert qk.stride(-1) == 1 and q_weight.is_contiguous() and k_weight.is_contiguous()
+    if T:
+        bh = min(16, triton.next_power_of_2(H))
+        _qk_norm_kernel[(T, triton.cdiv(H, bh))](
+            qk, q_weight, k_weight, qk.stride(0), qk.stride(1), num_q_heads, H, eps,
+            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_H=bh, num_warps=4)
+    return qk
+
+
+@triton.jit
 def _quick_gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
