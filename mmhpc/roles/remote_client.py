@@ -295,7 +295,7 @@ class RemoteEngineClient(EngineClient):
 
     def _dispatch(self, src: int, msg) -> None:
         if isinstance(msg, Heartbeat):
-            self.rank_stats[msg.rank] = msg.stats
+            self.rank_stats[msg.rank] = dict(msg.stats, beat_time=msg.time)
             self.liveness.beat(msg.rank, msg.stats)
         elif isinstance(msg, (TokenStream, RequestFailed)):
             self._deliver(msg)
