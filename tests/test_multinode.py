@@ -12,6 +12,8 @@ ZeroMQ, NIXL/UCX and gloo traffic across nodes goes over those addresses or fail
 - one aggregated TP=2 instance spanning the two nodes (gloo over the node addresses): the same.
 - a node's death (every process in its namespace SIGKILLed) ends the job non-zero with ONE line
   naming a rank of that node and the node.
+- serve.sbatch on a Slurm of two slurmd nodes, one per namespace (tests/slurm_cluster.py with
+  `netns`): E/P/D answers, `scancel` drains both nodes (srun exits 0, no rank left).
 """
 from __future__ import annotations
 
@@ -87,27 +89,38 @@ class Job:
         pytest.fail(f"not ready after {timeout_s} s:\n{self.log()[-4000:]}")
 
     def ask(self, image) -> str:
-        """A greedy chat completion with an image, sent from node 0 (the only place the
-        cluster's network is reachable from)."""
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        body = json.dumps({"max_tokens": 8, "temperature": 0, "messages": [{"role": "user",
-                           "content": [{"type": "text", "text": QUESTION},
-                                       {"type": "image_url", "image_url": {"url": url}}]}]})
-        code = ("import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request("
-                "sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': "
-                "'application/json'}), timeout=120); print(r.read().decode())")
-        r = self.cluster.run(0, [sys.executable, "-c", code, self.url + "/v1/chat/completions",
-                                 body], timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:] + self.log()[-3000:]
-        return json.loads(r.stdout)["choices"][0]["message"]["content"]
+        return ask(self.cluster, self.url, image)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+
+def ask(cluster: NetnsCluster, url: str, image) -> str:
+    """A greedy chat completion with an image, sent from node 0 (the only place the cluster's
+    network is reachable from)."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    data = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = json.dumps({"max_tokens": 8, "temperature": 0, "messages": [{"role": "user",
+                       "content": [{"type": "text", "text": QUESTION},
+                                   {"type": "image_url", "image_url": {"url": data}}]}]})
+    code = ("import sys, urllib.request; r = urllib.request.urlopen(urllib.request.Request("
+            "sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': "
+            "'application/json'}), timeout=120); print(r.read().decode())")
+    r = cluster.run(0, [sys.executable, "-c", code, url + "/v1/chat/completions", body],
+                    timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["choices"][0]["message"]["content"]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def expected(image, model: str | None = None) -> str:
@@ -187,3 +200,68 @@ def test_a_nodes_death_ends_the_job_naming_it(cluster, tmp_path):
         assert "rank 2 (prefill on node1)" in dead[0] or "rank 3 (decode on node1)" in dead[0]
     finally:
         job.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_of_two_nodes_answers_and_scancel_drains(cluster, tmp_path, image):
+    """serve.sbatch on a Slurm of two slurmd nodes, one per namespace: srun --mpi=pmi2 spreads
+    E/P/D over them; `scancel` drains both (every rank exits 0 before KillWait)."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+    import tempfile
+    # a short root: slurmd's step sockets live under it (unix socket paths: 108 bytes at most)
+    slurm = SlurmCluster(Path(tempfile.mkdtemp(prefix="mmhpc-slurm-")), netns=cluster)
+    try:
+        slurm.start()
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
+    env = dict(os.environ, **slurm.env(), MMHPC_SRUN_MPI="pmi2", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+
+    def client(*words: str) -> str:
+        r = subprocess.run(slurm.client(list(words)), env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, (words, r.stderr)
+        return r.stdout
+
+    def state(job: str) -> str:
+        out = client("scontrol", "show", "job", "-o", job)
+        return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "")
+
+    try:
+        job = client("sbatch", "--parsable", f"--output={tmp_path}/mmhpc-%j.log",
+                     f"--chdir={ROOT}", "--nodes=2", "--ntasks-per-node=2",
+                     "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                     str(ROOT / "slurm" / "serve.sbatch"), "deployment=e_p_d",
+                     "model=tiny_llava", "cluster.nodes=2", "cluster.interface=eth0",
+                     "server.port=8000").strip().split(";")[0]
+        log, url_file = tmp_path / f"mmhpc-{job}.log", tmp_path / f"mmhpc-{job}.url"
+        deadline = time.monotonic() + 400
+        while not url_file.exists() and time.monotonic() < deadline and \
+                state(job) in ("PENDING", "CONFIGURING", "RUNNING"):
+            time.sleep(1)
+        text = log.read_text() if log.exists() else "no log: " + client(
+            "squeue", "-o", "%i %T %r %N") + slurm.log("slurmctld")[-1500:]
+        assert url_file.exists(), text[-4000:]
+        assert url_file.read_text().strip() == "http://node0:8000"
+        assert "mmhpc: node 1 node1: ranks 2-3 at " + cluster.addr(1) in text, text[-3000:]
+        assert ask(cluster, f"http://{cluster.addr(0)}:8000", image) == expected(image)
+        client("scancel", job)
+        deadline = time.monotonic() + 60
+        while state(job) not in ("CANCELLED", "COMPLETED", "FAILED", "") and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert state(job) == "CANCELLED"
+        deadline = time.monotonic() + 30
+        while "mmhpc: srun exited" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "mmhpc: srun exited with 0" in log.read_text(), log.read_text()[-3000:]
+        for i in range(2):            # no rank left on either node (the daemons stay)
+            deadline = time.monotonic() + 20
+            while (left := [p for p in cluster.pids(i) if b"-m\0mmhpc" in _cmdline(p)]) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not left, (i, [_cmdline(p) for p in left])
+    finally:
+        slurm.stop()
+        __import__("shutil").rmtree(slurm.root, ignore_errors=True)
