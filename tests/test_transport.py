@@ -186,7 +186,8 @@ def test_main_layout_error_exits_2_on_every_rank_quickly():
     out = mpirun(3, ["-m", "mmhpc", "deployment=e_p_d"], timeout=60)
     assert out.returncode != 0 and time.monotonic() - t0 < 30
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("mmhpc: error:")]
-    assert lines == ["mmhpc: error: deployment e_p_d needs 4 ranks (1 frontend + 1 encode + "
-                     "1 prefill×tp1 + 1 decode×tp1), got 3: run with -n 4 or set "
+    assert lines == ["mmhpc: error: deployment e_p_d (1 frontend + 1 encode + 1 prefill×tp1 + "
+                     "auto decode×tp1): deployment.decode.instances=auto: 3 ranks leave 0 for "
+                     "decode instances of tp=1: run with -n 4 or set "
                      "deployment.frontend_shares_rank=true"]
     assert "Traceback" not in out.stderr

@@ -173,7 +173,10 @@ def make_layout(world_size: int, ranks_per_node: int, deployment: DeploymentConf
     try:
         dep = deployment.fill(world_size)
     except ValueError as e:
-        raise LayoutError(f"deployment {deployment.name} ({describe(deployment)}): {e}") from None
+        hint = "" if deployment.frontend_shares_rank else \
+            " or set deployment.frontend_shares_rank=true"
+        raise LayoutError(f"deployment {deployment.name} ({describe(deployment)}): {e}{hint}") \
+            from None
     if world_size < 1 or ranks_per_node < 1:
         raise LayoutError(f"world size and ranks per node must be >= 1, got {world_size}, "
                           f"{ranks_per_node}")
