@@ -102,16 +102,19 @@ def _read_shard(slice_, param: torch.Tensor, shard) -> torch.Tensor:
 
 
 def _read(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    global bytes_read
     shard, own = getattr(param, "tp_shard", None), getattr(param, "weight_loader", None)
     if own is not None:                  # the parameter reads its own part (MoE experts)
-        tensor = own(slice_)
-    elif shard is not None:
-        tensor = _read_shard(slice_, param, shard)
-    else:
-        tensor = _read_dim(slice_, param, tp_rank, tp_size)
-    bytes_read += tensor.numel() * tensor.element_size()
-    return tensor
+        return own(slice_)
+    if shard is not None:
+        return _read_shard(slice_, param, shard)
+    return _read_dim(slice_, param, tp_rank, tp_size)
+
+
+def _count_read(nbytes: int, progress) -> None:
+    global bytes_read
+    bytes_read += nbytes
+    if progress:
+        progress.add(nbytes)
 
 
 def _read_dim(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -127,10 +130,12 @@ def _read_dim(slice_, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.
 _EXPERT_KEY = re.compile(r"^((?:.*\.)?experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def _load_expert(key: str, rules: list[tuple[str, str]], params: dict, f) -> str | None:
+def _expert_target(key: str, rules: list[tuple[str, str]], params: dict
+                   ) -> tuple[str | None, tuple[int, str] | None]:
     """A per-expert checkpoint tensor (`...experts.{e}.gate_proj.weight`, as Qwen3-MoE
-    checkpoints store them) into the fused expert parameter that holds expert e on this rank
-    (moe.FusedExperts.load_expert); others' experts are not read. Returns the parameter's name."""
+    checkpoints store them): the fused expert parameter that holds expert e and (e, proj),
+    for its `load_expert` (moe.FusedExperts: others' experts are not read); (None, None) if
+    the key is no such tensor."""
     name = key
     for src, dst in rules:
         if name.startswith(src):
@@ -138,15 +143,12 @@ def _load_expert(key: str, rules: list[tuple[str, str]], params: dict, f) -> str
             break
     m = _EXPERT_KEY.match(name)
     if m is None:
-        return None
+        return None, None
     prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
     name = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-    owner = getattr(params.get(name), "load_expert", None)
-    if owner is None:
-        return None
-    global bytes_read
-    bytes_read += owner(expert, proj, f.get_slice(key))
-    return name
+    if getattr(params.get(name), "load_expert", None) is None:
+        return None, None
+    return name, (expert, proj)
 
 
 def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]],
@@ -158,26 +160,21 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else [p.name for p in sorted(path.glob("*.safetensors"))]
     loaded: set[str] = set()
-    progress = _Progress(_label, _bytes_to_read(path, files, rules, params, tp_size)) \
-        if _label else None
-    for fname in files:
-        with safe_open(str(path / fname), framework="pt") as f:
-            for key in f.keys():
-                name = map_name(key, rules, params)
-                if name is None:
-                    name = _load_expert(key, rules, params, f)     # one expert's tensor
-                    if name is not None:
-                        loaded.add(name)
-                    continue
-                param = params[name]
-                tensor = _read(f.get_slice(key), param, tp_rank, tp_size)
-                if progress:
-                    progress.add(tensor.numel() * tensor.element_size())
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(tensor.to(param.dtype))
-                loaded.add(name)
+    progress = _Progress(_label, _bytes_to_read(path, files, rules, params)) if _label else None
+    for key, slice_, name, expert in _mapped_slices(path, files, rules, params):
+        param = params[name]
+        if expert is not None:                          # one expert's tensor (per-expert files)
+            nbytes = param.load_expert(*expert, slice_)
+            _count_read(nbytes, progress)
+            loaded.add(name)
+            continue
+        tensor = _read(slice_, param, tp_rank, tp_size)
+        _count_read(tensor.numel() * tensor.element_size(), progress)
+        if tensor.shape != param.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))
+        loaded.add(name)
     if progress:
         progress.finish()
     if tie_word_embeddings and "lm_head.weight" not in loaded:
@@ -190,28 +187,25 @@ def load_weights(model: nn.Module, path: str | Path, rules: list[tuple[str, str]
 
 
 def _mapped_slices(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict):
-    """(checkpoint key, its safetensors slice, the parameter name) of every mapped tensor."""
+    """(checkpoint key, its safetensors slice, the parameter name, expert) of every mapped
+    tensor; expert: (e, proj) for one expert's tensor of a fused parameter, else None."""
     for fname in files:
         with safe_open(str(path / fname), framework="pt") as f:
             for key in f.keys():
-                name = map_name(key, rules, params)
+                name, expert = map_name(key, rules, params), None
+                if name is None:
+                    name, expert = _expert_target(key, rules, params)
                 if name is not None:
-                    yield key, f.get_slice(key), name
+                    yield key, f.get_slice(key), name, expert
 
 
-def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]], params: dict,
-                   tp_size: int) -> int:
-    """What this rank's `load_weights` will read (its TP shards), from the files' headers."""
-    total = 0
-    for _, sl, name in _mapped_slices(path, files, rules, params):
-        param = params[name]
-        numel = 1
-        for n in sl.get_shape():
-            numel *= n
-        split = getattr(param, "tp_shard", None) is not None or \
-            (tp_size > 1 and getattr(param, "tp_dim", None) is not None)
-        total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4) // (tp_size if split else 1)
-    return total
+def _bytes_to_read(path: Path, files: list[str], rules: list[tuple[str, str]],
+                   params: dict) -> int:
+    """What this rank's `load_weights` will read, from the files' headers: each mapped
+    parameter's own size (its TP shard, its experts) in the checkpoint's dtype."""
+    sizes = {name: params[name].numel() * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+             for _, sl, name, _ in _mapped_slices(path, files, rules, params)}
+    return sum(sizes.values())
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
