@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -76,10 +77,17 @@ def test_llama4_oracle_over_http(deployment):
     # the same prompt again: served from the prefix cache, the same tokens
     text, sizes = CASES[3]
     assert chat_tokens(dep.url, path.name, text, []) == want[3]
-    with urllib.request.urlopen(dep.url + "/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    counts = [int(n) for n in re.findall(r'^mmhpc_expert_tokens_total\{.*expert="\d+"\} (\d+)$',
-                                         metrics, re.M)]
+    # A remote rank's counts reach rank 0 with its heartbeats (every timeouts.heartbeat_s, 2 s):
+    # scrape until they are in, for a few beats.
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(dep.url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        counts = [int(n) for n in re.findall(
+            r'^mmhpc_expert_tokens_total\{.*expert="\d+"\} (\d+)$', metrics, re.M)]
+        if (len(counts) >= 4 and sum(counts) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(counts) >= 4 and sum(counts) > 0, metrics[-2000:]
 
 
