@@ -11,6 +11,7 @@ Disaggregated roles reuse the same object:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from mmhpc.config import Config
@@ -21,6 +22,7 @@ from mmhpc.engine.sampler import Sampler
 from mmhpc.engine.scheduler import Scheduler
 from mmhpc.engine.sequence import FinishReason, MMItem, SamplingParams, Sequence
 
+EXPERT_COUNTS_EVERY_S = 1.0   # stats(): MoE counts read back from the device at most this often
 PROMPT_TAIL = 4        # prompt ids the detokenizer sees first (leading-space handling)
 
 
@@ -44,6 +46,7 @@ class LLMEngine:
         self.processor = processor
         self.runner = ModelRunner(config, device=device, allocate_kv=not encode_only)
         self._moe_layers = None     # the model's MoE layers, found on the first stats()
+        self._experts_read_at, self._expert_counts = float("-inf"), []
         self.encode_only = encode_only
         eos = list(processor.eos_token_ids)
         self.sampler = Sampler(eos, seed=config.model.seed)
@@ -114,7 +117,13 @@ class LLMEngine:
             from mmhpc.models.moe import moe_layers
             self._moe_layers = moe_layers(self.runner.model)
         if self._moe_layers:                             # MoE: tokens routed to each expert
-            out["tokens_per_expert"] = sum(m.tokens_per_expert for m in self._moe_layers).tolist()
+            # stats run after every step; reading the counts back is a device sync, so at most
+            # once per EXPERT_COUNTS_EVERY_S (they reach /metrics with heartbeats anyway)
+            now = time.monotonic()
+            if now - self._experts_read_at >= EXPERT_COUNTS_EVERY_S:
+                self._experts_read_at = now
+                self._expert_counts = sum(m.tokens_per_expert for m in self._moe_layers).tolist()
+            out["tokens_per_expert"] = self._expert_counts
         return out
 
     # ---- disaggregated roles -----------------------------------------------------------------
